@@ -1,0 +1,57 @@
+"""Control-plane errors, extending the tree in ``data_plane.exceptions``.
+
+    TenantctlError
+    ├── (HTTP-mapped errors: see data_plane.exceptions)
+    ├── ConflictError
+    │   ├── IllegalTransitionError      409 illegal_transition
+    │   ├── VersionConflictError        409 version_conflict
+    │   └── OperationLockedError        409 locked (migration vs move interlock)
+    ├── ProvisioningError               500 provisioning_failed
+    │   └── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
+    └── EmbeddedStackError              500 embedded_stack
+        └── StackAlreadyRunningError
+"""
+
+from __future__ import annotations
+
+from data_plane.exceptions import ConflictError, TenantctlError
+
+
+class IllegalTransitionError(ConflictError):
+    """The tenant's current status does not allow this operation."""
+
+    code = "illegal_transition"
+
+
+class VersionConflictError(ConflictError):
+    """The object changed since it was read."""
+
+    code = "version_conflict"
+
+
+class OperationLockedError(ConflictError):
+    """Another operation holds the lock on these databases."""
+
+    code = "locked"
+
+
+class ProvisioningError(TenantctlError):
+    """Provisioning a silo failed."""
+
+    code = "provisioning_failed"
+
+
+class ProvisionerUnavailableError(ProvisioningError):
+    """The provisioner cannot run on this machine (missing CLI or credentials)."""
+
+    code = "provisioner_unavailable"
+
+
+class EmbeddedStackError(TenantctlError):
+    """The embedded PostgreSQL stack could not be started or reached."""
+
+    code = "embedded_stack"
+
+
+class StackAlreadyRunningError(EmbeddedStackError):
+    """A stack is already running from this state directory."""

@@ -1,0 +1,101 @@
+"""Settings shared by both planes, and the data plane's own.
+
+Every field maps to an environment variable with the ``TENANTCTL_`` prefix
+(``TENANTCTL_JWT_ISSUER`` ...). With no database URL configured the process is
+in *embedded* mode: URLs come from the stack that ``tenantctl up`` started in
+the state directory.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_HS256_SECRETS = frozenset({"", "secret", "changeme", "change-me", "dev", "tenantctl"})
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class InsecureSettingsError(ValueError):
+    """A production deployment was configured with a dev-only secret or key."""
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TENANTCTL_", extra="ignore", frozen=True)
+
+    environment: Environment = Environment.DEV
+    state_dir: Path = Path(".tenantctl")
+    app_role: str = Field(default="tenantctl_app", description="Login role the data plane uses.")
+
+    jwt_issuer: str = "tenantctl-dev"
+    jwt_audience: str = "tenantctl-api"
+    jwt_admin_audience: str = "tenantctl-admin"
+    jwks_url: str | None = None
+    jwt_public_key: str | None = Field(default=None, description="PEM public key (ES256/RS256).")
+    jwt_hs256_secret: SecretStr | None = Field(
+        default=None, description="Enables HS256; only when explicitly configured."
+    )
+    jwt_leeway_seconds: int = 10
+
+    @property
+    def dev_key_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def dev_public_key_path(self) -> Path:
+        return self.dev_key_dir / "dev-es256.pub.pem"
+
+    @property
+    def dev_private_key_path(self) -> Path:
+        return self.dev_key_dir / "dev-es256.pem"
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment is Environment.PRODUCTION
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_in_production(self) -> Self:
+        # A production stack that silently fell back to the generated dev key
+        # would accept tokens minted by anyone holding a laptop's state dir.
+        if not self.is_production:
+            return self
+        if self.jwks_url is None and self.jwt_public_key is None:
+            raise InsecureSettingsError(
+                "production requires TENANTCTL_JWKS_URL or TENANTCTL_JWT_PUBLIC_KEY; "
+                "the generated dev key is refused"
+            )
+        if self.jwt_public_key is not None and self.dev_public_key_path.exists():
+            if self.dev_public_key_path.read_text().strip() == self.jwt_public_key.strip():
+                raise InsecureSettingsError("production refuses the generated dev signing key")
+        if self.jwt_hs256_secret is not None:
+            secret = self.jwt_hs256_secret.get_secret_value()
+            if secret.lower() in DEV_HS256_SECRETS or len(secret) < 32:
+                raise InsecureSettingsError(
+                    "TENANTCTL_JWT_HS256_SECRET is a default or shorter than 32 characters"
+                )
+        if self.jwt_issuer == "tenantctl-dev":
+            raise InsecureSettingsError("set TENANTCTL_JWT_ISSUER to your issuer in production")
+        return self
+
+
+class DataPlaneSettings(CommonSettings):
+    """Settings of one data-plane replica (tenant API)."""
+
+    app_catalog_url: str | None = Field(
+        default=None, description="Catalog DSN for reading routes (application role)."
+    )
+    app_pool_url: str | None = Field(default=None, description="Pool DSN as the application role.")
+    pool_size: int = 10
+    silo_pool_size: int = 2
+    max_silo_engines: int = 64
+    silo_engine_idle_seconds: float = 300.0
+    max_body_bytes: int = 64 * 1024
+    route_cache_ttl_seconds: float = 30.0

@@ -1,0 +1,70 @@
+"""Shared fixtures: real PostgreSQL servers, fresh databases, settings, clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from control_plane import keys
+from control_plane.settings import ControlPlaneSettings
+from control_plane.stack import Endpoints
+from data_plane.settings import DataPlaneSettings
+from tests.harness import PgServers, fresh_endpoints, prepare_templates, start_servers
+
+
+@pytest.fixture(scope="session")
+def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServers]:
+    servers = start_servers(tmp_path_factory.mktemp("pg"))
+    try:
+        prepare_templates(servers)
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def endpoints(pg_servers: PgServers) -> Iterator[Endpoints]:
+    with fresh_endpoints(pg_servers) as eps:
+        yield eps
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def cp_settings(endpoints: Endpoints, state_dir: Path) -> ControlPlaneSettings:
+    settings = ControlPlaneSettings(
+        state_dir=state_dir,
+        environment="test",
+        catalog_url=endpoints.catalog_url,
+        pool_url=endpoints.pool_url,
+        silo_server_url=endpoints.silo_server_url,
+    )
+    keys.ensure_dev_key(settings)
+    return settings
+
+
+@pytest.fixture
+def dp_settings(endpoints: Endpoints, cp_settings: ControlPlaneSettings) -> DataPlaneSettings:
+    return DataPlaneSettings(
+        state_dir=cp_settings.state_dir,
+        environment="test",
+        app_catalog_url=endpoints.app_catalog_url,
+        app_pool_url=endpoints.app_pool_url,
+    )
+
+
+async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client bound to ``app`` with its lifespan running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
