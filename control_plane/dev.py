@@ -300,4 +300,3 @@ class EmbeddedStack:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
-

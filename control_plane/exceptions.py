@@ -1,15 +1,15 @@
 """Control-plane errors, extending the tree in ``data_plane.exceptions``.
 
-    TenantctlError
-    ├── (HTTP-mapped errors: see data_plane.exceptions)
-    ├── ConflictError
-    │   ├── IllegalTransitionError      409 illegal_transition
-    │   ├── VersionConflictError        409 version_conflict
-    │   └── OperationLockedError        409 locked (migration vs move interlock)
-    ├── ProvisioningError               500 provisioning_failed
-    │   └── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
-    └── EmbeddedStackError              500 embedded_stack
-        └── StackAlreadyRunningError
+TenantctlError
+├── (HTTP-mapped errors: see data_plane.exceptions)
+├── ConflictError
+│   ├── IllegalTransitionError      409 illegal_transition
+│   ├── VersionConflictError        409 version_conflict
+│   └── OperationLockedError        409 locked (migration vs move interlock)
+├── ProvisioningError               500 provisioning_failed
+│   └── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
+└── EmbeddedStackError              500 embedded_stack
+    └── StackAlreadyRunningError
 """
 
 from __future__ import annotations

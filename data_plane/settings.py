@@ -72,9 +72,12 @@ class CommonSettings(BaseSettings):
                 "production requires TENANTCTL_JWKS_URL or TENANTCTL_JWT_PUBLIC_KEY; "
                 "the generated dev key is refused"
             )
-        if self.jwt_public_key is not None and self.dev_public_key_path.exists():
-            if self.dev_public_key_path.read_text().strip() == self.jwt_public_key.strip():
-                raise InsecureSettingsError("production refuses the generated dev signing key")
+        if (
+            self.jwt_public_key is not None
+            and self.dev_public_key_path.exists()
+            and self.dev_public_key_path.read_text().strip() == self.jwt_public_key.strip()
+        ):
+            raise InsecureSettingsError("production refuses the generated dev signing key")
         if self.jwt_hs256_secret is not None:
             secret = self.jwt_hs256_secret.get_secret_value()
             if secret.lower() in DEV_HS256_SECRETS or len(secret) < 32:

@@ -147,7 +147,9 @@ def upgrade() -> None:
         sa.CheckConstraint("char_length(title) BETWEEN 1 AND 500", name="ck_tasks_title_length"),
     )
     op.create_index(
-        "ix_tasks_tenant_id_project_id_created_at_id", "tasks", ["tenant_id", "project_id", "created_at", "id"]
+        "ix_tasks_tenant_id_project_id_created_at_id",
+        "tasks",
+        ["tenant_id", "project_id", "created_at", "id"],
     )
     enable_tenant_rls("tasks")
 
