@@ -7,7 +7,8 @@ TenantctlError
 │   ├── VersionConflictError        409 version_conflict
 │   └── OperationLockedError        409 locked (migration vs move interlock)
 ├── ProvisioningError               500 provisioning_failed
-│   └── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
+│   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
+│   └── SiloOwnershipError          409 silo_not_owned (silo belongs to another tenant / unmarked)
 └── EmbeddedStackError              500 embedded_stack
     └── StackAlreadyRunningError
 """
@@ -45,6 +46,13 @@ class ProvisionerUnavailableError(ProvisioningError):
     """The provisioner cannot run on this machine (missing CLI or credentials)."""
 
     code = "provisioner_unavailable"
+
+
+class SiloOwnershipError(ProvisioningError):
+    """The silo database belongs to another tenant (or to nobody we know); refused."""
+
+    status_code = 409
+    code = "silo_not_owned"
 
 
 class EmbeddedStackError(TenantctlError):
