@@ -2,20 +2,101 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
-from data_plane.exceptions import install_error_handlers
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+
+from data_plane.auth import TokenVerifier
+from data_plane.dependencies import Tenant
+from data_plane.exceptions import ERROR_RESPONSES, install_error_handlers
+from data_plane.middleware import BodySizeLimit, RequestMetrics
+from data_plane.resources.projects.router import router as projects_router
+from data_plane.resources.tasks.router import router as tasks_router
+from data_plane.routing import EngineRegistry, RouteDirectory, SecretResolver
 from data_plane.settings import DataPlaneSettings
 
 
-def create_app(settings: DataPlaneSettings | None = None) -> FastAPI:
+class Placement(BaseModel):
+    kind: str
+    location: str
+
+
+class Me(BaseModel):
+    tenant_id: str
+    tier: str
+    placement: Placement
+
+
+def create_app(
+    settings: DataPlaneSettings | None = None, *, resolver: SecretResolver | None = None
+) -> FastAPI:
     settings = settings or DataPlaneSettings()
-    app = FastAPI(title="tenantctl tenant API", version="0.1.0")
+    if settings.app_catalog_url is None or settings.app_pool_url is None:
+        raise ValueError("the data plane needs TENANTCTL_APP_CATALOG_URL and TENANTCTL_APP_POOL_URL")
+    catalog_url, pool_url = settings.app_catalog_url, settings.app_pool_url
+    verifier = TokenVerifier(settings, audience=settings.jwt_audience, require_tenant=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        routes = RouteDirectory(catalog_url, ttl=settings.route_cache_ttl_seconds)
+        engines = EngineRegistry(
+            pool_url,
+            resolver=resolver,
+            pool_size=settings.pool_size,
+            silo_pool_size=settings.silo_pool_size,
+            max_silos=settings.max_silo_engines,
+            idle_seconds=settings.silo_engine_idle_seconds,
+        )
+        await routes.start()
+        await engines.start()
+        app.state.routes, app.state.engines = routes, engines
+        try:
+            yield
+        finally:
+            await engines.close()
+            await routes.close()
+
+    app = FastAPI(title="tenantctl tenant API", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
+    app.state.verifier = verifier
+    registry = CollectorRegistry()
     install_error_handlers(app)
+    app.include_router(projects_router)
+    app.include_router(tasks_router)
+
+    @app.get("/v1/me", tags=["tenant"])
+    async def me(tenant: Tenant) -> Me:
+        route = tenant.route
+        return Me(
+            tenant_id=str(route.tenant_id),
+            tier=route.tier,
+            placement=Placement(kind=route.placement, location=route.location_name),
+        )
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> dict[str, Any]:
+        routes: RouteDirectory = request.app.state.routes
+        return {"status": "ok", "route_listener": routes.listening}
 
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        routes: RouteDirectory = request.app.state.routes
+        lines = [
+            "# TYPE tenantctl_route_cache_hits counter",
+            f"tenantctl_route_cache_hits_total {routes.hits}",
+            "# TYPE tenantctl_route_cache_refreshes counter",
+            f"tenantctl_route_cache_refreshes_total {routes.refreshes}",
+            "# TYPE tenantctl_route_cache_invalidations counter",
+            f"tenantctl_route_cache_invalidations_total {routes.invalidations}",
+            "",
+        ]
+        body = generate_latest(registry) + "\n".join(lines).encode()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestMetrics, registry=registry, prefix="tenantctl_api")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -1,0 +1,77 @@
+"""Project queries. Every function runs inside a tenant transaction.
+
+Each statement names ``tenant_id = current setting`` explicitly as well as
+relying on RLS: defence in depth, and it keeps a cached generic plan on the
+tenant index for every tenant (PITFALLS: cached-plan trap).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+
+from data_plane.exceptions import NotFoundError
+from data_plane.resources.projects.schemas import ProjectCreate, ProjectUpdate
+
+TENANT = "(SELECT nullif(current_setting('app.current_tenant_id', true), ''))::uuid"
+COLUMNS = "id, name, status, created_at, updated_at"
+
+INSERT = f"""
+INSERT INTO projects (tenant_id, id, name, status)
+VALUES ({TENANT}, $1, $2, $3) RETURNING {COLUMNS}
+"""
+GET = f"SELECT {COLUMNS} FROM projects WHERE tenant_id = {TENANT} AND id = $1"
+LIST_FIRST = f"""
+SELECT {COLUMNS} FROM projects WHERE tenant_id = {TENANT}
+ORDER BY created_at, id LIMIT $1
+"""
+LIST_AFTER = f"""
+SELECT {COLUMNS} FROM projects WHERE tenant_id = {TENANT} AND (created_at, id) > ($2, $3)
+ORDER BY created_at, id LIMIT $1
+"""
+UPDATE = f"""
+UPDATE projects SET name = coalesce($2, name), status = coalesce($3, status), updated_at = now()
+ WHERE tenant_id = {TENANT} AND id = $1 RETURNING {COLUMNS}
+"""
+DELETE = f"DELETE FROM projects WHERE tenant_id = {TENANT} AND id = $1 RETURNING id"
+
+NOT_FOUND = "project not found"
+
+
+async def create_project(conn: asyncpg.Connection, *, data: ProjectCreate) -> asyncpg.Record:
+    row = await conn.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
+    assert row is not None
+    return row
+
+
+async def get_project(conn: asyncpg.Connection, *, project_id: uuid.UUID) -> asyncpg.Record:
+    row = await conn.fetchrow(GET, project_id)
+    if row is None:
+        raise NotFoundError(NOT_FOUND)
+    return row
+
+
+async def list_projects(
+    conn: asyncpg.Connection, *, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[asyncpg.Record]:
+    # One row more than asked tells whether a next page exists.
+    if after is None:
+        return list(await conn.fetch(LIST_FIRST, limit + 1))
+    return list(await conn.fetch(LIST_AFTER, limit + 1, *after))
+
+
+async def update_project(
+    conn: asyncpg.Connection, *, project_id: uuid.UUID, data: ProjectUpdate
+) -> asyncpg.Record:
+    status = data.status.value if data.status is not None else None
+    row = await conn.fetchrow(UPDATE, project_id, data.name, status)
+    if row is None:
+        raise NotFoundError(NOT_FOUND)
+    return row
+
+
+async def delete_project(conn: asyncpg.Connection, *, project_id: uuid.UUID) -> None:
+    if await conn.fetchval(DELETE, project_id) is None:
+        raise NotFoundError(NOT_FOUND)

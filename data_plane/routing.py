@@ -1,0 +1,358 @@
+"""Route directory and engine registry.
+
+The data plane reads routes through one narrow contract (DESIGN §1): SELECT on
+the catalog's ``tenant_routes`` view and LISTEN on the ``tenant_routes``
+channel. :class:`RouteDirectory` caches routes per replica; a notification
+evicts one tenant (payload: its id) or everything (payload ``*``). After the
+listener reconnects, the whole cache is dropped, because notifications sent
+while it was away are lost. A TTL bounds staleness should the listener be down.
+
+:class:`EngineRegistry` holds the pool's connection pool and a bounded LRU of
+small per-silo pools, resolved through a :class:`SecretResolver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import asyncpg
+import structlog
+
+from data_plane.dsn import libpq
+from data_plane.exceptions import (
+    ServiceUnavailableError,
+    TenantDeletedError,
+    TenantSuspendedError,
+    TenantUnknownError,
+)
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "tenant_routes"
+ROUTE_QUERY = """
+SELECT tenant_id, slug, tier, status, placement, route_epoch, location_id, location_name,
+       app_dsn, secret_ref
+  FROM tenant_routes WHERE tenant_id = $1
+"""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a tenant lives right now."""
+
+    tenant_id: uuid.UUID
+    slug: str
+    tier: str
+    status: str
+    placement: str  # 'pool' | 'silo'
+    epoch: int
+    location_id: uuid.UUID
+    location_name: str
+    app_dsn: str | None
+    secret_ref: str | None
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Route:
+        return cls(
+            tenant_id=record["tenant_id"],
+            slug=record["slug"],
+            tier=record["tier"],
+            status=record["status"],
+            placement=record["placement"],
+            epoch=record["route_epoch"],
+            location_id=record["location_id"],
+            location_name=record["location_name"],
+            app_dsn=record["app_dsn"],
+            secret_ref=record["secret_ref"],
+        )
+
+    def require_servable(self) -> Route:
+        """Raise the §5 error for a tenant that must not be served."""
+        if self.status == "suspended":
+            raise TenantSuspendedError("tenant is suspended")
+        if self.status in ("offboarding", "deleted"):
+            raise TenantDeletedError("tenant has been offboarded")
+        if self.status == "provisioning":
+            raise TenantUnknownError("tenant is still being provisioned", code="tenant_not_ready")
+        return self
+
+
+@dataclass
+class _Cached:
+    route: Route
+    loaded_at: float
+
+
+class RouteDirectory:
+    """Per-replica cache of ``tenant_routes``, invalidated by LISTEN/NOTIFY."""
+
+    def __init__(self, catalog_dsn: str, *, ttl: float = 30.0, pool_size: int = 4) -> None:
+        self._dsn = libpq(catalog_dsn)
+        self._ttl = ttl
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._cache: dict[uuid.UUID, _Cached] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self.hits = 0
+        self.refreshes = 0
+        self.invalidations = 0
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self._pool_size)
+        self._listener = asyncio.create_task(self._listen_forever(), name="route-listener")
+        # Serving before LISTEN is active could cache a route whose change we
+        # would never hear about; wait (bounded) for the first subscription.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listening.wait(), timeout=10)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pool is not None:
+            await self._pool.close()
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    def invalidate(self, tenant_id: uuid.UUID | None = None) -> None:
+        self.invalidations += 1
+        if tenant_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(tenant_id, None)
+
+    async def lookup(self, tenant_id: uuid.UUID, *, fresh: bool = False) -> Route:
+        """The tenant's route (any status); TenantUnknownError if the catalog has none."""
+        cached = self._cache.get(tenant_id)
+        if cached is not None and not fresh and time.monotonic() - cached.loaded_at < self._ttl:
+            self.hits += 1
+            return cached.route
+        assert self._pool is not None, "RouteDirectory.start() was not awaited"
+        self.refreshes += 1
+        try:
+            record = await self._pool.fetchrow(ROUTE_QUERY, tenant_id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise ServiceUnavailableError("route catalog unavailable", retry_after=1) from exc
+        if record is None:
+            self._cache.pop(tenant_id, None)
+            raise TenantUnknownError("unknown tenant")
+        route = Route.from_record(record)
+        self._cache[tenant_id] = _Cached(route=route, loaded_at=time.monotonic())
+        return route
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if payload == "*":
+            self.invalidate()
+            return
+        try:
+            self.invalidate(uuid.UUID(str(payload)))
+        except ValueError:
+            self.invalidate()
+
+    def _on_connection_lost(self, _conn: object) -> None:
+        self._listening.clear()
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                conn.add_termination_listener(self._on_connection_lost)
+                await conn.add_listener(CHANNEL, self._on_notify)
+                # Anything cached may have changed while nobody listened.
+                self.invalidate()
+                self._listening.set()
+                backoff = 0.1
+                while not conn.is_closed():
+                    await asyncio.sleep(1.0)
+                    # A cheap liveness probe: a half-open socket would
+                    # otherwise keep us "listening" to nothing.
+                    await conn.execute("SELECT 1")
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("route_listener_disconnected", error=type(exc).__name__, retry_in=backoff)
+            finally:
+                self._listening.clear()
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), timeout=1)
+            self.invalidate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+class SecretResolver(Protocol):
+    """Turns a route into a DSN for the application role."""
+
+    async def dsn_for(self, route: Route) -> str: ...
+
+
+class PlainDsnResolver:
+    """Dev and test: the location's ``app_dsn`` as stored in the catalog.
+
+    Production deployments with ``secret_ref`` locations plug in a resolver that
+    reads the secret (e.g. AWS Secrets Manager) and builds the DSN.
+    """
+
+    async def dsn_for(self, route: Route) -> str:
+        if route.app_dsn is None:
+            raise ServiceUnavailableError(
+                f"location {route.location_name} has only a secret reference and no secret resolver "
+                "is configured"
+            )
+        return route.app_dsn
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Replace asyncpg's default reset (one extra round trip per request).
+
+    Tenant context is transaction-local, so a connection that is not inside a
+    transaction carries nothing to reset. One that *is* (a request cancelled
+    mid-transaction) must never be reused inside it: roll back, and if even
+    that fails asyncpg terminates the connection.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+@dataclass
+class _SiloPool:
+    pool: asyncpg.Pool
+    last_used: float
+    borrowed: int = 0
+
+
+class EngineRegistry:
+    """The pool's connection pool plus a bounded LRU of per-silo pools."""
+
+    def __init__(
+        self,
+        pool_dsn: str,
+        *,
+        resolver: SecretResolver | None = None,
+        pool_size: int = 10,
+        silo_pool_size: int = 2,
+        max_silos: int = 64,
+        idle_seconds: float = 300.0,
+    ) -> None:
+        self._pool_dsn = libpq(pool_dsn)
+        self._resolver = resolver or PlainDsnResolver()
+        self._pool_size = pool_size
+        self._silo_pool_size = silo_pool_size
+        self._max_silos = max_silos
+        self._idle_seconds = idle_seconds
+        self._pool: asyncpg.Pool | None = None
+        self._silos: OrderedDict[uuid.UUID, _SiloPool] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+
+    @staticmethod
+    async def _create_pool(dsn: str, size: int) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min(1, size),
+            max_size=size,
+            reset=_reset_connection,
+            # Generic plans keyed on a prepared statement are safe here: the
+            # policy's sub-select re-reads the setting per execution (PITFALLS:
+            # cached-plan trap), and every query also names tenant_id.
+            statement_cache_size=256,
+        )
+
+    async def start(self) -> None:
+        self._pool = await self._create_pool(self._pool_dsn, self._pool_size)
+        self._reaper = asyncio.create_task(self._reap_forever(), name="silo-pool-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for entry in self._silos.values():
+            await entry.pool.close()
+        self._silos.clear()
+        if self._pool is not None:
+            await self._pool.close()
+
+    @property
+    def silo_count(self) -> int:
+        return len(self._silos)
+
+    @contextlib.asynccontextmanager
+    async def connection(self, route: Route) -> AsyncIterator[asyncpg.Connection]:
+        """A connection to the database that ``route`` points at."""
+        if route.placement == "pool":
+            assert self._pool is not None, "EngineRegistry.start() was not awaited"
+            async with self._pool.acquire() as conn:
+                # The pool hands out a proxy with Connection's whole API.
+                yield cast(asyncpg.Connection, conn)
+            return
+        entry = await self._silo(route)
+        entry.borrowed += 1
+        try:
+            async with entry.pool.acquire() as conn:
+                yield cast(asyncpg.Connection, conn)
+        finally:
+            entry.borrowed -= 1
+            entry.last_used = time.monotonic()
+
+    async def _silo(self, route: Route) -> _SiloPool:
+        entry = self._silos.get(route.location_id)
+        if entry is not None:
+            self._silos.move_to_end(route.location_id)
+            return entry
+        async with self._lock:
+            entry = self._silos.get(route.location_id)
+            if entry is None:
+                dsn = libpq(await self._resolver.dsn_for(route))
+                try:
+                    pool = await self._create_pool(dsn, self._silo_pool_size)
+                except (OSError, asyncpg.PostgresError) as exc:
+                    raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
+                entry = _SiloPool(pool=pool, last_used=time.monotonic())
+                self._silos[route.location_id] = entry
+                await self._evict_over_capacity()
+            return entry
+
+    async def _evict_over_capacity(self) -> None:
+        # Least recently used first; an engine with borrowed connections is
+        # never closed under a running request -- it is skipped this round.
+        for location_id in list(self._silos):
+            if len(self._silos) <= self._max_silos:
+                return
+            entry = self._silos[location_id]
+            if entry.borrowed == 0:
+                del self._silos[location_id]
+                await entry.pool.close()
+
+    async def evict_idle(self, *, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        closed = 0
+        async with self._lock:
+            for location_id, entry in list(self._silos.items()):
+                if entry.borrowed == 0 and now - entry.last_used >= self._idle_seconds:
+                    del self._silos[location_id]
+                    await entry.pool.close()
+                    closed += 1
+        return closed
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self._idle_seconds / 4))
+            await self.evict_idle()
+
+    def stats(self) -> dict[str, Any]:
+        return {"silo_pools": len(self._silos), "max_silo_pools": self._max_silos}

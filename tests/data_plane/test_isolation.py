@@ -1,0 +1,195 @@
+"""Isolation suite: two pool tenants and one silo tenant with canaries.
+
+Every denied case is paired with an allowed control, and every response body
+is scanned for the other tenants' canary strings.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import psycopg
+import pytest
+
+from data_plane.dsn import libpq
+from tests.data_plane.conftest import World
+
+NAMES = ("A", "B", "S")
+
+
+def assert_no_foreign(world: World, name: str, response: httpx.Response) -> None:
+    for canary in world.foreign_canaries(name):
+        assert canary not in response.text, f"{name} saw another tenant's canary"
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_each_tenant_lists_only_its_own_rows(
+    client: httpx.AsyncClient, world: World, name: str
+) -> None:
+    me = world[name]
+    projects = await client.get("/v1/projects", headers=me.headers)
+    assert projects.status_code == 200
+    assert [p["name"] for p in projects.json()["data"]] == [f"{me.canary}-project"]
+    tasks = await client.get(f"/v1/projects/{me.project_id}/tasks", headers=me.headers)
+    assert tasks.status_code == 200
+    assert [t["title"] for t in tasks.json()["data"]] == [f"{me.canary}-task"]
+    for response in (projects, tasks):
+        assert_no_foreign(world, name, response)
+
+
+@pytest.mark.parametrize(("name", "other"), [("A", "B"), ("A", "S"), ("S", "A"), ("B", "A")])
+async def test_foreign_ids_are_404_with_the_same_body_as_missing(
+    client: httpx.AsyncClient, world: World, name: str, other: str
+) -> None:
+    me, them = world[name], world[other]
+    missing = uuid.uuid4()
+    cases = [
+        ("GET", f"/v1/projects/{{}}", them.project_id, missing, None),
+        ("PATCH", f"/v1/projects/{{}}", them.project_id, missing, {"name": "pwned"}),
+        ("GET", f"/v1/projects/{{}}/tasks", them.project_id, missing, None),
+        ("POST", f"/v1/projects/{{}}/tasks", them.project_id, missing, {"title": "pwned"}),
+        ("GET", f"/v1/tasks/{{}}", them.task_id, missing, None),
+        ("PATCH", f"/v1/tasks/{{}}", them.task_id, missing, {"done": True}),
+        ("DELETE", f"/v1/tasks/{{}}", them.task_id, missing, None),
+        ("DELETE", f"/v1/projects/{{}}", them.project_id, missing, None),
+    ]
+    for method, path, foreign_id, missing_id, body in cases:
+        foreign = await client.request(method, path.format(foreign_id), headers=me.headers, json=body)
+        absent = await client.request(method, path.format(missing_id), headers=me.headers, json=body)
+        assert foreign.status_code == 404, (method, path, foreign.text)
+        assert foreign.json() == absent.json()
+        assert foreign.json()["error"]["code"] == "not_found"
+        assert_no_foreign(world, name, foreign)
+    # Control: the owner still sees its untouched rows.
+    own = await client.get(f"/v1/projects/{them.project_id}", headers=them.headers)
+    assert own.status_code == 200 and own.json()["name"] == f"{them.canary}-project"
+    task = await client.get(f"/v1/tasks/{them.task_id}", headers=them.headers)
+    assert task.status_code == 200 and task.json()["done"] is False
+
+
+async def test_silo_tenant_rows_live_only_in_its_silo(client: httpx.AsyncClient, world: World) -> None:
+    silo = world["S"]
+    created = await client.post("/v1/projects", headers=silo.headers, json={"name": "silo-made"})
+    assert created.status_code == 201
+    project_id = created.json()["id"]
+    with psycopg.connect(libpq(silo.owner_dsn)) as conn:
+        assert conn.execute("SELECT tenant_id FROM projects WHERE id = %s", (project_id,)).fetchone() == (
+            silo.id,
+        )
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = %s", (silo.id,)).fetchone() == (
+            0,
+        )
+        # control: pool tenants' rows are in the pool
+        assert conn.execute(
+            "SELECT count(*) FROM projects WHERE tenant_id = %s", (world["A"].id,)
+        ).fetchone() == (1,)
+    me = await client.get("/v1/me", headers=silo.headers)
+    assert me.json()["placement"]["kind"] == "silo"
+    assert me.json()["tenant_id"] == str(silo.id)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "tenant_id": "00000000-0000-0000-0000-000000000001"},
+        {"name": "x", "id": "00000000-0000-0000-0000-000000000001"},
+    ],
+)
+async def test_mass_assignment_is_refused(
+    client: httpx.AsyncClient, world: World, body: dict[str, str]
+) -> None:
+    refused = await client.post("/v1/projects", headers=world["A"].headers, json=body)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "invalid_input"
+    allowed = await client.post("/v1/projects", headers=world["A"].headers, json={"name": "x"})
+    assert allowed.status_code == 201
+    assert allowed.json()["id"] != body.get("id")
+
+
+async def test_crud_round_trip_and_pagination(client: httpx.AsyncClient, world: World) -> None:
+    me = world["B"]
+    ids = []
+    for i in range(5):
+        response = await client.post("/v1/projects", headers=me.headers, json={"name": f"p{i}"})
+        assert response.status_code == 201
+        ids.append(response.json()["id"])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
+        page = await client.get("/v1/projects", headers=me.headers, params=params)
+        assert page.status_code == 200
+        seen += [p["id"] for p in page.json()["data"]]
+        assert len(page.json()["data"]) <= 2
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted([str(me.project_id), *ids])
+    assert len(seen) == len(set(seen))
+
+    patched = await client.patch(f"/v1/projects/{ids[0]}", headers=me.headers, json={"status": "archived"})
+    assert (
+        patched.status_code == 200
+        and patched.json()["status"] == "archived"
+        and patched.json()["name"] == "p0"
+    )
+    task = await client.post(f"/v1/projects/{ids[0]}/tasks", headers=me.headers, json={"title": "t"})
+    assert task.status_code == 201 and task.json()["project_id"] == ids[0]
+    done = await client.patch(f"/v1/tasks/{task.json()['id']}", headers=me.headers, json={"done": True})
+    assert done.json()["done"] is True
+    assert (await client.delete(f"/v1/projects/{ids[0]}", headers=me.headers)).status_code == 204
+    # the task went with its project (ON DELETE CASCADE within the tenant)
+    assert (await client.get(f"/v1/tasks/{task.json()['id']}", headers=me.headers)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "params"),
+    [
+        ("POST", "/v1/projects", {"name": ""}, None),
+        ("POST", "/v1/projects", {"name": "x" * 201}, None),
+        ("POST", "/v1/projects", {"name": "nul\x00byte"}, None),
+        ("POST", "/v1/projects", {"name": "x", "status": "deleted"}, None),
+        ("GET", "/v1/projects", None, {"limit": "0"}),
+        ("GET", "/v1/projects", None, {"limit": "1000"}),
+        ("GET", "/v1/projects", None, {"cursor": "not-a-cursor"}),
+        ("GET", "/v1/projects/not-a-uuid", None, None),
+    ],
+)
+async def test_invalid_input_is_422(
+    client: httpx.AsyncClient,
+    world: World,
+    method: str,
+    path: str,
+    body: object,
+    params: dict[str, str] | None,
+) -> None:
+    response = await client.request(method, path, headers=world["A"].headers, json=body, params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] in ("invalid_input", "invalid_cursor")
+
+
+async def test_oversized_body_is_413(client: httpx.AsyncClient, world: World) -> None:
+    huge = {"name": "x" * 100_000}
+    response = await client.post("/v1/projects", headers=world["A"].headers, json=huge)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+    async def chunks():  # no Content-Length: the streamed size is what counts
+        for _ in range(100):
+            yield b"x" * 1024
+
+    streamed = await client.post(
+        "/v1/projects", headers=world["A"].headers | {"content-type": "application/json"}, content=chunks()
+    )
+    assert streamed.status_code == 413
+    small = await client.post("/v1/projects", headers=world["A"].headers, json={"name": "ok"})
+    assert small.status_code == 201
+
+
+async def test_openapi_documents_error_responses(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    responses = spec["paths"]["/v1/projects/{project_id}"]["get"]["responses"]
+    assert {"401", "403", "404", "422"} <= set(responses)
+    assert "ErrorResponse" in spec["components"]["schemas"]
