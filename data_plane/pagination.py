@@ -6,8 +6,8 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from fastapi import Query

@@ -45,14 +45,14 @@ async def test_foreign_ids_are_404_with_the_same_body_as_missing(
     me, them = world[name], world[other]
     missing = uuid.uuid4()
     cases = [
-        ("GET", f"/v1/projects/{{}}", them.project_id, missing, None),
-        ("PATCH", f"/v1/projects/{{}}", them.project_id, missing, {"name": "pwned"}),
-        ("GET", f"/v1/projects/{{}}/tasks", them.project_id, missing, None),
-        ("POST", f"/v1/projects/{{}}/tasks", them.project_id, missing, {"title": "pwned"}),
-        ("GET", f"/v1/tasks/{{}}", them.task_id, missing, None),
-        ("PATCH", f"/v1/tasks/{{}}", them.task_id, missing, {"done": True}),
-        ("DELETE", f"/v1/tasks/{{}}", them.task_id, missing, None),
-        ("DELETE", f"/v1/projects/{{}}", them.project_id, missing, None),
+        ("GET", "/v1/projects/{}", them.project_id, missing, None),
+        ("PATCH", "/v1/projects/{}", them.project_id, missing, {"name": "pwned"}),
+        ("GET", "/v1/projects/{}/tasks", them.project_id, missing, None),
+        ("POST", "/v1/projects/{}/tasks", them.project_id, missing, {"title": "pwned"}),
+        ("GET", "/v1/tasks/{}", them.task_id, missing, None),
+        ("PATCH", "/v1/tasks/{}", them.task_id, missing, {"done": True}),
+        ("DELETE", "/v1/tasks/{}", them.task_id, missing, None),
+        ("DELETE", "/v1/projects/{}", them.project_id, missing, None),
     ]
     for method, path, foreign_id, missing_id, body in cases:
         foreign = await client.request(method, path.format(foreign_id), headers=me.headers, json=body)
