@@ -1,0 +1,321 @@
+"""Routes follow the catalog: NOTIFY invalidation, stale routes, fences, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import psycopg
+import pytest
+
+from data_plane.api import create_app
+from data_plane.dsn import database_of, libpq, with_database
+from data_plane.exceptions import TenantFencedError
+from data_plane.routing import EngineRegistry, RouteDirectory
+from data_plane.session import TenantContext
+from data_plane.settings import DataPlaneSettings
+from tests.conftest import asgi_client
+from tests.data_plane.conftest import World, add_pool_tenant
+from tests.harness import PgServers
+
+
+async def _eventually(check, timeout: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+    """Poll an async check; return the seconds it took (fails after ``timeout``)."""
+    start = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not true within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def test_suspend_and_resume_take_effect_within_a_second(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    a, b = world["A"], world["B"]
+    assert (await client.get("/v1/projects", headers=a.headers)).status_code == 200  # cached now
+    with world.catalog() as cat:
+        cat.execute("UPDATE tenants SET status = 'suspended' WHERE id = %s", (a.id,))
+
+    async def suspended() -> bool:
+        response = await client.get("/v1/projects", headers=a.headers)
+        return response.status_code == 403 and response.json()["error"]["code"] == "tenant_suspended"
+
+    await _eventually(suspended)
+    assert (await client.get("/v1/projects", headers=b.headers)).status_code == 200  # control
+    with world.catalog() as cat:
+        cat.execute("UPDATE tenants SET status = 'active' WHERE id = %s", (a.id,))
+
+    async def resumed() -> bool:
+        return (await client.get("/v1/projects", headers=a.headers)).status_code == 200
+
+    await _eventually(resumed)
+
+
+def _move_to_silo_silently(world: World, servers: PgServers, name: str, silo_location_of: str) -> None:
+    """Move tenant ``name`` into another tenant's silo database *without* NOTIFY.
+
+    session_replication_role=replica disables the catalog trigger, so every
+    replica's cache is now stale: exactly the race a real move has with a
+    replica that missed (or has not yet processed) the notification.
+    """
+    tenant, host = world[name], world[silo_location_of]
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        rows = pool.execute(
+            "SELECT id, name, status, created_at, updated_at FROM projects WHERE tenant_id = %s", (tenant.id,)
+        ).fetchall()
+        pool.execute(
+            "UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (tenant.id,)
+        )
+    with psycopg.connect(libpq(host.owner_dsn)) as silo:
+        for row in rows:
+            silo.execute(
+                "INSERT INTO projects (tenant_id, id, name, status, created_at, updated_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (tenant.id, *row),
+            )
+        silo.execute("SELECT tenantctl.claim_tenant(%s, 2)", (tenant.id,))
+    admin = with_database(servers.main_admin, database_of(world.endpoints.catalog_url))
+    with psycopg.connect(libpq(admin), autocommit=True) as cat:
+        cat.execute("SET session_replication_role = replica")
+        cat.execute(
+            "UPDATE tenants SET placement = 'silo', route_epoch = 2, "
+            "location_id = (SELECT location_id FROM tenants WHERE id = %s) WHERE id = %s",
+            (host.id, tenant.id),
+        )
+
+
+async def test_stale_route_is_retried_on_the_new_location(
+    client: httpx.AsyncClient, world: World, pg_servers: PgServers
+) -> None:
+    a = world["A"]
+    before = await client.get("/v1/me", headers=a.headers)
+    assert before.json()["placement"]["kind"] == "pool"  # route cached
+    _move_to_silo_silently(world, pg_servers, "A", "S")
+
+    # The cache still says pool; the pool refuses (TC001); the request is
+    # retried once on the fresh route and served from the silo.
+    created = await client.post("/v1/projects", headers=a.headers, json={"name": "after-move"})
+    assert created.status_code == 201, created.text
+    with psycopg.connect(libpq(world["S"].owner_dsn)) as silo:
+        assert silo.execute(
+            "SELECT tenant_id FROM projects WHERE id = %s", (created.json()["id"],)
+        ).fetchone() == (a.id,)
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        assert pool.execute("SELECT count(*) FROM projects WHERE name = 'after-move'").fetchone() == (0,)
+    names = [p["name"] for p in (await client.get("/v1/projects", headers=a.headers)).json()["data"]]
+    assert sorted(names) == sorted([f"{a.canary}-project", "after-move"])
+    assert (await client.get("/v1/me", headers=a.headers)).json()["placement"]["kind"] == "silo"
+
+
+async def test_stale_router_cannot_write_to_the_old_location(
+    world: World, dp_settings: DataPlaneSettings
+) -> None:
+    """A replica holding the old route object writes nowhere but the new owner."""
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    engines = EngineRegistry(world.endpoints.app_pool_url)
+    await directory.start()
+    await engines.start()
+    try:
+        a = world["A"]
+        stale = await directory.lookup(a.id)
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute(
+                "UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (a.id,)
+            )
+
+        async def insert(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO projects (tenant_id, id, name) VALUES ($1, $2, 'stale-write')",
+                a.id,
+                uuid.uuid4(),
+            )
+
+        ctx = TenantContext(tenant_id=a.id, route=stale, directory=directory, engines=engines)
+        # The catalog still routes A to the pool, so the retry also lands on a
+        # database that refuses: the write fails instead of landing anywhere.
+        with pytest.raises(Exception) as info:
+            await ctx.run(insert)
+        assert "route changed" in str(info.value)
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            assert pool.execute("SELECT count(*) FROM projects WHERE name = 'stale-write'").fetchone() == (0,)
+    finally:
+        await engines.close()
+        await directory.close()
+
+
+async def test_fenced_tenant_is_held_briefly_then_503(client: httpx.AsyncClient, world: World) -> None:
+    a, b = world["A"], world["B"]
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))
+    start = time.monotonic()
+    response = await client.get("/v1/projects", headers=a.headers)
+    held = time.monotonic() - start
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "tenant_fenced"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert held < 5
+    assert (await client.get("/v1/projects", headers=b.headers)).status_code == 200  # control
+
+    # Unfenced while a request is being held: it completes instead of failing.
+    async def unfence_soon() -> None:
+        await asyncio.sleep(0.3)
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute("SELECT tenantctl.claim_tenant(%s, 1)", (a.id,))
+
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))
+    held_request, _ = await asyncio.gather(client.get("/v1/projects", headers=a.headers), unfence_soon())
+    assert held_request.status_code == 200
+
+
+async def test_listener_reconnects_and_drops_the_cache(world: World, pg_servers: PgServers) -> None:
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    await directory.start()
+    try:
+        a = world["A"]
+        assert (await directory.lookup(a.id)).status == "active"
+        catalog_db = database_of(world.endpoints.catalog_url)
+        admin = with_database(pg_servers.main_admin, catalog_db)
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND query ILIKE 'LISTEN%%'",
+                (catalog_db,),
+            ).fetchall()
+        assert killed, "the listener connection should exist"
+
+        async def relistening() -> bool:
+            return directory.listening
+
+        await _eventually(relistening, timeout=10)
+        with world.catalog() as cat:
+            cat.execute("UPDATE tenants SET status = 'suspended' WHERE id = %s", (a.id,))
+
+        async def sees_suspension() -> bool:
+            return (await directory.lookup(a.id)).status == "suspended"
+
+        await _eventually(sees_suspension)
+    finally:
+        await directory.close()
+
+
+@pytest.fixture
+async def single_connection_client(
+    dp_settings: DataPlaneSettings, world: World
+) -> AsyncIterator[httpx.AsyncClient]:
+    settings = DataPlaneSettings(**{**dp_settings.model_dump(), "pool_size": 1})
+    async for c in asgi_client(create_app(settings)):
+        yield c
+
+
+async def test_one_connection_interleaved_tenants(
+    single_connection_client: httpx.AsyncClient, world: World
+) -> None:
+    for _ in range(10):
+        for name in ("A", "B"):
+            response = await single_connection_client.get("/v1/projects", headers=world[name].headers)
+            assert [p["name"] for p in response.json()["data"]] == [f"{world[name].canary}-project"]
+            for canary in world.foreign_canaries(name):
+                assert canary not in response.text
+
+
+async def test_many_concurrent_tenants_on_one_replica(client: httpx.AsyncClient, world: World) -> None:
+    for i in range(12):
+        add_pool_tenant(world, f"C{i}")
+    names = [n for n in world.tenants for _ in range(3)]
+
+    async def call(name: str) -> tuple[str, httpx.Response]:
+        return name, await client.get("/v1/projects", headers=world[name].headers)
+
+    results = await asyncio.gather(*(call(n) for n in names))
+    for name, response in results:
+        assert response.status_code == 200
+        assert [p["name"] for p in response.json()["data"]] == [f"{world[name].canary}-project"]
+
+
+async def test_cancelled_transaction_never_leaks_into_the_next_tenant(world: World) -> None:
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    engines = EngineRegistry(world.endpoints.app_pool_url, pool_size=1)
+    await directory.start()
+    await engines.start()
+    try:
+        a, b = world["A"], world["B"]
+        inserted = asyncio.Event()
+
+        async def slow_insert(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO projects (tenant_id, id, name) VALUES ($1, $2, 'cancelled-write')",
+                a.id,
+                uuid.uuid4(),
+            )
+            inserted.set()
+            await asyncio.sleep(30)
+
+        ctx_a = TenantContext(
+            tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines
+        )
+        task = asyncio.create_task(ctx_a.run(slow_insert))
+        await inserted.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def read_all(conn: asyncpg.Connection) -> tuple[list[str], str, bool]:
+            names = [r["name"] for r in await conn.fetch("SELECT name FROM projects")]
+            setting = await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)")
+            return names, setting, True
+
+        ctx_b = TenantContext(
+            tenant_id=b.id, route=await directory.lookup(b.id), directory=directory, engines=engines
+        )
+        names, setting, _ = await ctx_b.run(read_all)  # same (only) connection
+        assert names == [f"{b.canary}-project"]
+        assert setting == str(b.id)
+
+        async def outside(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM projects"))
+
+        # Outside any tenant transaction the connection carries no context.
+        async with engines.connection(ctx_b.route) as conn:
+            assert not conn.is_in_transaction()
+            assert await outside(conn) == 0
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            assert pool.execute(
+                "SELECT count(*) FROM projects WHERE name = 'cancelled-write'"
+            ).fetchone() == (0,)
+    finally:
+        await engines.close()
+        await directory.close()
+
+
+async def test_fenced_error_surfaces_from_run(world: World) -> None:
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    engines = EngineRegistry(world.endpoints.app_pool_url)
+    await directory.start()
+    await engines.start()
+    try:
+        a = world["A"]
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))
+
+        async def noop(conn: asyncpg.Connection) -> int:
+            return 1
+
+        ctx = TenantContext(
+            tenant_id=a.id,
+            route=await directory.lookup(a.id),
+            directory=directory,
+            engines=engines,
+            fence_hold_seconds=0.1,
+        )
+        with pytest.raises(TenantFencedError):
+            await ctx.run(noop)
+    finally:
+        await engines.close()
+        await directory.close()
