@@ -224,6 +224,12 @@ def _resolve_tenant_id(settings: ControlPlaneSettings, tenant: str) -> uuid.UUID
     return uuid.UUID(str(row[0]))
 
 
+# Sub-apps register last: they reuse the helpers above (importing them first would be circular).
+from control_plane.fleet.cli import migrate_app  # noqa: E402
+
+app.add_typer(migrate_app, name="migrate")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,362 @@
+"""The fleet migration engine: pool first, a canary wave, then every silo in parallel.
+
+Order and failure semantics (issue 7):
+
+1. every target's revision is read with one query per database, concurrently
+   (:mod:`control_plane.fleet.probe`); up-to-date targets are recorded as
+   ``skipped-up-to-date`` there and never reach a migration context;
+2. the pool is migrated first; if it fails, nothing else runs;
+3. then a canary wave of ``canary`` silos (of those needing work); any failure
+   there stops the run;
+4. then the remaining silos with at most ``concurrency`` migrations at once. A
+   failed silo does not stop the others.
+
+When the run stops (pool or canary failure, or Ctrl-C) migrations already in
+flight finish (their worker processes ignore SIGINT) and every target not
+started is reported ``not-run``. Migrations execute in worker processes, one
+at a time per process (see :mod:`control_plane.fleet.worker` for why).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from typing import Any, Protocol
+
+import psycopg
+
+from control_plane.exceptions import MigrationFailedError
+from control_plane.fleet import worker
+from control_plane.fleet.models import Action, Job, Outcome, Target, TargetResult, TargetStatus
+from control_plane.fleet.probe import Probe, probe_all, read_revision
+from control_plane.fleet.scripts import RevisionError, ScriptInfo
+from control_plane.fleet.targets import ALL, load_targets
+from control_plane.interlock import fleet_migration_lock
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+
+
+class Progress(Protocol):
+    """Receives the run's progress (the CLI draws a rich progress bar from it)."""
+
+    def planned(self, total: int, to_migrate: int) -> None: ...
+
+    def finished(self, result: TargetResult) -> None: ...
+
+
+class _NoProgress:
+    def planned(self, total: int, to_migrate: int) -> None:
+        return None
+
+    def finished(self, result: TargetResult) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    action: Action = "upgrade"
+    revision: str = "head"
+    concurrency: int = DEFAULT_CONCURRENCY
+    canary: int = 0
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    script_location: str | None = None  # None: the project's migrations/tenant (tests point elsewhere)
+    app_role: str = "tenantctl_app"
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.canary < 0:
+            raise ValueError("canary must not be negative")
+
+
+@dataclass
+class FleetReport:
+    action: Action
+    revision: str
+    head: str | None
+    results: list[TargetResult]
+    duration_s: float
+    workers: int = 0
+    interrupted: bool = False
+    stopped_reason: str | None = None
+    lock_waited_s: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.interrupted or any(r.status is TargetStatus.FAILED for r in self.results)
+
+    def counts(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in TargetStatus}
+        for result in self.results:
+            counts[result.status.value] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "revision": self.revision,
+            "head": self.head,
+            "ok": not self.failed,
+            "duration_s": round(self.duration_s, 4),
+            "workers": self.workers,
+            "interrupted": self.interrupted,
+            "stopped_reason": self.stopped_reason,
+            "lock_waited_s": round(self.lock_waited_s, 4),
+            "summary": self.counts(),
+            "targets": [r.to_json() for r in self.results],
+        }
+
+
+def mp_context() -> BaseContext:
+    """``forkserver`` where available (cheap workers, no fork of a threaded parent), else ``spawn``.
+
+    Plain ``fork`` is avoided: the parent runs probe threads and psycopg
+    connections, and forking a threaded process can deadlock the child.
+    """
+    if sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["control_plane.fleet.worker"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass
+class _Run:
+    targets: Sequence[Target]
+    options: FleetOptions
+    progress: Progress
+    script: ScriptInfo
+    results: dict[str, TargetResult] = field(default_factory=dict)
+    executor: ProcessPoolExecutor | None = None
+    workers: int = 0
+
+    def record(self, result: TargetResult) -> None:
+        self.results[result.target] = result
+        self.progress.finished(result)
+
+    def not_run(self, jobs: Sequence[tuple[Target, Job]], reason: str) -> None:
+        for target, _ in jobs:
+            if target.name not in self.results:
+                self.record(_result(target, TargetStatus.NOT_RUN, None, None, 0.0, reason))
+
+    def pool_for(self, jobs: int) -> ProcessPoolExecutor:
+        if self.executor is None:
+            self.workers = max(1, min(self.options.concurrency, jobs))
+            self.executor = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=mp_context(), initializer=worker.init_worker
+            )
+        return self.executor
+
+    def wave(self, jobs: Sequence[tuple[Target, Job]]) -> bool:
+        """Run ``jobs`` concurrently; return True if all succeeded (or were skipped)."""
+        if not jobs:
+            return True
+        executor = self.pool_for(len(jobs))
+        futures: dict[Future[Outcome], Target] = {}
+        try:
+            for target, job in jobs:
+                futures[executor.submit(worker.migrate_one, job)] = target
+            for future in as_completed(futures):
+                self.record(TargetResult.of(futures[future], _outcome(future)))
+        except KeyboardInterrupt:
+            # Unstarted jobs are cancelled; running ones finish (workers ignore
+            # SIGINT) and are recorded, so the report says where each target is.
+            for future in futures:
+                future.cancel()
+            for future, target in futures.items():
+                if future.cancelled():
+                    continue
+                self.record(TargetResult.of(target, _outcome(future)))
+            self.not_run(jobs, "interrupted before it started")
+            raise
+        return all(self.results[t.name].status is not TargetStatus.FAILED for t, _ in jobs)
+
+
+def _outcome(future: Future[Outcome]) -> Outcome:
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        return Outcome(TargetStatus.FAILED, None, None, 0.0, f"worker process died: {exc}")
+    except CancelledError:
+        return Outcome(TargetStatus.NOT_RUN, None, None, 0.0, "cancelled")
+
+
+def _result(
+    target: Target,
+    status: TargetStatus,
+    before: str | None,
+    after: str | None,
+    duration_s: float,
+    error: str | None = None,
+) -> TargetResult:
+    return TargetResult.of(target, Outcome(status, before, after, duration_s, error))
+
+
+def _plan(run: _Run, probes: dict[str, Probe]) -> list[tuple[Target, Job]]:
+    """Skipped and unreachable targets are recorded now; the rest become jobs, in target order."""
+    opts = run.options
+    jobs: list[tuple[Target, Job]] = []
+    for target in run.targets:
+        probe = probes[target.name]
+        if not probe.reachable:
+            run.record(
+                _result(
+                    target, TargetStatus.FAILED, None, None, probe.duration_s, f"unreachable: {probe.error}"
+                )
+            )
+            continue
+        try:
+            destination = run.script.destination(
+                opts.revision, probe.revision, upgrade=opts.action == "upgrade"
+            )
+        except RevisionError as exc:
+            run.record(_result(target, TargetStatus.FAILED, probe.revision, probe.revision, 0.0, exc.message))
+            continue
+        if destination == probe.revision:
+            run.record(
+                _result(target, TargetStatus.SKIPPED, probe.revision, probe.revision, probe.duration_s)
+            )
+            continue
+        job = Job(
+            target=target.name,
+            dsn=target.dsn,
+            action=opts.action,
+            destination=destination,
+            app_role=opts.app_role,
+            script_location=run.script.location,
+            lock_timeout_s=opts.lock_timeout_s,
+        )
+        jobs.append((target, job))
+    return jobs
+
+
+def migrate_targets(
+    targets: Sequence[Target], options: FleetOptions, *, progress: Progress | None = None
+) -> FleetReport:
+    """Migrate ``targets`` (pool first if present) without taking the catalog interlock.
+
+    Callers that run against a catalog use :func:`run_fleet`, which holds the
+    interlock; this function is the engine underneath.
+    """
+    started = time.monotonic()
+    script = ScriptInfo.load(options.script_location)
+    if not ScriptInfo.is_relative(options.revision):
+        script.absolute(options.revision)  # an unknown revision fails the whole run up front
+    run = _Run(targets=targets, options=options, progress=progress or _NoProgress(), script=script)
+    probes = probe_all(targets)
+    jobs = _plan(run, probes)
+    run.progress.planned(len(targets), len(jobs))
+    pool_jobs = [(t, j) for t, j in jobs if t.kind == "pool"]
+    silo_jobs = [(t, j) for t, j in jobs if t.kind != "pool"]
+    canary, rest = silo_jobs[: options.canary], silo_jobs[options.canary :]
+    stopped: str | None = None
+    interrupted = False
+    try:
+        pool_failed = any(r.kind == "pool" and r.status is TargetStatus.FAILED for r in run.results.values())
+        if pool_failed or not run.wave(pool_jobs):
+            stopped = "the pool failed; silos were not migrated"
+        elif not run.wave(canary):
+            stopped = f"a canary silo failed; the remaining {len(rest)} silo(s) were not migrated"
+        else:
+            run.wave(rest)
+        if stopped:
+            run.not_run(silo_jobs, stopped)
+    except KeyboardInterrupt:
+        interrupted = True
+        stopped = "interrupted (Ctrl-C); migrations in flight completed"
+        run.not_run(jobs, stopped)
+    finally:
+        if run.executor is not None:
+            run.executor.shutdown(wait=True, cancel_futures=True)
+    ordered = [run.results[t.name] for t in targets]
+    return FleetReport(
+        action=options.action,
+        revision=options.revision,
+        head=script.head,
+        results=ordered,
+        duration_s=time.monotonic() - started,
+        workers=run.workers,
+        interrupted=interrupted,
+        stopped_reason=stopped,
+    )
+
+
+def run_fleet(
+    catalog_dsn: str,
+    pool_dsn: str,
+    options: FleetOptions,
+    *,
+    selector: str = ALL,
+    progress: Progress | None = None,
+) -> FleetReport:
+    """``tenantctl migrate upgrade|downgrade``: hold the interlock, load targets, migrate.
+
+    Raises :class:`~control_plane.exceptions.OperationLockedError` when another
+    runner or a move holds the interlock past ``options.lock_timeout_s`` or a
+    tenant is ``'moving'``.
+    """
+    with fleet_migration_lock(catalog_dsn, timeout_s=options.lock_timeout_s) as lock:
+        targets = load_targets(catalog_dsn, pool_dsn, selector)
+        report = migrate_targets(targets, options, progress=progress)
+    report.lock_waited_s = lock.waited_s
+    return report
+
+
+def pool_revision(pool_dsn: str) -> str | None:
+    """The pool's tenant-schema revision (one query; None when unversioned)."""
+    return read_revision(pool_dsn)
+
+
+def migrate_target_to(
+    dsn: str,
+    revision: str | None,
+    *,
+    app_role: str = "tenantctl_app",
+    script_location: str | None = None,
+    lock_timeout_s: float = 30.0,
+    name: str = "silo",
+) -> TargetResult:
+    """Upgrade ONE database (a newly provisioned silo) to exactly ``revision``.
+
+    For the provisioning and move workflows: pass :func:`pool_revision` so a
+    new silo lands on the pool's revision, never on a different one. The
+    migration runs in a separate worker process (Alembic's globals must not be
+    shared with whatever else the calling process runs) under the target's
+    advisory lock, in one transaction. Idempotent: a database already at
+    ``revision`` is reported ``skipped-up-to-date``. Only upgrades: a database
+    at a newer or unknown revision raises :class:`MigrationFailedError` (a
+    workflow must never downgrade a silo implicitly), as does any failure.
+    """
+    script = ScriptInfo.load(script_location)
+    target = Target(name=name, kind="silo", dsn=dsn)
+    try:
+        current = read_revision(dsn)
+        destination = script.destination(revision or "base", current, upgrade=True)
+    except RevisionError as exc:
+        raise MigrationFailedError(f"cannot migrate {name} to {revision}: {exc.message}") from None
+    except psycopg.Error as exc:
+        raise MigrationFailedError(f"cannot read the revision of {name}: {exc}") from None
+    if destination == current:
+        return _result(target, TargetStatus.SKIPPED, current, current, 0.0)
+    job = Job(
+        target=name,
+        dsn=dsn,
+        action="upgrade",
+        destination=destination,
+        app_role=app_role,
+        script_location=script.location,
+        lock_timeout_s=lock_timeout_s,
+    )
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp_context(), initializer=worker.init_worker) as pool:
+        outcome = _outcome(pool.submit(worker.migrate_one, job))
+    result = TargetResult.of(target, outcome)
+    if result.status is TargetStatus.FAILED:
+        raise MigrationFailedError(f"migrating {name} to {revision} failed: {result.error}")
+    return result

@@ -1,0 +1,185 @@
+"""Fleet fixtures: a catalog + pool (from the shared templates) and N silo databases.
+
+Silos are cloned from the harness's silo template (tenant schema at the
+project's head, ``tenant_0001``) and recorded in the catalog as ready silo
+locations, each serving one tenant. Tests run the runner against a *copy* of
+the tenant script directory with extra test-only revisions, so the real
+migrations stay untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from control_plane import bootstrap, schema
+from control_plane.stack import Endpoints
+from data_plane.dsn import libpq
+from tests.harness import SILO_TEMPLATE, PgServers, owner_dsn, unique_name
+
+BASE = "tenant_0001"
+REV2 = "tenant_0002"
+REV3 = "tenant_0003"
+
+REVISION_2 = '''
+"""Test-only: a nullable column (cheap, reversible).
+
+Revision ID: tenant_0002
+Revises: tenant_0001
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "tenant_0002"
+down_revision = "tenant_0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("projects", sa.Column("fleet_note", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("projects", "fleet_note")
+'''
+
+# Fails halfway -- after creating a table -- in every database whose name contains
+# "fail", so one run shows a failed target next to succeeded ones.
+REVISION_3 = '''
+"""Test-only: fails halfway in databases named *fail*.
+
+Revision ID: tenant_0003
+Revises: tenant_0002
+"""
+from alembic import op
+
+revision = "tenant_0003"
+down_revision = "tenant_0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE fleet_half (id int)")
+    op.execute(
+        "DO $$ BEGIN IF position('fail' in current_database()) > 0 THEN "
+        "RAISE EXCEPTION 'boom halfway through tenant_0003'; END IF; END $$"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE fleet_half")
+'''
+
+
+def make_scripts(root: Path, *, failing: bool = False) -> str:
+    """A copy of the tenant script directory with tenant_0002 (and the failing tenant_0003)."""
+    dest = root / ("tenant_failing" if failing else "tenant")
+    shutil.copytree(
+        schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    (dest / "versions" / "tenant_0002_fleet_note.py").write_text(textwrap.dedent(REVISION_2))
+    if failing:
+        (dest / "versions" / "tenant_0003_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
+    return str(dest)
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> str:
+    return make_scripts(tmp_path)
+
+
+@pytest.fixture
+def failing_scripts(tmp_path: Path) -> str:
+    return make_scripts(tmp_path, failing=True)
+
+
+@dataclass
+class Silo:
+    location: str
+    slug: str
+    database: str
+    dsn: str
+
+
+@dataclass
+class Fleet:
+    servers: PgServers
+    endpoints: Endpoints
+    silos: list[Silo] = field(default_factory=list)
+
+    @property
+    def catalog(self) -> str:
+        return self.endpoints.catalog_url
+
+    @property
+    def pool(self) -> str:
+        return self.endpoints.pool_url
+
+    def add_silos(self, count: int, *, failing: set[int] | frozenset[int] = frozenset()) -> list[Silo]:
+        """Create ``count`` silo databases (index in ``failing`` → a *fail* name) and catalog rows."""
+        roles = self.servers.roles
+        created = []
+        with psycopg.connect(libpq(self.catalog), autocommit=True) as cat:
+            for i in range(count):
+                n = len(self.silos)
+                database = unique_name("t_silo_fail" if i in failing else "t_silo")
+                bootstrap.ensure_database(self.servers.silo_admin, database, roles, template=SILO_TEMPLATE)
+                silo = Silo(
+                    location=f"silo-{n:03d}",
+                    slug=f"tenant-{n:03d}",
+                    database=database,
+                    dsn=owner_dsn(self.servers.silo_admin, database, roles),
+                )
+                loc = cat.execute(
+                    "INSERT INTO locations (name, kind, provider, database, dsn, status) "
+                    "VALUES (%s, 'silo', 'local', %s, %s, 'ready') RETURNING id",
+                    (silo.location, database, silo.dsn),
+                ).fetchone()
+                assert loc is not None
+                cat.execute(
+                    "INSERT INTO tenants (slug, name, tier, status, placement, location_id) "
+                    "VALUES (%s, %s, 'enterprise', 'active', 'silo', %s)",
+                    (silo.slug, silo.slug, loc[0]),
+                )
+                self.silos.append(silo)
+                created.append(silo)
+        return created
+
+    def drop_all(self) -> None:
+        for silo in self.silos:
+            bootstrap.drop_database(self.servers.silo_admin, silo.database)
+
+
+@pytest.fixture
+def fleet(pg_servers: PgServers, endpoints: Endpoints) -> Iterator[Fleet]:
+    built = Fleet(servers=pg_servers, endpoints=endpoints)
+    try:
+        yield built
+    finally:
+        built.drop_all()
+
+
+def revision_of(dsn: str) -> str | None:
+    return schema.current_revision(dsn)
+
+
+def has_column(dsn: str, table: str, column: str) -> bool:
+    with psycopg.connect(libpq(dsn)) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_name = %s AND column_name = %s",
+            (table, column),
+        ).fetchone()
+    return row is not None
+
+
+def set_allow_connections(admin: str, database: str, allow: bool) -> None:
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allow).lower()}')
