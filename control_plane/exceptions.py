@@ -6,6 +6,7 @@ TenantctlError
 │   ├── IllegalTransitionError      409 illegal_transition
 │   ├── VersionConflictError        409 version_conflict
 │   └── OperationLockedError        409 locked (migration vs move interlock)
+├── MigrationFailedError            500 migration_failed (one target's schema migration)
 ├── ProvisioningError               500 provisioning_failed
 │   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
 │   └── SiloOwnershipError          409 silo_not_owned (silo belongs to another tenant / unmarked)
@@ -34,6 +35,12 @@ class OperationLockedError(ConflictError):
     """Another operation holds the lock on these databases."""
 
     code = "locked"
+
+
+class MigrationFailedError(TenantctlError):
+    """A schema migration of one database failed; the database kept its previous revision."""
+
+    code = "migration_failed"
 
 
 class ProvisioningError(TenantctlError):
