@@ -1,22 +1,104 @@
-"""The control-plane (admin) API. Build it with :func:`create_app`."""
+"""The control-plane (admin) API. Build it with :func:`create_app`.
+
+The app only *enqueues* jobs (through a DBOS client on the catalog's DBOS
+schema); executors -- ``tenantctl up`` in-process, or ``tenantctl worker`` --
+run them. Its catalog access is SQLAlchemy async on asyncpg.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from control_plane.catalog.dependencies import CatalogState
+from control_plane.catalog.router import router as catalog_router
+from control_plane.placement import PlacementPolicy
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
+from control_plane.workflows.jobs import DBOSJobEnqueuer
+from data_plane.auth import TokenVerifier
+from data_plane.dsn import async_url, sync_url
 from data_plane.exceptions import install_error_handlers
 
 
+def system_database_url(catalog_url: str) -> str:
+    """DBOS's system database: the catalog database itself (schema ``dbos``)."""
+    return sync_url(catalog_url).render_as_string(hide_password=False)
+
+
+def _route_template(request: Request) -> str:
+    # Label by route template, never by raw path: ids would explode cardinality.
+    # The router records the matched route in the (shared) ASGI scope.
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
+
+
 def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
-    app = FastAPI(title="tenantctl control plane", version="0.1.0")
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "tenantctl_admin_requests",
+        "Admin API requests.",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "tenantctl_admin_request_seconds", "Admin API latency.", ["method", "route"], registry=registry
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_async_engine(
+            async_url(endpoints.catalog_url), pool_size=5, max_overflow=5, pool_pre_ping=True
+        )
+        enqueuer = DBOSJobEnqueuer(system_database_url(endpoints.catalog_url))
+        app.state.catalog = CatalogState(
+            settings=settings,
+            endpoints=endpoints,
+            sessions=async_sessionmaker(engine, expire_on_commit=False),
+            policy=PlacementPolicy.from_settings(settings),
+            enqueuer=enqueuer,
+            verifier=TokenVerifier(settings, audience=settings.jwt_admin_audience, require_tenant=False),
+        )
+        try:
+            yield
+        finally:
+            enqueuer.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="tenantctl control plane",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Tenant catalog, lifecycle and jobs. Bearer token with aud `tenantctl-admin` "
+        "and scope `tenantctl:admin`; tenant tokens are refused.",
+    )
     app.state.settings = settings
     app.state.endpoints = endpoints
     install_error_handlers(app)
+    app.include_router(catalog_router)
+
+    @app.middleware("http")
+    async def metrics_middleware(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = _route_template(request)
+        requests_total.labels(request.method, route, str(response.status_code)).inc()
+        latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import Field
 
@@ -28,6 +29,30 @@ class ControlPlaneSettings(CommonSettings):
     api_port: int = 8000
     admin_port: int = 8001
     host: str = "127.0.0.1"
+
+    # Tenant catalog and jobs (issue 4).
+    placement_policy: dict[str, str] = Field(
+        default_factory=lambda: {"free": "pool", "standard": "pool", "enterprise": "silo"},
+        description="Tier -> default placement (pool | silo); its keys are the known tiers.",
+    )
+    admin_url: str | None = Field(
+        default=None, description="Admin API URL for the CLI (default: the running stack's)."
+    )
+    worker_name: str = Field(
+        default="worker",
+        description="Executor id of `tenantctl worker`; a restarted worker resumes the jobs of its name.",
+    )
+    worker_concurrency: int = Field(default=4, ge=1, description="Jobs one executor runs at once.")
+    offboard_batch_size: int = Field(default=1000, ge=1, description="Rows deleted per transaction.")
+    test_step_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Test hook: pause after every bounded batch of a job (ignored in production).",
+    )
+
+    @property
+    def export_dir(self) -> Path:
+        return self.state_dir / "exports"
 
     @property
     def embedded(self) -> bool:

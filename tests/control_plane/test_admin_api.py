@@ -1,0 +1,328 @@
+"""Admin API on real PostgreSQL: auth, lifecycle, concurrency, idempotency, audit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from control_plane import keys
+from control_plane.settings import ControlPlaneSettings
+from control_plane.stack import Endpoints
+from tests.control_plane.conftest import audit_entries, ownership
+
+
+async def create(admin: httpx.AsyncClient, slug: str, tier: str = "free", **headers: str) -> httpx.Response:
+    return await admin.post(
+        "/v1/tenants", json={"slug": slug, "name": slug.title(), "tier": tier}, headers=headers
+    )
+
+
+async def test_pool_tenant_is_active_at_once_and_claimed_in_the_pool(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    response = await create(admin, "acme")
+    assert response.status_code == 201, response.text
+    tenant = response.json()
+    assert tenant["slug"] == "acme"
+    assert tenant["status"] == "active"
+    assert tenant["placement"] == {"kind": "pool", "location": "pool"}
+    assert tenant["route_epoch"] == 1
+    assert set(tenant) >= {"id", "slug", "name", "tier", "status", "placement", "route_epoch"}
+    assert ownership(endpoints.pool_url, tenant["id"]) == ("active", 1)
+
+    by_slug = await admin.get("/v1/tenants/acme")
+    by_id = await admin.get(f"/v1/tenants/{tenant['id']}")
+    assert by_slug.json() == by_id.json() == tenant
+    assert (await admin.get("/v1/tenants/nope")).status_code == 404
+
+
+async def test_create_validates_input_and_refuses_a_taken_slug(admin: httpx.AsyncClient) -> None:
+    assert (await create(admin, "acme")).status_code == 201
+    taken = await create(admin, "acme")
+    assert taken.status_code == 409
+    assert taken.json()["error"]["code"] == "slug_taken"
+    for body in (
+        {"slug": "Bad Slug", "name": "x", "tier": "free"},
+        {"slug": "okay", "name": "", "tier": "free"},
+        {"slug": "okay", "name": "x", "tier": "platinum"},
+        {"slug": "okay", "name": "x"},
+    ):
+        response = await admin.post("/v1/tenants", json=body)
+        assert response.status_code == 422, body
+        assert response.json()["error"]["code"] == "invalid_input"
+
+
+async def test_lifecycle_transitions_and_every_illegal_one(admin: httpx.AsyncClient) -> None:
+    tenant_id = (await create(admin, "acme")).json()["id"]
+
+    async def act(verb: str) -> httpx.Response:
+        return await admin.post(f"/v1/tenants/{tenant_id}/{verb}")
+
+    illegal = await act("resume")  # active -> active
+    assert illegal.status_code == 409
+    assert illegal.json()["error"]["code"] == "illegal_transition"
+
+    suspended = await act("suspend")
+    assert suspended.status_code == 200
+    assert suspended.json()["status"] == "suspended"
+    assert (await act("suspend")).json()["error"]["code"] == "illegal_transition"
+    resumed = await act("resume")
+    assert resumed.json()["status"] == "active"
+
+    deleting = await admin.delete(f"/v1/tenants/{tenant_id}")
+    assert deleting.status_code == 202
+    job = deleting.json()["job"]
+    assert job["kind"] == "offboarding"
+    assert job["status"] == "pending"
+    assert job["tenant_id"] == tenant_id
+    assert set(job) >= {"id", "kind", "tenant_id", "status", "step", "progress", "error"}
+    assert (await admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "offboarding"
+    for verb in ("suspend", "resume"):
+        response = await act(verb)
+        assert response.status_code == 409, verb
+        assert response.json()["error"]["code"] == "illegal_transition"
+    second = await admin.delete(f"/v1/tenants/{tenant_id}")
+    assert second.status_code == 409
+    patched = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "New"})
+    assert patched.status_code == 409
+
+    # Cancelling the job before it starts puts the tenant back where it was.
+    cancelled = await admin.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 202
+    assert cancelled.json()["job"]["status"] == "cancelled"
+    assert (await admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "active"
+    again = await admin.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "job_not_cancellable"
+    assert (await admin.get(f"/v1/jobs/{job['id']}")).json()["status"] == "cancelled"
+
+
+def test_state_machine_table_allows_exactly_the_documented_edges() -> None:
+    from control_plane.catalog.lifecycle import Action, Status, next_status
+    from control_plane.exceptions import IllegalTransitionError
+
+    allowed = {
+        (Action.ACTIVATE, Status.PROVISIONING): Status.ACTIVE,
+        (Action.SUSPEND, Status.ACTIVE): Status.SUSPENDED,
+        (Action.RESUME, Status.SUSPENDED): Status.ACTIVE,
+        (Action.START_MOVE, Status.ACTIVE): Status.MOVING,
+        (Action.FINISH_MOVE, Status.MOVING): Status.ACTIVE,
+        (Action.OFFBOARD, Status.PROVISIONING): Status.OFFBOARDING,
+        (Action.OFFBOARD, Status.ACTIVE): Status.OFFBOARDING,
+        (Action.OFFBOARD, Status.SUSPENDED): Status.OFFBOARDING,
+        (Action.TOMBSTONE, Status.OFFBOARDING): Status.DELETED,
+    }
+    for action in Action:
+        for status in Status:
+            if action is Action.CANCEL_OFFBOARD:
+                continue
+            if (action, status) in allowed:
+                assert next_status(action, status) is allowed[(action, status)]
+            else:
+                with pytest.raises(IllegalTransitionError):
+                    next_status(action, status)
+    assert next_status(Action.CANCEL_OFFBOARD, "offboarding", previous="suspended") is Status.SUSPENDED
+    with pytest.raises(IllegalTransitionError):
+        next_status(Action.CANCEL_OFFBOARD, "offboarding", previous="deleted")
+    with pytest.raises(IllegalTransitionError):
+        next_status(Action.CANCEL_OFFBOARD, "active", previous="active")
+
+
+async def test_patch_with_optimistic_concurrency(admin: httpx.AsyncClient) -> None:
+    created = await create(admin, "acme")
+    tenant_id = created.json()["id"]
+    version = created.json()["version"]
+    assert created.headers["ETag"] == f'"{version}"'
+
+    ok = await admin.patch(
+        f"/v1/tenants/{tenant_id}", json={"tier": "enterprise"}, headers={"If-Match": f'"{version}"'}
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["tier"] == "enterprise"
+    # Changing the tier moves no data: still in the pool.
+    assert ok.json()["placement"] == {"kind": "pool", "location": "pool"}
+    assert ok.json()["version"] == version + 1
+
+    stale = await admin.patch(
+        f"/v1/tenants/{tenant_id}", json={"name": "Stale"}, headers={"If-Match": str(version)}
+    )
+    assert stale.status_code == 409
+    assert stale.json()["error"]["code"] == "version_conflict"
+    stale_body = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Stale", "version": version})
+    assert stale_body.json()["error"]["code"] == "version_conflict"
+    fresh = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Fresh", "version": version + 1})
+    assert fresh.json()["name"] == "Fresh"
+    unconditional = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Again"})
+    assert unconditional.json()["name"] == "Again"
+    assert (await admin.patch(f"/v1/tenants/{tenant_id}", json={"tier": "gold"})).status_code == 422
+    assert (await admin.patch(f"/v1/tenants/{tenant_id}", json={"status": "deleted"})).status_code == 422
+
+
+async def test_list_filters_and_cursor_pagination(admin: httpx.AsyncClient) -> None:
+    slugs = [f"t{i:02d}" for i in range(7)]
+    for i, slug in enumerate(slugs):
+        assert (await create(admin, slug, tier="standard" if i % 2 else "free")).status_code == 201
+    await admin.post("/v1/tenants/t00/suspend")
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await admin.get("/v1/tenants", params=params)).json()
+        seen += [t["slug"] for t in page["data"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == slugs
+    assert pages == 3
+
+    standard = (await admin.get("/v1/tenants", params={"tier": "standard"})).json()
+    assert [t["slug"] for t in standard["data"]] == ["t01", "t03", "t05"]
+    suspended = (await admin.get("/v1/tenants", params={"status": "suspended"})).json()
+    assert [t["slug"] for t in suspended["data"]] == ["t00"]
+    assert (await admin.get("/v1/tenants", params={"placement": "silo"})).json()["data"] == []
+    assert (await admin.get("/v1/tenants", params={"status": "weird"})).status_code == 422
+    assert (await admin.get("/v1/tenants", params={"cursor": "!!"})).status_code == 422
+    assert (await admin.get("/v1/tenants", params={"limit": 0})).status_code == 422
+
+
+async def test_idempotency_key_semantics(admin: httpx.AsyncClient, endpoints: Endpoints) -> None:
+    first = await create(admin, "acme", **{"Idempotency-Key": "k1"})
+    replay = await create(admin, "acme", **{"Idempotency-Key": "k1"})
+    assert first.status_code == replay.status_code == 201
+    assert replay.json() == first.json()
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    listed = (await admin.get("/v1/tenants")).json()["data"]
+    assert len(listed) == 1  # executed once
+
+    # Same key, different body -> 422; key order in the body does not matter.
+    other = await create(admin, "other", **{"Idempotency-Key": "k1"})
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    reordered = await admin.post(
+        "/v1/tenants",
+        content=b'{"tier": "free", "name": "Acme", "slug": "acme"}',
+        headers={"Idempotency-Key": "k1", "Content-Type": "application/json"},
+    )
+    assert reordered.status_code == 201
+
+    # A refusal is stored too: replaying it does not re-run the action.
+    tenant_id = first.json()["id"]
+    refused = await admin.post(f"/v1/tenants/{tenant_id}/resume", headers={"Idempotency-Key": "k2"})
+    assert refused.status_code == 409
+    await admin.post(f"/v1/tenants/{tenant_id}/suspend")
+    refused_again = await admin.post(f"/v1/tenants/{tenant_id}/resume", headers={"Idempotency-Key": "k2"})
+    assert refused_again.status_code == 409
+    assert (await admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "suspended"
+
+    # Keys are per caller: bob's k1 is a new request.
+    bob = {"Authorization": f"Bearer {keys.admin_token(admin_settings(admin), subject='bob')}"}
+    bobs = await admin.post(
+        "/v1/tenants",
+        json={"slug": "bobco", "name": "B", "tier": "free"},
+        headers={**bob, "Idempotency-Key": "k1"},
+    )
+    assert bobs.status_code == 201
+
+
+def admin_settings(admin: httpx.AsyncClient) -> ControlPlaneSettings:
+    transport = admin._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    settings: ControlPlaneSettings = transport.app.state.settings  # type: ignore[attr-defined]
+    return settings
+
+
+async def test_concurrent_duplicate_is_409(admin: httpx.AsyncClient, endpoints: Endpoints) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    # Hold the pool's ownership table so the first request stays in flight.
+    with psycopg.connect(libpq(endpoints.pool_url)) as blocker:
+        blocker.execute("LOCK TABLE tenantctl.tenant_ownership IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.create_task(create(admin, "acme", **{"Idempotency-Key": "dup"}))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            with psycopg.connect(libpq(endpoints.catalog_url)) as conn:
+                if conn.execute("SELECT 1 FROM idempotency_keys WHERE key = 'dup'").fetchone():
+                    break
+        second = await create(admin, "acme", **{"Idempotency-Key": "dup"})
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "idempotency_in_flight"
+        blocker.rollback()
+    assert (await first).status_code == 201
+
+
+async def test_every_admin_action_is_audited_with_the_token_subject(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    tenant_id = (await create(admin, "acme")).json()["id"]
+    await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Renamed"})
+    await admin.post(f"/v1/tenants/{tenant_id}/suspend")
+    await admin.post(f"/v1/tenants/{tenant_id}/resume")
+    job = (await admin.delete(f"/v1/tenants/{tenant_id}")).json()["job"]
+    await admin.post(f"/v1/jobs/{job['id']}/cancel")
+    assert audit_entries(endpoints.catalog_url, tenant_id) == [
+        ("alice", "tenant.create"),
+        ("alice", "tenant.activate"),
+        ("alice", "tenant.update"),
+        ("alice", "tenant.suspend"),
+        ("alice", "tenant.resume"),
+        ("alice", "tenant.offboard"),
+        ("alice", "tenant.cancel_offboard"),
+        ("alice", "job.cancel"),
+    ]
+
+
+async def test_tokens_other_than_admin_are_refused(
+    admin: httpx.AsyncClient, cp_settings: ControlPlaneSettings
+) -> None:
+    import time
+    import uuid
+
+    import jwt
+
+    tenant_token = keys.tenant_token(cp_settings, tenant_id=uuid.uuid4())
+    for headers in (
+        {"Authorization": f"Bearer {tenant_token}"},
+        {"Authorization": ""},
+        {"Authorization": "Bearer junk"},
+    ):
+        response = await admin.get("/v1/tenants", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    now = int(time.time())
+    key = cp_settings.dev_private_key_path.read_bytes()
+    claims = {
+        "iss": cp_settings.jwt_issuer,
+        "aud": cp_settings.jwt_admin_audience,
+        "sub": "x",
+        "exp": now + 60,
+    }
+    no_scope = jwt.encode(claims, key, algorithm="ES256")
+    response = await admin.get("/v1/tenants", headers={"Authorization": f"Bearer {no_scope}"})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "insufficient_scope"
+    smuggled = jwt.encode(
+        {**claims, "scope": "tenantctl:admin", "tenant_id": str(uuid.uuid4())}, key, algorithm="ES256"
+    )
+    response = await admin.get("/v1/tenants", headers={"Authorization": f"Bearer {smuggled}"})
+    assert response.status_code == 401
+
+
+async def test_health_metrics_and_openapi_error_schemas(admin: httpx.AsyncClient) -> None:
+    assert (await admin.get("/healthz")).json() == {"status": "ok"}
+    await admin.get("/v1/tenants")
+    metrics = await admin.get("/metrics")
+    assert 'tenantctl_admin_requests_total{method="GET",route="/v1/tenants",status="200"}' in metrics.text
+    spec = (await admin.get("/openapi.json")).json()
+    post = spec["paths"]["/v1/tenants"]["post"]
+    assert {"201", "401", "403", "409", "422"} <= set(post["responses"])
+    assert "ErrorResponse" in spec["components"]["schemas"]
+    assert "/v1/jobs/{job_id}/cancel" in spec["paths"]
