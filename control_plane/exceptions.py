@@ -5,7 +5,11 @@ TenantctlError
 ├── ConflictError
 │   ├── IllegalTransitionError      409 illegal_transition
 │   ├── VersionConflictError        409 version_conflict
-│   └── OperationLockedError        409 locked (migration vs move interlock)
+│   ├── OperationLockedError        409 locked (migration vs move interlock)
+│   ├── JobInProgressError          409 job_in_progress (the tenant already has an unfinished job)
+│   ├── JobNotCancellableError      409 job_not_cancellable (finished, or past its point of no return)
+│   └── IdempotencyInFlightError    409 idempotency_in_flight (same key, request still running)
+├── IdempotencyKeyReusedError       422 idempotency_key_reused (same key, different request)
 ├── MigrationFailedError            500 migration_failed (one target's schema migration)
 ├── ProvisioningError               500 provisioning_failed
 │   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
@@ -16,7 +20,7 @@ TenantctlError
 
 from __future__ import annotations
 
-from data_plane.exceptions import ConflictError, TenantctlError
+from data_plane.exceptions import ConflictError, InvalidInputError, TenantctlError
 
 
 class IllegalTransitionError(ConflictError):
@@ -70,3 +74,27 @@ class EmbeddedStackError(TenantctlError):
 
 class StackAlreadyRunningError(EmbeddedStackError):
     """A stack is already running from this state directory."""
+
+
+class JobInProgressError(ConflictError):
+    """The tenant already has an unfinished job."""
+
+    code = "job_in_progress"
+
+
+class JobNotCancellableError(ConflictError):
+    """The job has finished or is past its point of no return."""
+
+    code = "job_not_cancellable"
+
+
+class IdempotencyInFlightError(ConflictError):
+    """A request with this Idempotency-Key is still being processed."""
+
+    code = "idempotency_in_flight"
+
+
+class IdempotencyKeyReusedError(InvalidInputError):
+    """This Idempotency-Key was used for a different request."""
+
+    code = "idempotency_key_reused"
