@@ -1,0 +1,323 @@
+"""The shared stack: network, the pool and catalog databases, KMS, secrets.
+
+``pulumi up`` in ``infra/`` runs :func:`shared_program` (see ``__main__.py``).
+Its outputs are what the control plane reads: the pool and catalog endpoints
+and secrets (for ``TENANTCTL_POOL_URL`` / ``TENANTCTL_CATALOG_URL``), and the
+network and security groups that every silo stack references through a
+``StackReference`` (``TENANTCTL_PULUMI_SHARED_STACK``).
+
+* Network: an existing VPC and private subnets (``vpcId`` + ``subnetIds``) or,
+  when ``vpcId`` is empty, a new VPC with one private subnet per AZ (no
+  internet gateway: the databases never need one).
+* Security groups: ``app`` (attach it to the data plane, the control plane
+  and its workers), ``pool`` and ``catalog`` (PostgreSQL from ``app`` only;
+  every silo stack adds an ingress rule for its own subscriber).
+* The pool: RDS PostgreSQL with a parameter group setting
+  ``rds.logical_replication = 1`` (the source of promotions).
+* The catalog: a smaller RDS PostgreSQL (catalog tables and DBOS state).
+* KMS key for both instances and their secrets; master passwords generated
+  and stored in Secrets Manager.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.common import (
+    PG_PORT,
+    PROJECT_TAG,
+    db_ingress,
+    engine_family,
+    kms_key,
+    master_password,
+    master_secret,
+    postgres_parameters,
+)
+
+POOL_DATABASE = "tenantctl_pool"
+CATALOG_DATABASE = "tenantctl_catalog"
+SHARED_OUTPUTS = (
+    "vpc_id",
+    "subnet_ids",
+    "app_security_group_id",
+    "pool_security_group_id",
+    "catalog_security_group_id",
+    "kms_key_arn",
+    "pool_endpoint",
+    "pool_port",
+    "pool_database",
+    "pool_secret_arn",
+    "catalog_endpoint",
+    "catalog_port",
+    "catalog_database",
+    "catalog_secret_arn",
+    "owner_username",
+)
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """Typed view of the stack configuration declared in ``Pulumi.yaml``."""
+
+    environment: str = "prod"
+    vpc_id: str = ""
+    subnet_ids: Sequence[str] = field(default_factory=tuple)
+    vpc_cidr: str = "10.60.0.0/16"
+    engine_version: str = "16"
+    pool_instance_class: str = "db.r6g.large"
+    pool_allocated_storage_gb: int = 100
+    pool_max_allocated_storage_gb: int = 1000
+    catalog_instance_class: str = "db.t4g.small"
+    catalog_allocated_storage_gb: int = 20
+    multi_az: bool = True
+    backup_retention_days: int = 14
+    deletion_protection: bool = True
+    owner_username: str = "tenantctl_owner"
+
+    def __post_init__(self) -> None:
+        if bool(self.vpc_id) != bool(self.subnet_ids):
+            raise ValueError("set both vpcId and subnetIds (an existing network), or neither (a new VPC)")
+        if self.vpc_id and len(self.subnet_ids) < 2:
+            raise ValueError("RDS subnet groups need subnets in at least two availability zones")
+        if self.backup_retention_days < 1:
+            raise ValueError("backupRetentionDays must be at least 1")
+
+    @classmethod
+    def load(cls) -> SharedConfig:
+        """Read the stack's config (inside a running program only)."""
+        cfg = pulumi.Config()
+        defaults = cls()
+
+        def text(key: str, default: str) -> str:
+            return cfg.get(key) or default
+
+        def integer(key: str, default: int) -> int:
+            value = cfg.get_int(key)
+            return default if value is None else value
+
+        def flag(key: str, default: bool) -> bool:
+            value = cfg.get_bool(key)
+            return default if value is None else value
+
+        subnets = cfg.get_object("subnetIds") or []
+        return cls(
+            environment=text("environment", defaults.environment),
+            vpc_id=text("vpcId", defaults.vpc_id),
+            subnet_ids=tuple(str(s) for s in subnets),
+            vpc_cidr=text("vpcCidr", defaults.vpc_cidr),
+            engine_version=text("engineVersion", defaults.engine_version),
+            pool_instance_class=text("poolInstanceClass", defaults.pool_instance_class),
+            pool_allocated_storage_gb=integer("poolAllocatedStorageGb", defaults.pool_allocated_storage_gb),
+            pool_max_allocated_storage_gb=integer(
+                "poolMaxAllocatedStorageGb", defaults.pool_max_allocated_storage_gb
+            ),
+            catalog_instance_class=text("catalogInstanceClass", defaults.catalog_instance_class),
+            catalog_allocated_storage_gb=integer(
+                "catalogAllocatedStorageGb", defaults.catalog_allocated_storage_gb
+            ),
+            multi_az=flag("multiAz", defaults.multi_az),
+            backup_retention_days=integer("backupRetentionDays", defaults.backup_retention_days),
+            deletion_protection=flag("deletionProtection", defaults.deletion_protection),
+            owner_username=text("ownerUsername", defaults.owner_username),
+        )
+
+
+@dataclass(frozen=True)
+class Network:
+    vpc_id: pulumi.Input[str]
+    subnet_ids: pulumi.Input[Sequence[pulumi.Input[str]]]
+
+
+def _network(config: SharedConfig, tags: dict[str, str]) -> Network:
+    if config.vpc_id:
+        return Network(vpc_id=config.vpc_id, subnet_ids=list(config.subnet_ids))
+    vpc = aws.ec2.Vpc(
+        "tenantctl-vpc",
+        cidr_block=config.vpc_cidr,
+        enable_dns_hostnames=True,
+        enable_dns_support=True,
+        tags={**tags, "Name": f"tenantctl-{config.environment}"},
+    )
+    zones = aws.get_availability_zones_output(state="available").names
+    subnet_ids: list[pulumi.Output[str]] = []
+    for index in range(2):
+        subnet = aws.ec2.Subnet(
+            f"tenantctl-private-{index}",
+            vpc_id=vpc.id,
+            # 10.60.0.0/20, 10.60.16.0/20 ... of the /16
+            cidr_block=_subnet_cidr(config.vpc_cidr, index),
+            availability_zone=zones[index],
+            map_public_ip_on_launch=False,
+            tags={**tags, "Name": f"tenantctl-{config.environment}-private-{index}"},
+        )
+        subnet_ids.append(subnet.id)
+    return Network(vpc_id=vpc.id, subnet_ids=subnet_ids)
+
+
+def _subnet_cidr(vpc_cidr: str, index: int) -> str:
+    network = ipaddress.ip_network(vpc_cidr)
+    return str(list(network.subnets(new_prefix=min(network.prefixlen + 4, 28)))[index])
+
+
+def _database(
+    name: str,
+    *,
+    config: SharedConfig,
+    database: str,
+    instance_class: str,
+    allocated_storage_gb: int,
+    max_allocated_storage_gb: int,
+    logical_replication: bool,
+    security_group_id: pulumi.Input[str],
+    subnet_group_name: pulumi.Input[str],
+    key: aws.kms.Key,
+    tags: dict[str, str],
+) -> tuple[aws.rds.Instance, aws.secretsmanager.Secret]:
+    opts = pulumi.ResourceOptions()
+    params = aws.rds.ParameterGroup(
+        f"{name}-params",
+        family=engine_family("postgres", config.engine_version),
+        description=f"tenantctl {name}",
+        parameters=postgres_parameters(logical_replication=logical_replication),
+        tags=tags,
+    )
+    password = master_password(f"{name}-master-password", opts=opts)
+    identifier = f"tenantctl-{config.environment}-{name}"
+    instance = aws.rds.Instance(
+        f"{name}-db",
+        identifier=identifier,
+        engine="postgres",
+        engine_version=config.engine_version,
+        instance_class=instance_class,
+        allocated_storage=allocated_storage_gb,
+        max_allocated_storage=max_allocated_storage_gb,
+        storage_type="gp3",
+        storage_encrypted=True,
+        kms_key_id=key.arn,
+        db_name=database,
+        username=config.owner_username,
+        password=password.result,
+        port=PG_PORT,
+        parameter_group_name=params.name,
+        db_subnet_group_name=subnet_group_name,
+        vpc_security_group_ids=[security_group_id],
+        publicly_accessible=False,
+        multi_az=config.multi_az,
+        backup_retention_period=config.backup_retention_days,
+        copy_tags_to_snapshot=True,
+        deletion_protection=config.deletion_protection,
+        skip_final_snapshot=False,
+        final_snapshot_identifier=f"{identifier}-final",
+        iam_database_authentication_enabled=True,
+        auto_minor_version_upgrade=True,
+        tags={**tags, "Name": identifier},
+    )
+    secret = master_secret(
+        f"{name}-secret",
+        secret_name_prefix=f"tenantctl/{config.environment}/{name}/master-",
+        description=f"tenantctl {name}: master credentials",
+        kms_key_arn=key.arn,
+        engine="postgres",
+        username=config.owner_username,
+        password=password.result,
+        host=instance.address,
+        port=instance.port,
+        dbname=database,
+        tags=tags,
+        opts=opts,
+    )
+    return instance, secret
+
+
+def shared_program(config: SharedConfig | None = None) -> None:
+    """Declare the shared stack's resources and outputs (call inside a Pulumi program)."""
+    config = config or SharedConfig.load()
+    tags = {**PROJECT_TAG, "environment": config.environment}
+    network = _network(config, tags)
+    key = kms_key(
+        "tenantctl-shared-kms",
+        description=f"tenantctl {config.environment}: pool and catalog storage and secrets",
+        alias=f"tenantctl/{config.environment}/shared",
+        tags=tags,
+        opts=pulumi.ResourceOptions(),
+    )
+    app_sg = aws.ec2.SecurityGroup(
+        "app-sg",
+        vpc_id=network.vpc_id,
+        description="tenantctl application, control plane and workers (clients of the databases)",
+        tags=tags,
+    )
+    aws.vpc.SecurityGroupEgressRule(
+        "app-sg-out",
+        security_group_id=app_sg.id,
+        ip_protocol="-1",
+        cidr_ipv4="0.0.0.0/0",
+        description="application egress",
+    )
+    groups: dict[str, aws.ec2.SecurityGroup] = {}
+    for name in ("pool", "catalog"):
+        groups[name] = aws.ec2.SecurityGroup(
+            f"{name}-sg",
+            vpc_id=network.vpc_id,
+            description=f"tenantctl {name}: PostgreSQL from the application (and, for the pool, silos)",
+            tags=tags,
+        )
+        db_ingress(
+            f"{name}-in-app",
+            security_group_id=groups[name].id,
+            source_security_group_id=app_sg.id,
+            description="application and control plane",
+            opts=pulumi.ResourceOptions(),
+        )
+    subnet_group = aws.rds.SubnetGroup(
+        "tenantctl-db-subnets",
+        description="tenantctl pool and catalog",
+        subnet_ids=network.subnet_ids,
+        tags=tags,
+    )
+    pool, pool_secret = _database(
+        "pool",
+        config=config,
+        database=POOL_DATABASE,
+        instance_class=config.pool_instance_class,
+        allocated_storage_gb=config.pool_allocated_storage_gb,
+        max_allocated_storage_gb=config.pool_max_allocated_storage_gb,
+        logical_replication=True,
+        security_group_id=groups["pool"].id,
+        subnet_group_name=subnet_group.name,
+        key=key,
+        tags=tags,
+    )
+    catalog, catalog_secret = _database(
+        "catalog",
+        config=config,
+        database=CATALOG_DATABASE,
+        instance_class=config.catalog_instance_class,
+        allocated_storage_gb=config.catalog_allocated_storage_gb,
+        max_allocated_storage_gb=config.catalog_allocated_storage_gb * 5,
+        logical_replication=False,
+        security_group_id=groups["catalog"].id,
+        subnet_group_name=subnet_group.name,
+        key=key,
+        tags=tags,
+    )
+    pulumi.export("vpc_id", network.vpc_id)
+    pulumi.export("subnet_ids", network.subnet_ids)
+    pulumi.export("app_security_group_id", app_sg.id)
+    pulumi.export("pool_security_group_id", groups["pool"].id)
+    pulumi.export("catalog_security_group_id", groups["catalog"].id)
+    pulumi.export("kms_key_arn", key.arn)
+    pulumi.export("pool_endpoint", pool.address)
+    pulumi.export("pool_port", pool.port)
+    pulumi.export("pool_database", POOL_DATABASE)
+    pulumi.export("pool_secret_arn", pool_secret.arn)
+    pulumi.export("catalog_endpoint", catalog.address)
+    pulumi.export("catalog_port", catalog.port)
+    pulumi.export("catalog_database", CATALOG_DATABASE)
+    pulumi.export("catalog_secret_arn", catalog_secret.arn)
+    pulumi.export("owner_username", config.owner_username)

@@ -1,0 +1,327 @@
+"""The Pulumi programs in ``infra/``, run on Pulumi's mocks (no CLI, no AWS).
+
+Inputs are asserted as the engine would receive them (camelCase property
+names). Mock ids are deterministic (``sg-<name>``, ``key-<name>``) so wiring
+between resources can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime import config as pulumi_config
+
+from infra.common import PASSWORD_SPECIALS
+from infra.shared import SHARED_OUTPUTS, SharedConfig, shared_program
+from infra.silo import SILO_OUTPUTS, SiloDatabase, SiloDatabaseArgs, SiloStackConfig, silo_program
+from tests.provisioning.pulumi_mocks import ACCOUNT, REGION, RecordingMocks, run_program
+
+SECRET_SIG = "4dabf18193072939515e22adb298388d"  # how Pulumi marks a secret value on the wire
+
+SG = "aws:ec2/securityGroup:SecurityGroup"
+INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
+INSTANCE = "aws:rds/instance:Instance"
+KEY = "aws:kms/key:Key"
+SECRET = "aws:secretsmanager/secret:Secret"
+SECRET_VERSION = "aws:secretsmanager/secretVersion:SecretVersion"
+PARAMS = "aws:rds/parameterGroup:ParameterGroup"
+
+
+def key_arn(resource_name: str) -> str:
+    return f"arn:aws:kms:{REGION}:{ACCOUNT}:key/key-{resource_name}"
+
+
+def silo_args(slug: str = "acme", **overrides: Any) -> SiloDatabaseArgs:
+    values: dict[str, Any] = {
+        "tenant_id": f"tenant-{slug}",
+        "slug": slug,
+        "tier": "enterprise",
+        "identifier": f"silo-{slug}",
+        "database_name": f"silo_{slug}",
+        "vpc_id": "vpc-123",
+        "subnet_ids": ["subnet-a", "subnet-b"],
+        "app_security_group_ids": ["sg-app"],
+        "pool_security_group_id": "sg-pool",
+    } | overrides
+    return SiloDatabaseArgs(**values)
+
+
+def unsecret(value: Any) -> Any:
+    assert isinstance(value, dict) and value.get(SECRET_SIG), f"expected a secret, got {value!r}"
+    return value["value"]
+
+
+@pytest.fixture(scope="module")
+def silo_run() -> tuple[RecordingMocks, dict[str, Any]]:
+    """Two tenants' silos in one program: per-tenant resources must not be shared."""
+    mocks = RecordingMocks()
+
+    def program() -> dict[str, Any]:
+        acme = SiloDatabase("silo-acme", silo_args("acme"))
+        SiloDatabase("silo-globex", silo_args("globex", tier="premium"))
+        return {"endpoint": acme.endpoint, "port": acme.port, "secret_arn": acme.secret_arn}
+
+    outputs, _ = run_program(program, mocks)
+    return mocks, outputs
+
+
+def of_silo(mocks: RecordingMocks, typ: str, slug: str) -> list[Any]:
+    return [r for r in mocks.of_type(typ) if r.name.startswith(f"silo-{slug}-")]
+
+
+def test_storage_is_encrypted_with_a_per_tenant_kms_key(
+    silo_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, _ = silo_run
+    keys = {r.name: r for r in mocks.of_type(KEY)}
+    assert set(keys) == {"silo-acme-kms", "silo-globex-kms"}
+    for slug in ("acme", "globex"):
+        key = keys[f"silo-{slug}-kms"]
+        assert key.inputs["enableKeyRotation"] is True
+        assert key.inputs["tags"]["tenant_id"] == f"tenant-{slug}"
+        (db,) = of_silo(mocks, INSTANCE, slug)
+        assert db.inputs["storageEncrypted"] is True
+        assert db.inputs["kmsKeyId"] == key_arn(f"silo-{slug}-kms")
+        (secret,) = of_silo(mocks, SECRET, slug)
+        assert secret.inputs["kmsKeyId"] == key_arn(f"silo-{slug}-kms")
+    aliases = sorted(r.inputs["name"] for r in mocks.of_type("aws:kms/alias:Alias"))
+    assert aliases == ["alias/tenantctl/silo-acme", "alias/tenantctl/silo-globex"]
+
+
+def test_logical_replication_parameter_group_is_attached(
+    silo_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, _ = silo_run
+    (params,) = of_silo(mocks, PARAMS, "acme")
+    assert params.inputs["family"] == "postgres16"
+    values = {p["name"]: p for p in params.inputs["parameters"]}
+    assert values["rds.logical_replication"]["value"] == "1"
+    assert values["rds.logical_replication"]["applyMethod"] == "pending-reboot"
+    assert values["rds.force_ssl"]["value"] == "1"
+    (db,) = of_silo(mocks, INSTANCE, "acme")
+    assert db.inputs["parameterGroupName"] == params.state["name"]
+
+
+def test_instance_is_private_protected_backed_up_and_snapshotted(
+    silo_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, _ = silo_run
+    (db,) = of_silo(mocks, INSTANCE, "acme")
+    inputs = db.inputs
+    assert inputs["publiclyAccessible"] is False
+    assert inputs["deletionProtection"] is True
+    assert inputs["skipFinalSnapshot"] is False
+    assert inputs["finalSnapshotIdentifier"] == "silo-acme-final-0badf00d"
+    assert inputs["backupRetentionPeriod"] >= 1
+    assert inputs["deleteAutomatedBackups"] is False
+    assert inputs["identifier"] == "silo-acme" and inputs["dbName"] == "silo_acme"
+    assert inputs["username"] == "tenantctl_owner"
+    assert inputs["dbSubnetGroupName"] == "silo-acme"
+    assert inputs["vpcSecurityGroupIds"] == ["sg-silo-acme-sg"]
+
+
+def test_resources_are_tagged_with_tenant_and_tier(silo_run: tuple[RecordingMocks, dict[str, Any]]) -> None:
+    mocks, _ = silo_run
+    for slug, tier in (("acme", "enterprise"), ("globex", "premium")):
+        for typ in (INSTANCE, KEY, SECRET, SG, PARAMS, "aws:rds/subnetGroup:SubnetGroup"):
+            (resource,) = of_silo(mocks, typ, slug)
+            tags = resource.inputs["tags"]
+            assert tags["tenant_id"] == f"tenant-{slug}" and tags["tier"] == tier, (typ, tags)
+
+
+def test_security_group_admits_only_the_application_and_the_pool(
+    silo_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, _ = silo_run
+    (group,) = of_silo(mocks, SG, "acme")
+    assert "ingress" not in group.inputs and "egress" not in group.inputs  # rules are separate resources
+    assert group.inputs["vpcId"] == "vpc-123"
+    silo_sg = "sg-silo-acme-sg"
+    ingress = [r.inputs for r in of_silo(mocks, INGRESS, "acme") if r.inputs["securityGroupId"] == silo_sg]
+    assert sorted(rule["referencedSecurityGroupId"] for rule in ingress) == ["sg-app", "sg-pool"]
+    for rule in [*ingress, *(r.inputs for r in of_silo(mocks, EGRESS, "acme"))]:
+        assert (rule["ipProtocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 5432, 5432)
+        assert "cidrIpv4" not in rule and "cidrIpv6" not in rule
+    (egress,) = of_silo(mocks, EGRESS, "acme")
+    assert egress.inputs["securityGroupId"] == silo_sg
+    assert egress.inputs["referencedSecurityGroupId"] == "sg-pool"
+    # the pool admits this silo's subscriber, and only through a rule of this silo's stack
+    pool_rules = [r.inputs for r in mocks.of_type(INGRESS) if r.inputs["securityGroupId"] == "sg-pool"]
+    assert sorted(rule["referencedSecurityGroupId"] for rule in pool_rules) == [
+        "sg-silo-acme-sg",
+        "sg-silo-globex-sg",
+    ]
+
+
+def test_master_password_is_generated_and_stored_only_as_a_secret(
+    silo_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, outputs = silo_run
+    (password,) = of_silo(mocks, "random:index/randomPassword:RandomPassword", "acme")
+    assert password.inputs["length"] >= 32
+    assert not set('/@" ') & set(password.inputs["overrideSpecial"])
+    assert password.inputs["overrideSpecial"] == PASSWORD_SPECIALS
+    (db,) = of_silo(mocks, INSTANCE, "acme")
+    assert unsecret(db.inputs["password"]) == "mock-master-password"
+    (version,) = of_silo(mocks, SECRET_VERSION, "acme")
+    assert version.inputs["secretId"] == "silo-acme-secret-id"
+    payload = json.loads(unsecret(version.inputs["secretString"]))
+    assert payload == {
+        "engine": "postgres",
+        "host": f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com",
+        "port": 5432,
+        "username": "tenantctl_owner",
+        "password": "mock-master-password",
+        "dbname": "silo_acme",
+    }
+    assert "password" not in json.dumps(outputs)
+
+
+def test_component_outputs_are_wired(silo_run: tuple[RecordingMocks, dict[str, Any]]) -> None:
+    _, outputs = silo_run
+    assert outputs == {
+        "endpoint": f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com",
+        "port": 5432,
+        "secret_arn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:silo-acme-secret-AbCdEf",
+    }
+
+
+def test_aurora_variant_keeps_the_same_guarantees() -> None:
+    mocks = RecordingMocks()
+
+    def program() -> pulumi.Output[str]:
+        silo = SiloDatabase("silo-acme", silo_args(engine="aurora-postgresql", engine_version="16.6"))
+        return silo.endpoint
+
+    endpoint, _ = run_program(program, mocks)
+    assert endpoint == f"silo-acme.cluster-c0ffee.{REGION}.rds.amazonaws.com"
+    assert mocks.of_type(INSTANCE) == []
+    cluster = mocks.one("aws:rds/cluster:Cluster").inputs
+    assert cluster["storageEncrypted"] is True and cluster["kmsKeyId"] == key_arn("silo-acme-kms")
+    assert cluster["deletionProtection"] is True and cluster["skipFinalSnapshot"] is False
+    assert cluster["backupRetentionPeriod"] >= 1 and cluster["tags"]["tenant_id"] == "tenant-acme"
+    params = mocks.one("aws:rds/clusterParameterGroup:ClusterParameterGroup").inputs
+    assert params["family"] == "aurora-postgresql16"
+    assert {p["name"]: p["value"] for p in params["parameters"]}["rds.logical_replication"] == "1"
+    assert cluster["dbClusterParameterGroupName"] == "silo-acme-params"
+    writer = mocks.one("aws:rds/clusterInstance:ClusterInstance").inputs
+    assert writer["publiclyAccessible"] is False and writer["clusterIdentifier"] == "silo-acme-db-id"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"backup_retention_days": 0}, "backup_retention_days"),
+        ({"app_security_group_ids": []}, "application security group"),
+        ({"engine": "mysql"}, "engine must be one of"),
+        ({"engine_version": "latest"}, "major version"),
+        ({"allocated_storage_gb": 500}, "max_allocated_storage_gb"),
+    ],
+)
+def test_unsafe_silo_args_are_rejected(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        silo_args(**overrides)
+
+
+SHARED_STACK_OUTPUTS = {
+    "vpc_id": "vpc-shared",
+    "subnet_ids": ["subnet-1", "subnet-2"],
+    "app_security_group_id": "sg-shared-app",
+    "pool_security_group_id": "sg-shared-pool",
+}
+
+
+def test_silo_stack_program_reads_the_shared_stack_and_exports_the_location() -> None:
+    mocks = RecordingMocks(shared_outputs=SHARED_STACK_OUTPUTS)
+    config = SiloStackConfig(
+        tenant_id="tenant-acme",
+        slug="acme",
+        tier="enterprise",
+        identifier="silo-acme",
+        database_name="silo_acme",
+        shared_stack="org/tenantctl-infra/prod",
+    )
+    _, exports = run_program(silo_program(config), mocks)
+    reference = mocks.one("pulumi:pulumi:StackReference")
+    assert reference.inputs["name"] == "org/tenantctl-infra/prod"
+    assert set(exports) == set(SILO_OUTPUTS)
+    assert exports["endpoint"] == f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com"
+    assert exports["secret_arn"].endswith(":secret:silo-acme-secret-AbCdEf")
+    assert exports["kms_key_arn"] == key_arn("silo-acme-kms")
+    assert (exports["tenant_id"], exports["database"], exports["username"]) == (
+        "tenant-acme",
+        "silo_acme",
+        "tenantctl_owner",
+    )
+    # network and security groups come from the shared stack's outputs
+    assert mocks.one(SG).inputs["vpcId"] == "vpc-shared"
+    assert mocks.one("aws:rds/subnetGroup:SubnetGroup").inputs["subnetIds"] == ["subnet-1", "subnet-2"]
+    sources = sorted(r.inputs["referencedSecurityGroupId"] for r in mocks.of_type(INGRESS))
+    assert sources == ["sg-shared-app", "sg-shared-pool", "sg-silo-acme-sg"]
+
+
+def test_shared_stack_with_a_new_vpc() -> None:
+    mocks = RecordingMocks()
+    _, exports = run_program(lambda: shared_program(SharedConfig(environment="staging")), mocks)
+    assert set(exports) == set(SHARED_OUTPUTS)
+    vpc = mocks.one("aws:ec2/vpc:Vpc")
+    subnets = mocks.of_type("aws:ec2/subnet:Subnet")
+    assert [s.inputs["cidrBlock"] for s in subnets] == ["10.60.0.0/20", "10.60.16.0/20"]
+    assert len({s.inputs["availabilityZone"] for s in subnets}) == 2
+    assert all(s.inputs["vpcId"] == f"{vpc.name}-id" and not s.inputs["mapPublicIpOnLaunch"] for s in subnets)
+    assert exports["vpc_id"] == f"{vpc.name}-id"
+
+    instances = {r.inputs["identifier"]: r.inputs for r in mocks.of_type(INSTANCE)}
+    assert set(instances) == {"tenantctl-staging-pool", "tenantctl-staging-catalog"}
+    for inputs in instances.values():
+        assert inputs["storageEncrypted"] is True
+        assert inputs["kmsKeyId"] == key_arn("tenantctl-shared-kms")
+        assert inputs["publiclyAccessible"] is False and inputs["deletionProtection"] is True
+        assert inputs["skipFinalSnapshot"] is False and inputs["backupRetentionPeriod"] == 14
+    params = {r.name: {p["name"]: p["value"] for p in r.inputs["parameters"]} for r in mocks.of_type(PARAMS)}
+    assert params["pool-params"]["rds.logical_replication"] == "1"
+    assert "rds.logical_replication" not in params["catalog-params"]
+    assert instances["tenantctl-staging-pool"]["parameterGroupName"] == "pool-params"
+    assert instances["tenantctl-staging-pool"]["dbName"] == exports["pool_database"] == "tenantctl_pool"
+
+    # pool and catalog admit the application only; silos add their own rules later
+    rules = {r.inputs["securityGroupId"]: r.inputs for r in mocks.of_type(INGRESS)}
+    assert set(rules) == {"sg-pool-sg", "sg-catalog-sg"}
+    assert {rule["referencedSecurityGroupId"] for rule in rules.values()} == {"sg-app-sg"}
+    assert exports["pool_security_group_id"] == "sg-pool-sg"
+    assert exports["app_security_group_id"] == "sg-app-sg"
+    assert exports["pool_endpoint"] == f"tenantctl-staging-pool.c0ffee.{REGION}.rds.amazonaws.com"
+    assert exports["pool_secret_arn"].endswith(":secret:pool-secret-AbCdEf")
+    assert exports["catalog_secret_arn"].endswith(":secret:catalog-secret-AbCdEf")
+    assert "mock-master-password" not in json.dumps(exports)
+
+
+def test_shared_stack_reads_typed_config_and_reuses_an_existing_vpc() -> None:
+    mocks = RecordingMocks()
+    pulumi_config.set_all_config(
+        {
+            "tenantctl-test:vpcId": "vpc-existing",
+            "tenantctl-test:subnetIds": json.dumps(["subnet-x", "subnet-y"]),
+            "tenantctl-test:poolInstanceClass": "db.r7g.xlarge",
+            "tenantctl-test:multiAz": "false",
+        }
+    )
+    try:
+        _, exports = run_program(lambda: shared_program(), mocks)
+    finally:
+        pulumi_config.set_all_config({})
+    assert mocks.of_type("aws:ec2/vpc:Vpc") == [] and mocks.of_type("aws:ec2/subnet:Subnet") == []
+    assert exports["vpc_id"] == "vpc-existing" and exports["subnet_ids"] == ["subnet-x", "subnet-y"]
+    pool = next(r.inputs for r in mocks.of_type(INSTANCE) if r.inputs["identifier"].endswith("-pool"))
+    assert pool["instanceClass"] == "db.r7g.xlarge" and pool["multiAz"] is False
+
+
+def test_shared_config_rejects_half_a_network() -> None:
+    with pytest.raises(ValueError, match="vpcId and subnetIds"):
+        SharedConfig(vpc_id="vpc-1")
+    with pytest.raises(ValueError, match="two availability zones"):
+        SharedConfig(vpc_id="vpc-1", subnet_ids=("subnet-1",))
