@@ -141,7 +141,15 @@ def up(
             out.print(f"control plane  {admin_url}   (docs: {admin_url}/docs)")
             out.print(f"admin token    {keys.admin_token(settings, ttl=12 * 3600)}", soft_wrap=True)
             out.print("Ctrl-C stops everything.")
-            asyncio.run(_serve(servers))
+            # The in-process job executor (DBOS); `tenantctl worker` runs more.
+            from control_plane.workflows.executor import Executor
+
+            executor = Executor(settings, endpoints, name="up")
+            executor.start()
+            try:
+                asyncio.run(_serve(servers))
+            finally:
+                executor.stop()
         finally:
             (stack.state_dir / "stack.json").unlink(missing_ok=True)
             if settings.embedded:
@@ -225,9 +233,39 @@ def _resolve_tenant_id(settings: ControlPlaneSettings, tenant: str) -> uuid.UUID
 
 
 # Sub-apps register last: they reuse the helpers above (importing them first would be circular).
+from control_plane.catalog.cli import tenants_app  # noqa: E402
 from control_plane.fleet.cli import migrate_app  # noqa: E402
 
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(tenants_app, name="tenants")
+
+
+@app.command()
+def worker(
+    state_dir: StateDir = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Executor id (default TENANTCTL_WORKER_NAME or 'worker').")
+    ] = None,
+) -> None:
+    """Run a durable-job executor until Ctrl-C; a restart under the same name resumes its jobs."""
+    import threading
+
+    from control_plane.workflows.executor import Executor
+
+    settings = load_settings(state_dir)
+    stop = threading.Event()
+    with cli_errors():
+        executor = Executor(
+            settings, stack_mod.running_endpoints(settings), name=name or settings.worker_name
+        )
+        executor.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"worker {executor.name!r} running; Ctrl-C stops it")
+    try:
+        stop.wait()
+    finally:
+        executor.stop()
 
 
 def main() -> None:

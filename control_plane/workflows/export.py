@@ -1,0 +1,222 @@
+"""Tenant export and import: the offboarding archive format.
+
+Format ``tenantctl-export/1`` -- a directory ``<state_dir>/exports/<tenant_id>/``:
+
+* ``manifest.json``::
+
+      {"format": "tenantctl-export/1", "tenant_id": "...", "slug": "...",
+       "exported_at": "2026-11-23T19:50:00+00:00", "schema_revision": "tenant_0001",
+       "tables": [{"name": "projects", "file": "projects.jsonl", "rows": 2,
+                   "sha256": "..."}, ...]}
+
+  ``tables`` is in foreign-key order (parents first): importing in that order
+  satisfies every constraint.
+* ``<table>.jsonl`` -- one JSON object per line: PostgreSQL's own
+  ``row_to_json`` of the row (every column, ``tenant_id`` included), in
+  primary-key order. Values round-trip through ``json_populate_recordset``,
+  so import restores exactly the stored types.
+
+Tenant tables are discovered (every ``public`` table with a ``tenant_id``
+column), so a table added by a later migration is exported without code
+changes. Export reads as the owner role (BYPASSRLS) with ``row_security``
+off, so anything that would filter rows raises instead (PITFALLS), in one
+REPEATABLE READ snapshot. The directory appears atomically (written as
+``<id>.partial`` then renamed): an existing manifest means a complete export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from data_plane.dsn import libpq
+
+FORMAT = "tenantctl-export/1"
+IMPORT_CHUNK_ROWS = 500
+
+TABLES_SQL = """
+SELECT c.relname
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+ WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
+ ORDER BY c.relname
+"""
+
+FKS_SQL = """
+SELECT c.conrelid::regclass::text, c.confrelid::regclass::text
+  FROM pg_constraint c
+  JOIN pg_namespace n ON n.oid = c.connamespace
+ WHERE c.contype = 'f' AND n.nspname = 'public'
+"""
+
+PK_SQL = """
+SELECT a.attname
+  FROM pg_index i
+  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+ WHERE i.indrelid = %s::regclass AND i.indisprimary
+ ORDER BY array_position(i.indkey, a.attnum)
+"""
+
+
+@dataclass(frozen=True)
+class TableExport:
+    name: str
+    file: str
+    rows: int
+    sha256: str
+
+
+def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """Tenant tables in foreign-key order, parents first (deterministic)."""
+    tables = [str(row[0]) for row in conn.execute(TABLES_SQL).fetchall()]
+    parents: dict[str, set[str]] = {table: set() for table in tables}
+    for child, parent in conn.execute(FKS_SQL).fetchall():
+        if child in parents and parent in parents and child != parent:
+            parents[child].add(parent)
+    ordered: list[str] = []
+    remaining = dict(parents)
+    while remaining:
+        ready = sorted(t for t, deps in remaining.items() if not deps - set(ordered))
+        if not ready:
+            raise RuntimeError(f"foreign-key cycle among tenant tables: {sorted(remaining)}")
+        ordered += ready
+        for table in ready:
+            del remaining[table]
+    return ordered
+
+
+def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    return [str(row[0]) for row in conn.execute(PK_SQL, (table,)).fetchall()]
+
+
+def export_dir_for(base: Path, tenant_id: uuid.UUID) -> Path:
+    return base / str(tenant_id)
+
+
+def export_tenant(
+    dsn: str, tenant_id: uuid.UUID, base: Path, *, slug: str, schema_revision: str | None
+) -> dict[str, Any]:
+    """Export every row of ``tenant_id`` from the store at ``dsn``; return the manifest.
+
+    Idempotent: a complete export (manifest present) is returned as is.
+    """
+    target = export_dir_for(base, tenant_id)
+    manifest_path = target / "manifest.json"
+    if manifest_path.exists():
+        loaded: dict[str, Any] = json.loads(manifest_path.read_text())
+        return loaded
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    partial.chmod(0o700)  # tenant data: readable by the operator only
+    exported: list[TableExport] = []
+    with psycopg.connect(libpq(dsn)) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            conn.execute("SELECT set_config('row_security', 'off', true)")
+            for table in tenant_tables(conn):
+                order = sql.SQL(", ").join(sql.Identifier(col) for col in _primary_key(conn, table))
+                query = sql.SQL(
+                    "SELECT row_to_json(t)::text FROM {} t WHERE t.tenant_id = %s ORDER BY {}"
+                ).format(sql.Identifier(table), order)
+                digest = hashlib.sha256()
+                rows = 0
+                path = partial / f"{table}.jsonl"
+                with path.open("w", encoding="utf-8") as handle, conn.cursor(name=f"export_{table}") as cur:
+                    cur.execute(query, (tenant_id,))
+                    for (line,) in cur:
+                        data = f"{line}\n"
+                        handle.write(data)
+                        digest.update(data.encode())
+                        rows += 1
+                exported.append(TableExport(table, path.name, rows, digest.hexdigest()))
+    manifest = {
+        "format": FORMAT,
+        "tenant_id": str(tenant_id),
+        "slug": slug,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "schema_revision": schema_revision,
+        "tables": [vars(table) for table in exported],
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return manifest
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield line
+
+
+def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
+    """Load an export into the store at ``dsn`` (owner role), in one transaction.
+
+    Verifies the format and every file's checksum first; returns rows per
+    table. The caller decides afterwards whether this store should serve the
+    tenant (``tenantctl.claim_tenant``).
+    """
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} export: {directory}")
+    for table in manifest["tables"]:
+        digest = hashlib.sha256((directory / table["file"]).read_bytes()).hexdigest()
+        if digest != table["sha256"]:
+            raise ValueError(f"{table['file']} does not match its checksum")
+    counts: dict[str, int] = {}
+    with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
+        conn.execute("SELECT set_config('row_security', 'off', true)")
+        for table in manifest["tables"]:
+            name = sql.Identifier(table["name"])
+            statement = sql.SQL(
+                "INSERT INTO {} SELECT * FROM json_populate_recordset(NULL::{}, %s::json)"
+            ).format(name, name)
+            chunk: list[str] = []
+            inserted = 0
+            for line in _read_lines(directory / table["file"]):
+                chunk.append(line)
+                if len(chunk) >= IMPORT_CHUNK_ROWS:
+                    inserted += conn.execute(statement, (f"[{','.join(chunk)}]",)).rowcount
+                    chunk = []
+            if chunk:
+                inserted += conn.execute(statement, (f"[{','.join(chunk)}]",)).rowcount
+            if inserted != table["rows"]:
+                raise ValueError(f"{table['name']}: imported {inserted} rows, manifest says {table['rows']}")
+            counts[table["name"]] = inserted
+    return counts
+
+
+def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:
+    """Delete at most ``limit`` rows of the tenant from ``table``; one short transaction."""
+    statement = sql.SQL(
+        "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE tenant_id = %s LIMIT %s))"
+    ).format(t=sql.Identifier(table))
+    with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
+        conn.execute("SELECT set_config('row_security', 'off', true)")
+        return conn.execute(statement, (tenant_id, limit)).rowcount
+
+
+def count_rows(dsn: str, tenant_id: uuid.UUID) -> dict[str, int]:
+    """Rows of the tenant per tenant table (owner role)."""
+    with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
+        conn.execute("SELECT set_config('row_security', 'off', true)")
+        counts = {}
+        for table in tenant_tables(conn):
+            query = sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table))
+            row = conn.execute(query, (tenant_id,)).fetchone()
+            counts[table] = int(row[0]) if row else 0
+        return counts

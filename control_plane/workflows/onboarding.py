@@ -1,0 +1,161 @@
+"""Onboarding of a silo tenant (kind ``onboarding``).
+
+Pool tenants need no job: :func:`control_plane.catalog.service.create_tenant`
+records them, has the pool claim them and activates them in the request.
+
+Silo: ``provision`` (the configured :class:`SiloProvisioner`; deterministic
+names make a retried call converge) -> ``record_location`` (the catalog knows
+the silo before anything else happens, I5) -> ``migrate`` (to the *pool's*
+current tenant-schema revision, in a separate process: Alembic is
+process-global) -> ``claim`` (the silo serves the tenant at its route epoch)
+-> ``activate`` (location ready, tenant placed and ``active``, NOTIFY).
+
+A failure leaves the tenant ``provisioning`` with its location recorded; an
+operator can retry or offboard it (offboarding drops the silo). Cancel before
+``activate`` drops whatever was provisioned and tombstones the tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from dbos import DBOS
+from sqlalchemy.dialects.postgresql import insert
+
+from control_plane.catalog import service
+from control_plane.catalog.lifecycle import Action
+from control_plane.catalog.models import locations
+from control_plane.fleet.runner import migrate_target_to, pool_revision
+from control_plane.provisioning.base import SiloLocation, SiloSpec
+from control_plane.workflows import runtime, stores
+from control_plane.workflows.kinds import ONBOARDING
+from control_plane.workflows.steps import job_tenant, report_progress, run_job
+
+KIND = ONBOARDING
+
+
+def _location_dict(location: SiloLocation) -> dict[str, Any]:
+    return {
+        "name": location.name,
+        "provider": location.provider,
+        "database": location.database,
+        "dsn": location.dsn,
+        "app_dsn": location.app_dsn,
+        "secret_ref": location.secret_ref,
+        "stack_name": location.stack_name,
+        "detail": dict(location.detail),
+    }
+
+
+@DBOS.step(name="tenantctl.onboarding.provision")
+async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    ctx = runtime.current()
+    tenant_id = await job_tenant(job)
+    async with ctx.sessions().begin() as session:
+        tenant = await service.resolve_tenant(session, tenant_id)
+    spec = SiloSpec(tenant_id=tenant_id, slug=tenant.slug, tier=tenant.tier)
+    location = await asyncio.to_thread(ctx.provisioner().provision, spec)
+    if location.dsn is None:
+        raise RuntimeError(f"the provisioner returned no owner DSN for {location.name}")
+    return {**_location_dict(location), "route_epoch": tenant.route_epoch}
+
+
+@DBOS.step(name="tenantctl.onboarding.record_location")
+async def record_location(job: dict[str, Any], outputs: dict[str, Any]) -> str:
+    tenant_id = await job_tenant(job)
+    loc = {k: v for k, v in outputs["provision"].items() if k != "route_epoch"}
+    statement = insert(locations).values(kind="silo", tenant_id=tenant_id, status="provisioning", **loc)
+    statement = statement.on_conflict_do_update(
+        index_elements=[locations.c.name],
+        set_={key: statement.excluded[key] for key in loc} | {"updated_at": sa.func.now()},
+        where=locations.c.tenant_id == tenant_id,
+    )
+    async with runtime.current().sessions().begin() as session:
+        location_id = await session.scalar(statement.returning(locations.c.id))
+    if location_id is None:
+        raise RuntimeError(f"location {loc['name']} belongs to another tenant")
+    return str(location_id)
+
+
+@DBOS.step(name="tenantctl.onboarding.migrate")
+async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
+    ctx = runtime.current()
+    revision = await asyncio.to_thread(pool_revision, ctx.endpoints.pool_url)
+    await asyncio.to_thread(
+        migrate_target_to,
+        outputs["provision"]["dsn"],
+        revision,
+        app_role=ctx.settings.app_role,
+        name=outputs["provision"]["name"],
+    )
+    await report_progress(job["id"], KIND, "migrate", 1.0, {"revision": revision})
+    return revision
+
+
+@DBOS.step(name="tenantctl.onboarding.claim")
+async def claim(job: dict[str, Any], outputs: dict[str, Any]) -> None:
+    loc = outputs["provision"]
+    await stores.claim_tenant(loc["dsn"], await job_tenant(job), int(loc["route_epoch"]))
+
+
+@DBOS.step(name="tenantctl.onboarding.activate")
+async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
+    tenant_id = await job_tenant(job)
+    location_id = uuid.UUID(outputs["record_location"])
+    async with runtime.current().sessions().begin() as session:
+        current = await service.resolve_tenant(session, tenant_id, lock=True)
+        if current.status == "active" and current.location_id == location_id:
+            return  # replayed after the commit
+        await session.execute(
+            sa.update(locations)
+            .where(locations.c.id == location_id)
+            .values(status="ready", updated_at=sa.func.now())
+        )
+        await service.transition(
+            session,
+            tenant_id=tenant_id,
+            action=Action.ACTIVATE,
+            actor=job["created_by"],
+            values={"location_id": location_id},
+            detail={"job_id": job["id"], "location": outputs["provision"]["name"]},
+        )
+
+
+@DBOS.step(name="tenantctl.onboarding.compensate")
+async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Drop what was provisioned; the never-active tenant is tombstoned."""
+    ctx = runtime.current()
+    tenant_id = await job_tenant(job)
+    loc = outputs.get("provision")
+    if loc is not None:
+        location = SiloLocation(tenant_id=tenant_id, **{k: v for k, v in loc.items() if k != "route_epoch"})
+        await asyncio.to_thread(ctx.provisioner().deprovision, location)
+    async with ctx.sessions().begin() as session:
+        if loc is not None:
+            await session.execute(
+                sa.update(locations)
+                .where(locations.c.name == loc["name"], locations.c.tenant_id == tenant_id)
+                .values(status="deleted", updated_at=sa.func.now())
+            )
+        await service.tombstone_never_active(
+            session, tenant_id=tenant_id, actor=job["created_by"], job_id=job["id"]
+        )
+
+
+@DBOS.workflow(name=KIND.workflow_name)
+async def onboarding_workflow(job_id: str) -> str:
+    return await run_job(
+        job_id,
+        KIND,
+        {
+            "provision": provision,
+            "record_location": record_location,
+            "migrate": migrate,
+            "claim": claim,
+            "activate": activate,
+        },
+        compensate,
+    )

@@ -1,0 +1,110 @@
+"""DBOS steps every job kind shares, and :func:`run_job`, the skeleton of a job workflow.
+
+Each step's result is checkpointed by DBOS, so a replay after a crash takes
+the same path (including the decision to cancel) and never re-runs a step
+that completed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from dbos import DBOS
+
+from control_plane.workflows import runtime
+from control_plane.workflows.jobs import JobRun, get_job
+from control_plane.workflows.kinds import JobKind, kind_of
+
+log = structlog.get_logger(__name__)
+
+# One step body: receives the job's row (as a dict: id, tenant_id, params,
+# created_by ...) and the outputs of the previous steps; returns its own output.
+StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
+Compensation = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+def _run(job_id: str, kind: str) -> JobRun:
+    return JobRun(runtime.current().sessions(), uuid.UUID(job_id), kind_of(kind))
+
+
+@DBOS.step(name="tenantctl.job.start")
+async def start_job(job_id: str, kind: str) -> dict[str, Any] | None:
+    """pending -> running; the job as a dict, or None when it must not run."""
+    job = await _run(job_id, kind).start()
+    if job is None:
+        return None
+    return {
+        "id": str(job.id),
+        "tenant_id": None if job.tenant_id is None else str(job.tenant_id),
+        "params": job.params,
+        "created_by": job.created_by,
+    }
+
+
+@DBOS.step(name="tenantctl.job.enter")
+async def enter_step(job_id: str, kind: str, step: str) -> bool:
+    """Record the step; True when a cancel is due instead."""
+    return await _run(job_id, kind).enter(step)
+
+
+@DBOS.step(name="tenantctl.job.finish")
+async def finish_job(job_id: str, kind: str, status: str, error: str | None) -> None:
+    run = _run(job_id, kind)
+    if status == "succeeded":
+        await run.succeed()
+    elif status == "cancelled":
+        await run.cancelled()
+    else:
+        await run.fail(error or "failed")
+
+
+async def report_progress(
+    job_id: str, kind: JobKind, step: str, fraction: float, detail: dict[str, Any]
+) -> None:
+    """Progress inside a step (call from within a step body)."""
+    await JobRun(runtime.current().sessions(), uuid.UUID(job_id), kind).progress(step, fraction, detail)
+
+
+async def run_job(
+    job_id: str,
+    kind: JobKind,
+    bodies: Mapping[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]],
+    compensate: Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]],
+) -> str:
+    """Run ``kind.steps`` in order; each body must itself be a DBOS step.
+
+    Returns the final job status. A failing step fails the job (its message
+    recorded on the row) and leaves every recorded resource for an operator
+    (or the offboarding job) to clean up; a cancel before the point of no
+    return runs ``compensate`` (also a DBOS step) and ends ``cancelled``.
+    """
+    job = await start_job(job_id, kind.name)
+    if job is None:
+        return "skipped"
+    outputs: dict[str, Any] = {}
+    try:
+        for step in kind.steps:
+            if await enter_step(job_id, kind.name, step):
+                await compensate(job, outputs)
+                await finish_job(job_id, kind.name, "cancelled", None)
+                return "cancelled"
+            outputs[step] = await bodies[step](job, outputs)
+    except Exception as exc:  # noqa: BLE001  # any step failure must end on the job row, not vanish
+        log.warning("job_failed", job_id=job_id, kind=kind.name, error_type=type(exc).__name__)
+        await finish_job(job_id, kind.name, "failed", f"{type(exc).__name__}: {exc}")
+        return "failed"
+    await finish_job(job_id, kind.name, "succeeded", None)
+    return "succeeded"
+
+
+async def job_tenant(job: dict[str, Any]) -> uuid.UUID:
+    tenant_id = job.get("tenant_id")
+    if tenant_id is None:
+        raise ValueError("this job has no tenant")
+    return uuid.UUID(str(tenant_id))
+
+
+__all__ = ["enter_step", "finish_job", "get_job", "report_progress", "run_job", "start_job"]

@@ -1,0 +1,218 @@
+"""Durable jobs end to end on real PostgreSQL: onboarding, offboarding, export/import.
+
+DBOS is a process-wide singleton: one executor is launched for the whole
+session against one session catalog (and pool), and tests isolate themselves
+by creating their own tenants. The crash test runs its worker as a separate
+process on its own catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from control_plane import keys, schema
+from control_plane.api import create_app
+from control_plane.settings import ControlPlaneSettings
+from control_plane.stack import Endpoints
+from control_plane.workflows import export
+from control_plane.workflows.executor import Executor
+from data_plane.dsn import libpq
+from tests.conftest import asgi_client
+from tests.control_plane.conftest import admin_headers, audit_entries, ownership
+from tests.harness import POOL_TEMPLATE, PgServers, fresh_database, fresh_endpoints, owner_dsn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def wf_endpoints(pg_servers: PgServers) -> Iterator[Endpoints]:
+    with fresh_endpoints(pg_servers) as endpoints:
+        yield endpoints
+
+
+@pytest.fixture(scope="session")
+def wf_settings(wf_endpoints: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> ControlPlaneSettings:
+    settings = ControlPlaneSettings(
+        state_dir=tmp_path_factory.mktemp("wf-state"),
+        environment="test",
+        catalog_url=wf_endpoints.catalog_url,
+        pool_url=wf_endpoints.pool_url,
+        silo_server_url=wf_endpoints.silo_server_url,
+        offboard_batch_size=3,
+    )
+    keys.ensure_dev_key(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def executor(wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints) -> Iterator[Executor]:
+    with Executor(wf_settings, wf_endpoints, name=f"test-{uuid.uuid4().hex[:8]}") as running:
+        yield running
+
+
+@pytest.fixture
+async def wf_admin(
+    executor: Executor, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints
+) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in asgi_client(create_app(wf_settings, wf_endpoints)):
+        client.headers.update(admin_headers(wf_settings))
+        yield client
+
+
+def slug() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def seed(pool_url: str, tenant_id: str, *, projects: int, tasks_per_project: int) -> None:
+    """Rows for one tenant, written as the owner (the data plane's API is not under test here)."""
+    with psycopg.connect(libpq(pool_url)) as conn:
+        for p in range(projects):
+            project_id = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, %s)",
+                (tenant_id, project_id, f"project {p} ünïcode \"quoted\""),
+            )
+            for t in range(tasks_per_project):
+                conn.execute(
+                    "INSERT INTO tasks (tenant_id, id, project_id, title, done) VALUES (%s, %s, %s, %s, %s)",
+                    (tenant_id, uuid.uuid4(), project_id, f"task {t}", t % 2 == 0),
+                )
+
+
+def snapshot(dsn: str, tenant_id: str) -> dict[str, list[str]]:
+    """Every row of the tenant as canonical JSON, per table."""
+    with psycopg.connect(libpq(dsn)) as conn:
+        return {
+            table: sorted(
+                json.dumps(row[0], sort_keys=True)
+                for row in conn.execute(
+                    f"SELECT row_to_json(t) FROM {table} t WHERE tenant_id = %s", (tenant_id,)
+                ).fetchall()
+            )
+            for table in ("projects", "tasks")
+        }
+
+
+async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if job["status"] not in ("pending", "running"):
+            return job
+        assert time.monotonic() < deadline, f"job did not finish: {job}"
+        await asyncio.sleep(0.1)
+
+
+async def test_offboarding_a_pool_tenant_exports_deletes_and_tombstones(
+    wf_admin: httpx.AsyncClient, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints, pg_servers: PgServers
+) -> None:
+    leaving = (await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Leaving", "tier": "free"})).json()
+    staying = (await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Staying", "tier": "free"})).json()
+    seed(wf_endpoints.pool_url, leaving["id"], projects=3, tasks_per_project=4)
+    seed(wf_endpoints.pool_url, staying["id"], projects=2, tasks_per_project=2)
+    before = snapshot(wf_endpoints.pool_url, leaving["id"])
+    staying_before = snapshot(wf_endpoints.pool_url, staying["id"])
+
+    accepted = await wf_admin.delete(f"/v1/tenants/{leaving['slug']}")
+    assert accepted.status_code == 202
+    job = await wait_job(wf_admin, accepted.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0
+    assert job["step"] == "tombstone"
+
+    tenant = (await wf_admin.get(f"/v1/tenants/{leaving['id']}")).json()
+    assert tenant["status"] == "deleted"
+    assert tenant["route_epoch"] == leaving["route_epoch"] + 1
+    assert snapshot(wf_endpoints.pool_url, leaving["id"]) == {"projects": [], "tasks": []}
+    assert ownership(wf_endpoints.pool_url, leaving["id"]) is None
+    assert snapshot(wf_endpoints.pool_url, staying["id"]) == staying_before  # untouched
+    assert ("alice", "tenant.tombstone") in audit_entries(wf_endpoints.catalog_url, leaving["id"])
+
+    # The export is complete and re-importable into an empty store.
+    directory = export.export_dir_for(wf_settings.export_dir, uuid.UUID(leaving["id"]))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["format"] == "tenantctl-export/1"
+    assert [(t["name"], t["rows"]) for t in manifest["tables"]] == [("projects", 3), ("tasks", 12)]
+    assert manifest["schema_revision"] == schema.current_revision(wf_endpoints.pool_url)
+    with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_import") as db:
+        target = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
+        assert export.import_tenant(target, directory) == {"projects": 3, "tasks": 12}
+        assert snapshot(target, leaving["id"]) == before
+
+
+def test_import_refuses_a_tampered_export(tmp_path: Path) -> None:
+    directory = tmp_path / "x"
+    directory.mkdir()
+    (directory / "projects.jsonl").write_text('{"id": 1}\n')
+    manifest = {
+        "format": "tenantctl-export/1",
+        "tables": [{"name": "projects", "file": "projects.jsonl", "rows": 1, "sha256": "0" * 64}],
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="checksum"):
+        export.import_tenant("postgresql://unused@/x", directory)
+
+
+async def test_onboarding_and_offboarding_a_silo_tenant(
+    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints
+) -> None:
+    created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Big", "tier": "enterprise"})
+    assert created.status_code == 201, created.text
+    tenant = created.json()
+    assert tenant["status"] == "provisioning"
+    assert tenant["placement"] == {"kind": "silo", "location": None}
+    job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    assert job["status"] == "succeeded", job
+    assert job["kind"] == "onboarding"
+
+    active = (await wf_admin.get(f"/v1/tenants/{tenant['id']}")).json()
+    assert active["status"] == "active"
+    assert active["placement"]["kind"] == "silo"
+    location = active["placement"]["location"]
+    assert location
+    with psycopg.connect(libpq(wf_endpoints.catalog_url)) as conn:
+        row = conn.execute(
+            "SELECT dsn, app_dsn, status, tenant_id FROM locations WHERE name = %s", (location,)
+        ).fetchone()
+        route = conn.execute(
+            "SELECT status, placement FROM tenant_routes WHERE tenant_id = %s", (tenant["id"],)
+        ).fetchone()
+    assert row is not None
+    silo_dsn, app_dsn, status, owner = row
+    assert status == "ready"
+    assert str(owner) == tenant["id"]
+    assert app_dsn
+    assert route == ("active", "silo")
+    assert ownership(silo_dsn, tenant["id"]) == ("active", 1)
+    assert schema.current_revision(silo_dsn) == schema.current_revision(wf_endpoints.pool_url)
+
+    gone = await wf_admin.delete(f"/v1/tenants/{tenant['id']}")
+    job = await wait_job(wf_admin, gone.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert (await wf_admin.get(f"/v1/tenants/{tenant['id']}")).json()["status"] == "deleted"
+    with psycopg.connect(libpq(wf_endpoints.catalog_url)) as conn:
+        assert conn.execute("SELECT status FROM locations WHERE name = %s", (location,)).fetchone() == ("deleted",)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(libpq(silo_dsn)).close()
+
+
+async def test_a_finished_job_cannot_be_cancelled_and_unknown_jobs_are_404(wf_admin: httpx.AsyncClient) -> None:
+    tenant = (await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "X", "tier": "free"})).json()
+    job = await wait_job(wf_admin, (await wf_admin.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"])
+    refused = await wf_admin.post(f"/v1/jobs/{job['id']}/cancel")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "job_not_cancellable"
+    assert (await wf_admin.get(f"/v1/jobs/{uuid.uuid4()}")).status_code == 404
+    listed = (await wf_admin.get("/v1/jobs", params={"tenant_id": tenant["id"]})).json()["data"]
+    assert [j["id"] for j in listed] == [job["id"]]
