@@ -414,3 +414,37 @@ def test_factory_builds_the_configured_provisioner(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ProvisionerUnavailableError, match="TENANTCTL_SILO_SERVER_URL"):
         get_provisioner(local_settings)
     assert get_provisioner(ControlPlaneSettings(provisioner=ProvisionerKind.PULUMI_AWS)).kind == "pulumi-aws"
+
+
+def test_real_automation_api_path_reports_cli_failures_and_cleans_its_workspace(
+    aws_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The default LocalWorkspace path, with a stand-in CLI that is not logged in."""
+    with_static_keys(monkeypatch)
+    bin_dir, scratch = tmp_path / "cli", tmp_path / "tmp"
+    bin_dir.mkdir()
+    scratch.mkdir()
+    calls = tmp_path / "calls.log"
+    cli = bin_dir / "pulumi"
+    cli.write_text(
+        "#!/bin/sh\n"
+        f'echo "$PWD $*" >> {calls}\n'
+        'if [ "$1" = "version" ]; then echo "v3.200.0"; exit 0; fi\n'
+        'echo "error: PULUMI_ACCESS_TOKEN must be set for login during non-interactive CLI sessions" >&2\n'
+        "exit 255\n"
+    )
+    cli.chmod(cli.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    provisioner = PulumiAwsProvisioner(PulumiAwsSettings(), retry=FAST)
+    with pytest.raises(ProvisioningError) as info:
+        provisioner.provision(SPEC)
+    assert not isinstance(info.value, ProvisionerUnavailableError)
+    assert "pulumi provision of stack 'silo-acme' failed" in info.value.message
+    assert "PULUMI_ACCESS_TOKEN must be set" in info.value.message
+    stack_calls = [line for line in calls.read_text().splitlines() if " stack " in line]
+    assert stack_calls and all("silo-acme" in line for line in stack_calls)
+    # every CLI call ran in a private workspace under TMPDIR, removed afterwards
+    assert all(line.startswith(f"{scratch}/tenantctl-pulumi-") for line in stack_calls)
+    assert list(scratch.iterdir()) == []
