@@ -9,7 +9,9 @@ code; the tenant comes from the verified ``tenant_id`` claim and nowhere else.
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,12 @@ from data_plane.exceptions import AuthenticationError
 from data_plane.settings import CommonSettings
 
 ASYMMETRIC_ALGORITHMS = ("ES256", "RS256")
+# An ES256 verification costs ~0.1-0.5 ms of CPU, as much as the rest of a
+# request. A token string that verified once yields the same claims until it
+# expires, so verified tokens are cached -- for at most this long, so that a
+# key withdrawn from the JWKS stops being honoured soon after.
+VERIFIED_CACHE_SECONDS = 60.0
+VERIFIED_CACHE_SIZE = 10_000
 # PyJWKClient waits this long after a fetch before an unknown `kid` may force a
 # refresh; its default (30 s) refuses a freshly rotated key for half a minute.
 JWKS_REFRESH_COOLDOWN_SECONDS = 1.0
@@ -44,6 +52,33 @@ def _algorithm_for(key: Any) -> str:
     raise ValueError("public key must be an EC P-256 or RSA key")
 
 
+class _VerifiedCache:
+    """A small LRU of verified tokens with per-entry expiry."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[float, float, Principal]] = OrderedDict()
+
+    def get(self, token: str, *, leeway: float) -> Principal | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        keep_until, expires_at, principal = entry
+        now = time.time()
+        if now >= keep_until or now >= expires_at + leeway:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
+        return principal
+
+    def put(self, token: str, principal: Principal) -> None:
+        expires_at = float(principal.claims["exp"])
+        self._entries[token] = (time.time() + VERIFIED_CACHE_SECONDS, expires_at, principal)
+        self._entries.move_to_end(token)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class TokenVerifier:
     """Verifies tokens for one audience (``tenantctl-api`` or ``tenantctl-admin``)."""
 
@@ -52,6 +87,7 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = settings.jwt_leeway_seconds
         self._require_tenant = require_tenant
+        self._verified = _VerifiedCache(VERIFIED_CACHE_SIZE)
         self._jwks: jwt.PyJWKClient | None = None
         self._key: Any = None
         self._key_algorithm: str | None = None
@@ -100,6 +136,14 @@ class TokenVerifier:
         return self._key
 
     async def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token, leeway=self._leeway)
+        if cached is not None:
+            return cached
+        principal = await self._verify_uncached(token)
+        self._verified.put(token, principal)
+        return principal
+
+    async def _verify_uncached(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:

@@ -55,9 +55,12 @@ M = TypeVar("M", bound=BaseModel)
 
 def page_of(rows: Sequence[Any], *, limit: int, model: type[M]) -> Page[M]:
     """Build a page from ``limit + 1`` fetched rows (the extra one means "more")."""
-    items = [model.model_validate(dict(row)) for row in rows[:limit]]
+    # Sorted here as well as in SQL: the fused read path (data_plane.session)
+    # wraps the query in a join whose output order SQL does not promise.
+    ordered = sorted(rows, key=lambda row: (row["created_at"], row["id"]))
+    items = [model.model_validate(dict(row)) for row in ordered[:limit]]
     next_cursor = None
-    if len(rows) > limit and items:
+    if len(ordered) > limit and items:
         last: _Keyed = items[-1]  # type: ignore[assignment]
         next_cursor = encode_cursor(last.created_at, last.id)
     return Page[M](data=items, next_cursor=next_cursor)

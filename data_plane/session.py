@@ -1,15 +1,29 @@
-"""The tenant transaction: one per request, on the database that owns the tenant.
+"""Tenant transactions: every query runs on the database that owns the tenant now.
 
-At its start, in one round trip after BEGIN, ``tenantctl.begin_tenant(tenant,
-epoch)`` binds ``app.current_tenant_id`` transaction-locally (bound parameter,
-never string-built SQL) and verifies that *this* database serves the tenant at
-the route's epoch. If it does not -- the route changed under our cache -- the
-route is refreshed and the work retried on the new location, once. A fenced
+``tenantctl.begin_tenant(tenant, epoch)`` binds ``app.current_tenant_id``
+transaction-locally (a bound parameter, never string-built SQL) and verifies that
+*this* database serves the tenant at the route's epoch, in the same round trip
+as the work it guards. Two shapes:
+
+* :meth:`TenantContext.run` -- ``BEGIN``, ``begin_tenant``, the work function's
+  statements, ``COMMIT``: for writes and multi-statement work;
+* :meth:`TenantContext.read` -- a single SELECT *fused* with ``begin_tenant``
+  into one statement and one round trip (the hot read path)::
+
+      SELECT q.* FROM tenantctl.begin_tenant($n+1, $n+2) AS _t(ok)
+      CROSS JOIN LATERAL (SELECT * FROM (<query>) AS _q WHERE _t.ok OFFSET 0) AS q
+
+  The lateral reference (kept by ``OFFSET 0``) makes the query the inner side
+  of a nested loop, so it runs after ``begin_tenant``; the policy's sub-select
+  is an InitPlan, evaluated when first needed, i.e. after the setting is bound.
+  Were that order ever violated, the setting would read as empty and RLS would
+  return zero rows: the failure mode is "not found", never another tenant's row.
+
+If the database says the tenant lives elsewhere (a stale route after a move),
+the route is refreshed and the work retried once on the new location. A fenced
 tenant (a move's cutover, milliseconds long) is held briefly and retried, then
-answered with 503 ``Retry-After``.
-
-Only errors raised by ``begin_tenant`` trigger a retry: at that point the
-request has done nothing, so running it again cannot apply a write twice.
+answered 503 with ``Retry-After``. Only errors raised by ``begin_tenant`` lead to
+a retry: at that point nothing has run, so a write is never applied twice.
 """
 
 from __future__ import annotations
@@ -18,10 +32,10 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Concatenate, ParamSpec, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
@@ -42,12 +56,59 @@ current_tenant: ContextVar[uuid.UUID | None] = ContextVar("current_tenant", defa
 
 @contextlib.contextmanager
 def bound_tenant(tenant_id: uuid.UUID) -> Iterator[None]:
-    """Set :data:`current_tenant` for the block and always reset it."""
+    """Set :data:`current_tenant` (for logs) for the block and always reset it."""
     token = current_tenant.set(tenant_id)
     try:
         yield
     finally:
         current_tenant.reset(token)
+
+
+class TenantQueries(Protocol):
+    """What service functions query through: a transaction or the fused read path."""
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None: ...
+
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+
+class Transaction:
+    """:class:`TenantQueries` inside an open tenant transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return list(await self.conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self.conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self.conn.execute(query, *args)
+
+
+_FUSED: dict[tuple[str, int], str] = {}
+
+
+def fused(query: str, nargs: int) -> str:
+    """``query`` (one SELECT with ``$1..$nargs``) fused with ``begin_tenant``."""
+    key = (query, nargs)
+    sql = _FUSED.get(key)
+    if sql is None:
+        if not query.lstrip().upper().startswith("SELECT"):
+            raise ValueError("only a single SELECT can be fused; run writes with TenantContext.run")
+        sql = (
+            f"SELECT q.* FROM tenantctl.begin_tenant(${nargs + 1}, ${nargs + 2}) AS _t(ok) "
+            f"CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
+        )
+        _FUSED[key] = sql
+    return sql
 
 
 @dataclass
@@ -59,44 +120,75 @@ class TenantContext:
     directory: RouteDirectory
     engines: EngineRegistry
     fence_hold_seconds: float = FENCE_HOLD_SECONDS
+    _reader: _FusedReader | None = field(default=None, repr=False)
+
+    @property
+    def reads(self) -> TenantQueries:
+        """Single-statement reads, each its own one-round-trip tenant transaction."""
+        if self._reader is None:
+            self._reader = _FusedReader(self)
+        return self._reader
 
     async def run(
         self,
-        work: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
+        work: Callable[Concatenate[Transaction, P], Awaitable[T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Run ``work(conn, ...)`` in one tenant transaction, following moves."""
+        """Run ``work(tx, ...)`` in one tenant transaction, following moves."""
+
+        async def attempt() -> T:
+            async with self.engines.connection(self.route) as conn, conn.transaction():
+                await conn.execute(BEGIN_TENANT, self.tenant_id, self.route.epoch)
+                return await work(Transaction(conn), *args, **kwargs)
+
+        return await self.with_retries(attempt)
+
+    async def with_retries(self, attempt: Callable[[], Awaitable[T]]) -> T:
         retried_stale = False
         deadline = time.monotonic() + self.fence_hold_seconds
         delay = 0.01
         while True:
             try:
-                return await self._run_once(work, *args, **kwargs)
+                return await attempt()
             except asyncpg.PostgresError as exc:
                 state = getattr(exc, "sqlstate", None)
                 if state in (NOT_SERVED_HERE, STALE_EPOCH):
                     if retried_stale:
                         raise StaleRouteError("the tenant's route changed during the request") from exc
                     retried_stale = True
-                    self.route = (await self.directory.lookup(self.tenant_id, fresh=True)).require_servable()
-                    continue
-                if state == FENCED:
+                elif state == FENCED:
                     if time.monotonic() + delay > deadline:
                         raise TenantFencedError("tenant is being moved", retry_after=1) from exc
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.2)
-                    self.route = (await self.directory.lookup(self.tenant_id, fresh=True)).require_servable()
-                    continue
-                raise
+                else:
+                    raise
+                self.route = (await self.directory.lookup(self.tenant_id, fresh=True)).require_servable()
 
-    async def _run_once(
-        self,
-        work: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        async with self.engines.connection(self.route) as conn, conn.transaction():
-            await conn.execute(BEGIN_TENANT, self.tenant_id, self.route.epoch)
-            return await work(conn, *args, **kwargs)
+
+class _FusedReader:
+    def __init__(self, ctx: TenantContext) -> None:
+        self._ctx = ctx
+
+    async def _fetch(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        ctx = self._ctx
+        sql = fused(query, len(args))
+
+        async def attempt() -> list[asyncpg.Record]:
+            async with ctx.engines.connection(ctx.route) as conn:
+                return list(await conn.fetch(sql, *args, ctx.tenant_id, ctx.route.epoch))
+
+        return await ctx.with_retries(attempt)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._fetch(query, args)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        rows = await self._fetch(query, args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        row = await self.fetchrow(query, *args)
+        return None if row is None else row[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,13 +19,18 @@ from tests.harness import PgServers, fresh_endpoints, prepare_templates, start_s
 
 
 @pytest.fixture(scope="session")
-def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServers]:
-    servers = start_servers(tmp_path_factory.mktemp("pg"))
+def pg_servers() -> Iterator[PgServers]:
+    # Not under pytest's tmp_path: pytest prunes old basetemp directories when a
+    # newer session starts, which would pull a data directory from under a
+    # server still running in a concurrent session.
+    base = Path(tempfile.mkdtemp(prefix="tenantctl-test-"))
+    servers = start_servers(base)
     try:
         prepare_templates(servers)
         yield servers
     finally:
         servers.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -319,3 +319,26 @@ async def test_fenced_error_surfaces_from_run(world: World) -> None:
     finally:
         await engines.close()
         await directory.close()
+
+
+async def test_fused_read_binds_only_for_its_statement(world: World) -> None:
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    engines = EngineRegistry(world.endpoints.app_pool_url, pool_size=1)
+    await directory.start()
+    await engines.start()
+    try:
+        a, b = world["A"], world["B"]
+        ctx_a = TenantContext(
+            tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines
+        )
+        rows = await ctx_a.reads.fetch("SELECT name FROM projects ORDER BY name")
+        assert [r["name"] for r in rows] == [f"{a.canary}-project"]
+        assert await ctx_a.reads.fetchval("SELECT count(*) FROM projects WHERE tenant_id = $1", b.id) == 0
+        async with engines.connection(ctx_a.route) as conn:  # same single connection, afterwards
+            assert await conn.fetchval("SELECT count(*) FROM projects") == 0
+            assert await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)") == ""
+        with pytest.raises(ValueError, match="single SELECT"):
+            await ctx_a.reads.fetch("DELETE FROM projects RETURNING id")
+    finally:
+        await engines.close()
+        await directory.close()

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=ERROR_RES
 @router.get("")
 async def list_projects(tenant: Tenant, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> Page[Project]:
     after = decode_cursor(cursor)
-    rows = await tenant.run(service.list_projects, limit=limit, after=after)
+    rows = await service.list_projects(tenant.reads, limit=limit, after=after)
     return page_of(rows, limit=limit, model=Project)
 
 
@@ -30,7 +30,7 @@ async def create_project(tenant: Tenant, body: ProjectCreate) -> Project:
 
 @router.get("/{project_id}")
 async def get_project(tenant: Tenant, project_id: uuid.UUID) -> Project:
-    row = await tenant.run(service.get_project, project_id=project_id)
+    row = await service.get_project(tenant.reads, project_id=project_id)
     return Project.model_validate(dict(row))
 
 

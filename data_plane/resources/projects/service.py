@@ -14,6 +14,7 @@ import asyncpg
 
 from data_plane.exceptions import NotFoundError
 from data_plane.resources.projects.schemas import ProjectCreate, ProjectUpdate
+from data_plane.session import TenantQueries
 
 TENANT = "(SELECT nullif(current_setting('app.current_tenant_id', true), ''))::uuid"
 COLUMNS = "id, name, status, created_at, updated_at"
@@ -40,38 +41,36 @@ DELETE = f"DELETE FROM projects WHERE tenant_id = {TENANT} AND id = $1 RETURNING
 NOT_FOUND = "project not found"
 
 
-async def create_project(conn: asyncpg.Connection, *, data: ProjectCreate) -> asyncpg.Record:
-    row = await conn.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
+async def create_project(db: TenantQueries, *, data: ProjectCreate) -> asyncpg.Record:
+    row = await db.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
     assert row is not None
     return row
 
 
-async def get_project(conn: asyncpg.Connection, *, project_id: uuid.UUID) -> asyncpg.Record:
-    row = await conn.fetchrow(GET, project_id)
+async def get_project(db: TenantQueries, *, project_id: uuid.UUID) -> asyncpg.Record:
+    row = await db.fetchrow(GET, project_id)
     if row is None:
         raise NotFoundError(NOT_FOUND)
     return row
 
 
 async def list_projects(
-    conn: asyncpg.Connection, *, limit: int, after: tuple[datetime, uuid.UUID] | None
+    db: TenantQueries, *, limit: int, after: tuple[datetime, uuid.UUID] | None
 ) -> list[asyncpg.Record]:
     # One row more than asked tells whether a next page exists.
     if after is None:
-        return list(await conn.fetch(LIST_FIRST, limit + 1))
-    return list(await conn.fetch(LIST_AFTER, limit + 1, *after))
+        return list(await db.fetch(LIST_FIRST, limit + 1))
+    return list(await db.fetch(LIST_AFTER, limit + 1, *after))
 
 
-async def update_project(
-    conn: asyncpg.Connection, *, project_id: uuid.UUID, data: ProjectUpdate
-) -> asyncpg.Record:
+async def update_project(db: TenantQueries, *, project_id: uuid.UUID, data: ProjectUpdate) -> asyncpg.Record:
     status = data.status.value if data.status is not None else None
-    row = await conn.fetchrow(UPDATE, project_id, data.name, status)
+    row = await db.fetchrow(UPDATE, project_id, data.name, status)
     if row is None:
         raise NotFoundError(NOT_FOUND)
     return row
 
 
-async def delete_project(conn: asyncpg.Connection, *, project_id: uuid.UUID) -> None:
-    if await conn.fetchval(DELETE, project_id) is None:
+async def delete_project(db: TenantQueries, *, project_id: uuid.UUID) -> None:
+    if await db.fetchval(DELETE, project_id) is None:
         raise NotFoundError(NOT_FOUND)

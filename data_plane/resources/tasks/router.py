@@ -32,7 +32,7 @@ async def create_task(tenant: Tenant, project_id: uuid.UUID, body: TaskCreate) -
 
 @router.get("/v1/tasks/{task_id}")
 async def get_task(tenant: Tenant, task_id: uuid.UUID) -> Task:
-    row = await tenant.run(service.get_task, task_id=task_id)
+    row = await service.get_task(tenant.reads, task_id=task_id)
     return Task.model_validate(dict(row))
 
 

@@ -11,6 +11,7 @@ from data_plane.exceptions import NotFoundError
 from data_plane.resources.projects import service as projects
 from data_plane.resources.projects.service import TENANT
 from data_plane.resources.tasks.schemas import TaskCreate, TaskUpdate
+from data_plane.session import TenantQueries
 
 COLUMNS = "id, project_id, title, done, created_at, updated_at"
 
@@ -36,9 +37,9 @@ DELETE = f"DELETE FROM tasks WHERE tenant_id = {TENANT} AND id = $1 RETURNING id
 NOT_FOUND = "task not found"
 
 
-async def create_task(conn: asyncpg.Connection, *, project_id: uuid.UUID, data: TaskCreate) -> asyncpg.Record:
+async def create_task(db: TenantQueries, *, project_id: uuid.UUID, data: TaskCreate) -> asyncpg.Record:
     try:
-        row = await conn.fetchrow(INSERT, uuid.uuid4(), project_id, data.title, data.done)
+        row = await db.fetchrow(INSERT, uuid.uuid4(), project_id, data.title, data.done)
     except asyncpg.ForeignKeyViolationError as exc:
         # The key is (tenant_id, project_id): the only way to fail is that this
         # tenant has no such project -- same answer as for a foreign one.
@@ -48,28 +49,28 @@ async def create_task(conn: asyncpg.Connection, *, project_id: uuid.UUID, data: 
 
 
 async def list_tasks(
-    conn: asyncpg.Connection, *, project_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None
+    db: TenantQueries, *, project_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None
 ) -> list[asyncpg.Record]:
-    await projects.get_project(conn, project_id=project_id)
+    await projects.get_project(db, project_id=project_id)
     if after is None:
-        return list(await conn.fetch(LIST_FIRST, project_id, limit + 1))
-    return list(await conn.fetch(LIST_AFTER, project_id, limit + 1, *after))
+        return list(await db.fetch(LIST_FIRST, project_id, limit + 1))
+    return list(await db.fetch(LIST_AFTER, project_id, limit + 1, *after))
 
 
-async def get_task(conn: asyncpg.Connection, *, task_id: uuid.UUID) -> asyncpg.Record:
-    row = await conn.fetchrow(GET, task_id)
+async def get_task(db: TenantQueries, *, task_id: uuid.UUID) -> asyncpg.Record:
+    row = await db.fetchrow(GET, task_id)
     if row is None:
         raise NotFoundError(NOT_FOUND)
     return row
 
 
-async def update_task(conn: asyncpg.Connection, *, task_id: uuid.UUID, data: TaskUpdate) -> asyncpg.Record:
-    row = await conn.fetchrow(UPDATE, task_id, data.title, data.done)
+async def update_task(db: TenantQueries, *, task_id: uuid.UUID, data: TaskUpdate) -> asyncpg.Record:
+    row = await db.fetchrow(UPDATE, task_id, data.title, data.done)
     if row is None:
         raise NotFoundError(NOT_FOUND)
     return row
 
 
-async def delete_task(conn: asyncpg.Connection, *, task_id: uuid.UUID) -> None:
-    if await conn.fetchval(DELETE, task_id) is None:
+async def delete_task(db: TenantQueries, *, task_id: uuid.UUID) -> None:
+    if await db.fetchval(DELETE, task_id) is None:
         raise NotFoundError(NOT_FOUND)

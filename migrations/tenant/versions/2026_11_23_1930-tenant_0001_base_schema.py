@@ -11,7 +11,9 @@ property of the database itself:
   epoch, and whether a move has fenced them;
 * ``begin_tenant(tenant, epoch)`` -- called first in every tenant transaction:
   takes a *shared* advisory lock for the tenant, checks ownership and epoch and
-  binds ``app.current_tenant_id`` transaction-locally;
+  binds ``app.current_tenant_id`` transaction-locally; returns true, so a
+  read can be fused into one statement that depends on it (see
+  ``data_plane.session``);
 * ``fence_tenant(tenant)`` -- takes the same lock *exclusively*, so it waits
   for every in-flight tenant transaction to finish (drain) and blocks new ones,
   then marks the tenant fenced. A transaction that began before the fence has
@@ -34,7 +36,7 @@ depends_on: str | Sequence[str] | None = None
 LOCK_NAMESPACE = 7301  # first key of the two-key advisory lock; second key: hashtext(tenant)
 
 FUNCTIONS = f"""
-CREATE FUNCTION tenantctl.begin_tenant(p_tenant uuid, p_epoch bigint) RETURNS void
+CREATE FUNCTION tenantctl.begin_tenant(p_tenant uuid, p_epoch bigint) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_state text;
@@ -63,6 +65,7 @@ BEGIN
             DETAIL = v_epoch::text;
     END IF;
     PERFORM set_config('app.current_tenant_id', p_tenant::text, true);
+    RETURN true;
 END
 $fn$;
 

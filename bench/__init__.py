@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``). Each module measures tenantctl against a baseline in the same run."""

@@ -1,0 +1,108 @@
+"""``GET /v1/projects/{id}`` through the full stack vs a plain FastAPI + asyncpg endpoint.
+
+Both servers run as single uvicorn processes against the same embedded
+PostgreSQL; the load generator is a third process. Rounds alternate between
+the two so drift on a noisy machine hits both alike; we report medians.
+Goal (issue 3): throughput ≥ 0.85× the baseline's and p99 within +1 ms.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+
+from bench.common import embedded_stack, free_port, load, median, server_process
+from bench.seed import add_pool_tenants
+from control_plane import keys
+from data_plane.dsn import libpq
+from data_plane.settings import DataPlaneSettings
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+SECONDS = 4.0
+CONCURRENCY = 16
+POOL_SIZE = 10
+
+
+def run() -> dict[str, Any]:
+    with embedded_stack() as (stack, endpoints):
+        tenants = add_pool_tenants(endpoints, 1000)
+        with psycopg.connect(libpq(endpoints.pool_url)) as pool:
+            pool.execute(
+                "INSERT INTO projects (tenant_id, id, name) "
+                "SELECT t, gen_random_uuid(), 'p' || g FROM unnest(%s::uuid[]) t, generate_series(1, 20) g",
+                (tenants,),
+            )
+            pool.execute("ANALYZE projects")
+            tenant_id = tenants[0]
+            project_id = pool.execute(
+                "SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)
+            ).fetchone()
+            assert project_id is not None
+        settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
+        keys.ensure_dev_key(settings)
+        token = keys.tenant_token(settings, tenant_id=tenant_id, ttl=3600)
+        env = {
+            "TENANTCTL_STATE_DIR": str(stack.state_dir),
+            "TENANTCTL_ENVIRONMENT": "test",
+            "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
+            "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
+            "TENANTCTL_POOL_SIZE": str(POOL_SIZE),
+            "BENCH_BASELINE_DSN": endpoints.pool_url,
+            "BENCH_TENANT_ID": str(tenant_id),
+            "BENCH_POOL_SIZE": str(POOL_SIZE),
+        }
+        path = f"/v1/projects/{project_id[0]}"
+        ports = {"tenantctl": free_port(), "baseline": free_port()}
+        rounds: dict[str, list[dict[str, float]]] = {"tenantctl": [], "baseline": []}
+        with (
+            server_process(
+                ["-m", "bench.servers", "tenantctl", str(ports["tenantctl"])],
+                port=ports["tenantctl"],
+                env=env,
+            ),
+            server_process(
+                ["-m", "bench.servers", "baseline", str(ports["baseline"])], port=ports["baseline"], env=env
+            ),
+        ):
+            headers = {"Authorization": f"Bearer {token}"}
+            for name in ("tenantctl", "baseline"):  # warm-up: caches, prepared statements, pools
+                load(ports[name], path, headers, seconds=1.0, concurrency=CONCURRENCY)
+            for _ in range(ROUNDS):
+                for name in ("baseline", "tenantctl"):
+                    rounds[name].append(
+                        load(ports[name], path, headers, seconds=SECONDS, concurrency=CONCURRENCY).summary()
+                    )
+    med = {
+        name: {k: median([r[k] for r in rs]) for k in ("rps", "p50_ms", "p99_ms", "errors")}
+        for name, rs in rounds.items()
+    }
+    ratio = med["tenantctl"]["rps"] / med["baseline"]["rps"]
+    p99_delta = med["tenantctl"]["p99_ms"] - med["baseline"]["p99_ms"]
+    return {
+        "benchmark": "GET /v1/projects/{id}: tenantctl full stack vs plain FastAPI + asyncpg",
+        "setup": {
+            "rounds": ROUNDS,
+            "seconds_per_round": SECONDS,
+            "concurrency": CONCURRENCY,
+            "pool_size": POOL_SIZE,
+            "pool_tenants": 1000,
+            "rows": 20_000,
+            "postgres": "embedded pgserver 16, unix socket",
+        },
+        "median": med,
+        "rounds": rounds,
+        "throughput_ratio": round(ratio, 3),
+        "p99_delta_ms": round(p99_delta, 3),
+        "goals": {"throughput_ratio_min": 0.85, "p99_delta_ms_max": 1.0},
+        "goals_met": ratio >= 0.85 and p99_delta <= 1.0,
+        "summary": f"throughput {ratio:.2f}x baseline ({med['tenantctl']['rps']:.0f} vs {med['baseline']['rps']:.0f} req/s), "
+        f"p99 {med['tenantctl']['p99_ms']:.2f} vs {med['baseline']['p99_ms']:.2f} ms",
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))
