@@ -3,7 +3,7 @@
 Both servers run as single uvicorn processes against the same embedded
 PostgreSQL; the load generator is a third process. Rounds alternate between
 the two so drift on a noisy machine hits both alike; we report medians.
-Goal (issue 3): throughput ≥ 0.85× the baseline's and p99 within +1 ms.
+Goal (issue 3): throughput >= 0.85x the baseline's and p99 within +1 ms.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ def run() -> dict[str, Any]:
             )
             pool.execute("ANALYZE projects")
             tenant_id = tenants[0]
-            project_id = pool.execute(
-                "SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)
-            ).fetchone()
+            project_id = pool.execute("SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)).fetchone()
             assert project_id is not None
         settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
         keys.ensure_dev_key(settings)

@@ -121,12 +121,8 @@ async def _worker(port: int, request: bytes, until: float, latencies: list[float
         writer.close()
 
 
-async def _load(
-    port: int, path: str, headers: dict[str, str], seconds: float, concurrency: int
-) -> LoadResult:
-    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in headers.items()
-    )
+async def _load(port: int, path: str, headers: dict[str, str], seconds: float, concurrency: int) -> LoadResult:
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     request = (head + "\r\n").encode()
     latencies: list[float] = []
     errors: list[int] = []

@@ -35,9 +35,7 @@ def baseline_app(dsn: str, tenant_id: uuid.UUID, pool_size: int) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["pool"] = await asyncpg.create_pool(
-            libpq(dsn), min_size=pool_size, max_size=pool_size, reset=_no_reset
-        )
+        state["pool"] = await asyncpg.create_pool(libpq(dsn), min_size=pool_size, max_size=pool_size, reset=_no_reset)
         yield
         await state["pool"].close()
 

@@ -31,9 +31,7 @@ class Me(BaseModel):
     placement: Placement
 
 
-def create_app(
-    settings: DataPlaneSettings | None = None, *, resolver: SecretResolver | None = None
-) -> FastAPI:
+def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretResolver | None = None) -> FastAPI:
     settings = settings or DataPlaneSettings()
     if settings.app_catalog_url is None or settings.app_pool_url is None:
         raise ValueError("the data plane needs TENANTCTL_APP_CATALOG_URL and TENANTCTL_APP_POOL_URL")

@@ -165,9 +165,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"code": code, "message": message}},
@@ -214,10 +212,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         # Only locations and messages: echoing the input ("input" key) could
         # reflect request content into logs or caches.
-        parts = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()
-        ]
+        parts = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()]
         return error_response(422, "invalid_input", "; ".join(parts) or "invalid input")
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:

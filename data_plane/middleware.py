@@ -80,9 +80,7 @@ class RequestMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-        self.fenced = Counter(
-            f"{prefix}_fenced_responses", "Responses refused while fenced", registry=registry
-        )
+        self.fenced = Counter(f"{prefix}_fenced_responses", "Responses refused while fenced", registry=registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -210,8 +210,7 @@ class PlainDsnResolver:
     async def dsn_for(self, route: Route) -> str:
         if route.app_dsn is None:
             raise ServiceUnavailableError(
-                f"location {route.location_name} has only a secret reference and no secret resolver "
-                "is configured"
+                f"location {route.location_name} has only a secret reference and no secret resolver is configured"
             )
         return route.app_dsn
 

@@ -69,8 +69,7 @@ class CommonSettings(BaseSettings):
             return self
         if self.jwks_url is None and self.jwt_public_key is None:
             raise InsecureSettingsError(
-                "production requires TENANTCTL_JWKS_URL or TENANTCTL_JWT_PUBLIC_KEY; "
-                "the generated dev key is refused"
+                "production requires TENANTCTL_JWKS_URL or TENANTCTL_JWT_PUBLIC_KEY; the generated dev key is refused"
             )
         if (
             self.jwt_public_key is not None
@@ -81,9 +80,7 @@ class CommonSettings(BaseSettings):
         if self.jwt_hs256_secret is not None:
             secret = self.jwt_hs256_secret.get_secret_value()
             if secret.lower() in DEV_HS256_SECRETS or len(secret) < 32:
-                raise InsecureSettingsError(
-                    "TENANTCTL_JWT_HS256_SECRET is a default or shorter than 32 characters"
-                )
+                raise InsecureSettingsError("TENANTCTL_JWT_HS256_SECRET is a default or shorter than 32 characters")
         if self.jwt_issuer == "tenantctl-dev":
             raise InsecureSettingsError("set TENANTCTL_JWT_ISSUER to your issuer in production")
         return self
@@ -92,9 +89,7 @@ class CommonSettings(BaseSettings):
 class DataPlaneSettings(CommonSettings):
     """Settings of one data-plane replica (tenant API)."""
 
-    app_catalog_url: str | None = Field(
-        default=None, description="Catalog DSN for reading routes (application role)."
-    )
+    app_catalog_url: str | None = Field(default=None, description="Catalog DSN for reading routes (application role).")
     app_pool_url: str | None = Field(default=None, description="Pool DSN as the application role.")
     pool_size: int = 10
     silo_pool_size: int = 2

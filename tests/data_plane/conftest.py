@@ -124,16 +124,12 @@ def add_silo_tenant(world: World, name: str, database: str, servers: PgServers) 
 
 @pytest.fixture
 def silo_database(pg_servers: PgServers) -> Iterator[str]:
-    with fresh_database(
-        pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo"
-    ) as db:
+    with fresh_database(pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo") as db:
         yield db
 
 
 @pytest.fixture
-def world(
-    endpoints: Endpoints, cp_settings: ControlPlaneSettings, pg_servers: PgServers, silo_database: str
-) -> World:
+def world(endpoints: Endpoints, cp_settings: ControlPlaneSettings, pg_servers: PgServers, silo_database: str) -> World:
     world = World(endpoints=endpoints, settings=cp_settings)
     add_pool_tenant(world, "A")
     add_pool_tenant(world, "B")

@@ -79,9 +79,7 @@ async def test_claim_problems_are_401(
     assert info.value.status_code == 401
 
 
-async def test_forged_and_malformed_tokens_are_401(
-    verifier: TokenVerifier, dp_settings: DataPlaneSettings
-) -> None:
+async def test_forged_and_malformed_tokens_are_401(verifier: TokenVerifier, dp_settings: DataPlaneSettings) -> None:
     claims = _claims(dp_settings)
     other_key = ec.generate_private_key(ec.SECP256R1())
     forged = jwt.encode(claims, other_key, algorithm="ES256")
@@ -115,9 +113,7 @@ async def test_hs256_only_when_configured(dp_settings: DataPlaneSettings) -> Non
 
 async def test_configured_rsa_public_key(dp_settings: DataPlaneSettings) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     settings = DataPlaneSettings(**{**dp_settings.model_dump(), "jwt_public_key": pem.decode()})
     verifier = TokenVerifier(settings, audience=settings.jwt_audience, require_tenant=True)
     claims = _claims(settings)
@@ -185,9 +181,7 @@ async def test_jwks_is_cached_and_a_rotated_key_is_fetched_once(
     assert (await verifier.verify(token)).subject == "user-1"
     assert jwks.fetches == 2  # unknown kid → exactly one refresh
 
-    unknown = jwt.encode(
-        claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "k9"}
-    )
+    unknown = jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": "k9"})
     with pytest.raises(AuthenticationError) as info:
         await verifier.verify(unknown)
     assert info.value.code == "invalid_signature"

@@ -15,12 +15,8 @@ from tests.harness import SILO_TEMPLATE, PgServers, fresh_database
 @pytest.fixture
 def three_silos(world: World, pg_servers: PgServers) -> Iterator[World]:
     with (
-        fresh_database(
-            pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo"
-        ) as d1,
-        fresh_database(
-            pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo"
-        ) as d2,
+        fresh_database(pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo") as d1,
+        fresh_database(pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo") as d2,
     ):
         add_silo_tenant(world, "T", d1, pg_servers)
         add_silo_tenant(world, "U", d2, pg_servers)

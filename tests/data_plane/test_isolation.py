@@ -24,9 +24,7 @@ def assert_no_foreign(world: World, name: str, response: httpx.Response) -> None
 
 
 @pytest.mark.parametrize("name", NAMES)
-async def test_each_tenant_lists_only_its_own_rows(
-    client: httpx.AsyncClient, world: World, name: str
-) -> None:
+async def test_each_tenant_lists_only_its_own_rows(client: httpx.AsyncClient, world: World, name: str) -> None:
     me = world[name]
     projects = await client.get("/v1/projects", headers=me.headers)
     assert projects.status_code == 200
@@ -74,17 +72,11 @@ async def test_silo_tenant_rows_live_only_in_its_silo(client: httpx.AsyncClient,
     assert created.status_code == 201
     project_id = created.json()["id"]
     with psycopg.connect(libpq(silo.owner_dsn)) as conn:
-        assert conn.execute("SELECT tenant_id FROM projects WHERE id = %s", (project_id,)).fetchone() == (
-            silo.id,
-        )
+        assert conn.execute("SELECT tenant_id FROM projects WHERE id = %s", (project_id,)).fetchone() == (silo.id,)
     with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
-        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = %s", (silo.id,)).fetchone() == (
-            0,
-        )
+        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = %s", (silo.id,)).fetchone() == (0,)
         # control: pool tenants' rows are in the pool
-        assert conn.execute(
-            "SELECT count(*) FROM projects WHERE tenant_id = %s", (world["A"].id,)
-        ).fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = %s", (world["A"].id,)).fetchone() == (1,)
     me = await client.get("/v1/me", headers=silo.headers)
     assert me.json()["placement"]["kind"] == "silo"
     assert me.json()["tenant_id"] == str(silo.id)
@@ -97,9 +89,7 @@ async def test_silo_tenant_rows_live_only_in_its_silo(client: httpx.AsyncClient,
         {"name": "x", "id": "00000000-0000-0000-0000-000000000001"},
     ],
 )
-async def test_mass_assignment_is_refused(
-    client: httpx.AsyncClient, world: World, body: dict[str, str]
-) -> None:
+async def test_mass_assignment_is_refused(client: httpx.AsyncClient, world: World, body: dict[str, str]) -> None:
     refused = await client.post("/v1/projects", headers=world["A"].headers, json=body)
     assert refused.status_code == 422
     assert refused.json()["error"]["code"] == "invalid_input"
@@ -130,11 +120,7 @@ async def test_crud_round_trip_and_pagination(client: httpx.AsyncClient, world: 
     assert len(seen) == len(set(seen))
 
     patched = await client.patch(f"/v1/projects/{ids[0]}", headers=me.headers, json={"status": "archived"})
-    assert (
-        patched.status_code == 200
-        and patched.json()["status"] == "archived"
-        and patched.json()["name"] == "p0"
-    )
+    assert patched.status_code == 200 and patched.json()["status"] == "archived" and patched.json()["name"] == "p0"
     task = await client.post(f"/v1/projects/{ids[0]}/tasks", headers=me.headers, json={"title": "t"})
     assert task.status_code == 201 and task.json()["project_id"] == ids[0]
     done = await client.patch(f"/v1/tasks/{task.json()['id']}", headers=me.headers, json={"done": True})

@@ -34,9 +34,7 @@ async def _eventually(check, timeout: float = 1.0) -> float:  # type: ignore[no-
         await asyncio.sleep(0.02)
 
 
-async def test_suspend_and_resume_take_effect_within_a_second(
-    client: httpx.AsyncClient, world: World
-) -> None:
+async def test_suspend_and_resume_take_effect_within_a_second(client: httpx.AsyncClient, world: World) -> None:
     a, b = world["A"], world["B"]
     assert (await client.get("/v1/projects", headers=a.headers)).status_code == 200  # cached now
     with world.catalog() as cat:
@@ -69,9 +67,7 @@ def _move_to_silo_silently(world: World, servers: PgServers, name: str, silo_loc
         rows = pool.execute(
             "SELECT id, name, status, created_at, updated_at FROM projects WHERE tenant_id = %s", (tenant.id,)
         ).fetchall()
-        pool.execute(
-            "UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (tenant.id,)
-        )
+        pool.execute("UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (tenant.id,))
     with psycopg.connect(libpq(host.owner_dsn)) as silo:
         for row in rows:
             silo.execute(
@@ -103,9 +99,9 @@ async def test_stale_route_is_retried_on_the_new_location(
     created = await client.post("/v1/projects", headers=a.headers, json={"name": "after-move"})
     assert created.status_code == 201, created.text
     with psycopg.connect(libpq(world["S"].owner_dsn)) as silo:
-        assert silo.execute(
-            "SELECT tenant_id FROM projects WHERE id = %s", (created.json()["id"],)
-        ).fetchone() == (a.id,)
+        assert silo.execute("SELECT tenant_id FROM projects WHERE id = %s", (created.json()["id"],)).fetchone() == (
+            a.id,
+        )
     with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
         assert pool.execute("SELECT count(*) FROM projects WHERE name = 'after-move'").fetchone() == (0,)
     names = [p["name"] for p in (await client.get("/v1/projects", headers=a.headers)).json()["data"]]
@@ -113,9 +109,7 @@ async def test_stale_route_is_retried_on_the_new_location(
     assert (await client.get("/v1/me", headers=a.headers)).json()["placement"]["kind"] == "silo"
 
 
-async def test_stale_router_cannot_write_to_the_old_location(
-    world: World, dp_settings: DataPlaneSettings
-) -> None:
+async def test_stale_router_cannot_write_to_the_old_location(world: World, dp_settings: DataPlaneSettings) -> None:
     """A replica holding the old route object writes nowhere but the new owner."""
     directory = RouteDirectory(world.endpoints.app_catalog_url)
     engines = EngineRegistry(world.endpoints.app_pool_url)
@@ -125,9 +119,7 @@ async def test_stale_router_cannot_write_to_the_old_location(
         a = world["A"]
         stale = await directory.lookup(a.id)
         with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
-            pool.execute(
-                "UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (a.id,)
-            )
+            pool.execute("UPDATE tenantctl.tenant_ownership SET state = 'moved' WHERE tenant_id = %s", (a.id,))
 
         async def insert(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -184,8 +176,7 @@ async def test_listener_reconnects_and_drops_the_cache(world: World, pg_servers:
         admin = with_database(pg_servers.main_admin, catalog_db)
         with psycopg.connect(libpq(admin), autocommit=True) as conn:
             killed = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND query ILIKE 'LISTEN%%'",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'LISTEN%%'",
                 (catalog_db,),
             ).fetchall()
         assert killed, "the listener connection should exist"
@@ -206,17 +197,13 @@ async def test_listener_reconnects_and_drops_the_cache(world: World, pg_servers:
 
 
 @pytest.fixture
-async def single_connection_client(
-    dp_settings: DataPlaneSettings, world: World
-) -> AsyncIterator[httpx.AsyncClient]:
+async def single_connection_client(dp_settings: DataPlaneSettings, world: World) -> AsyncIterator[httpx.AsyncClient]:
     settings = DataPlaneSettings(**{**dp_settings.model_dump(), "pool_size": 1})
     async for c in asgi_client(create_app(settings)):
         yield c
 
 
-async def test_one_connection_interleaved_tenants(
-    single_connection_client: httpx.AsyncClient, world: World
-) -> None:
+async def test_one_connection_interleaved_tenants(single_connection_client: httpx.AsyncClient, world: World) -> None:
     for _ in range(10):
         for name in ("A", "B"):
             response = await single_connection_client.get("/v1/projects", headers=world[name].headers)
@@ -257,9 +244,7 @@ async def test_cancelled_transaction_never_leaks_into_the_next_tenant(world: Wor
             inserted.set()
             await asyncio.sleep(30)
 
-        ctx_a = TenantContext(
-            tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines
-        )
+        ctx_a = TenantContext(tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines)
         task = asyncio.create_task(ctx_a.run(slow_insert))
         await inserted.wait()
         task.cancel()
@@ -271,9 +256,7 @@ async def test_cancelled_transaction_never_leaks_into_the_next_tenant(world: Wor
             setting = await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)")
             return names, setting, True
 
-        ctx_b = TenantContext(
-            tenant_id=b.id, route=await directory.lookup(b.id), directory=directory, engines=engines
-        )
+        ctx_b = TenantContext(tenant_id=b.id, route=await directory.lookup(b.id), directory=directory, engines=engines)
         names, setting, _ = await ctx_b.run(read_all)  # same (only) connection
         assert names == [f"{b.canary}-project"]
         assert setting == str(b.id)
@@ -286,9 +269,7 @@ async def test_cancelled_transaction_never_leaks_into_the_next_tenant(world: Wor
             assert not conn.is_in_transaction()
             assert await outside(conn) == 0
         with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
-            assert pool.execute(
-                "SELECT count(*) FROM projects WHERE name = 'cancelled-write'"
-            ).fetchone() == (0,)
+            assert pool.execute("SELECT count(*) FROM projects WHERE name = 'cancelled-write'").fetchone() == (0,)
     finally:
         await engines.close()
         await directory.close()
@@ -328,9 +309,7 @@ async def test_fused_read_binds_only_for_its_statement(world: World) -> None:
     await engines.start()
     try:
         a, b = world["A"], world["B"]
-        ctx_a = TenantContext(
-            tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines
-        )
+        ctx_a = TenantContext(tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines)
         rows = await ctx_a.reads.fetch("SELECT name FROM projects ORDER BY name")
         assert [r["name"] for r in rows] == [f"{a.canary}-project"]
         assert await ctx_a.reads.fetchval("SELECT count(*) FROM projects WHERE tenant_id = $1", b.id) == 0
