@@ -123,9 +123,7 @@ def postgres_parameters(*, logical_replication: bool) -> list[aws.rds.ParameterG
             aws.rds.ParameterGroupParameterArgs(
                 name="max_replication_slots", value="20", apply_method="pending-reboot"
             ),
-            aws.rds.ParameterGroupParameterArgs(
-                name="max_wal_senders", value="20", apply_method="pending-reboot"
-            ),
+            aws.rds.ParameterGroupParameterArgs(name="max_wal_senders", value="20", apply_method="pending-reboot"),
         ]
     return params
 

@@ -21,9 +21,11 @@ network and security groups that every silo stack references through a
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -89,42 +91,35 @@ class SharedConfig:
 
     @classmethod
     def load(cls) -> SharedConfig:
-        """Read the stack's config (inside a running program only)."""
+        """Read the stack's config (inside a running program only); unset keys keep their default.
+
+        Config keys are the camelCase field names (``vpc_id`` -> ``vpcId``), as
+        declared, typed and described in ``Pulumi.yaml``.
+        """
         cfg = pulumi.Config()
-        defaults = cls()
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            key = config_key(item.name)
+            default = getattr(cls(), item.name)
+            value: Any
+            if isinstance(default, bool):
+                value = cfg.get_bool(key)
+            elif isinstance(default, int):
+                value = cfg.get_int(key)
+            elif isinstance(default, str):
+                value = cfg.get(key)
+            else:  # the only sequence: subnetIds
+                raw = cfg.get_object(key)
+                value = None if raw is None else tuple(str(v) for v in raw)
+            if value is not None:
+                values[item.name] = value
+        return cls(**values)
 
-        def text(key: str, default: str) -> str:
-            return cfg.get(key) or default
 
-        def integer(key: str, default: int) -> int:
-            value = cfg.get_int(key)
-            return default if value is None else value
-
-        def flag(key: str, default: bool) -> bool:
-            value = cfg.get_bool(key)
-            return default if value is None else value
-
-        subnets = cfg.get_object("subnetIds") or []
-        return cls(
-            environment=text("environment", defaults.environment),
-            vpc_id=text("vpcId", defaults.vpc_id),
-            subnet_ids=tuple(str(s) for s in subnets),
-            vpc_cidr=text("vpcCidr", defaults.vpc_cidr),
-            engine_version=text("engineVersion", defaults.engine_version),
-            pool_instance_class=text("poolInstanceClass", defaults.pool_instance_class),
-            pool_allocated_storage_gb=integer("poolAllocatedStorageGb", defaults.pool_allocated_storage_gb),
-            pool_max_allocated_storage_gb=integer(
-                "poolMaxAllocatedStorageGb", defaults.pool_max_allocated_storage_gb
-            ),
-            catalog_instance_class=text("catalogInstanceClass", defaults.catalog_instance_class),
-            catalog_allocated_storage_gb=integer(
-                "catalogAllocatedStorageGb", defaults.catalog_allocated_storage_gb
-            ),
-            multi_az=flag("multiAz", defaults.multi_az),
-            backup_retention_days=integer("backupRetentionDays", defaults.backup_retention_days),
-            deletion_protection=flag("deletionProtection", defaults.deletion_protection),
-            owner_username=text("ownerUsername", defaults.owner_username),
-        )
+def config_key(field_name: str) -> str:
+    """``pool_allocated_storage_gb`` -> ``poolAllocatedStorageGb``."""
+    head, *rest = field_name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
 
 
 @dataclass(frozen=True)

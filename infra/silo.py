@@ -226,9 +226,7 @@ class SiloDatabase(pulumi.ComponentResource):
                 family=family,
                 description=f"tenantctl silo {args.slug}: logical replication",
                 parameters=[
-                    aws.rds.ClusterParameterGroupParameterArgs(
-                        name=p.name, value=p.value, apply_method=p.apply_method
-                    )
+                    aws.rds.ClusterParameterGroupParameterArgs(name=p.name, value=p.value, apply_method=p.apply_method)
                     for p in postgres_parameters(logical_replication=True)
                 ],
                 tags=tags,

@@ -7,15 +7,19 @@ between resources can be asserted exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pulumi
 import pytest
+import yaml
 from pulumi.runtime import config as pulumi_config
 
+import infra
 from infra.common import PASSWORD_SPECIALS
-from infra.shared import SHARED_OUTPUTS, SharedConfig, shared_program
+from infra.shared import SHARED_OUTPUTS, SharedConfig, config_key, shared_program
 from infra.silo import SILO_OUTPUTS, SiloDatabase, SiloDatabaseArgs, SiloStackConfig, silo_program
 from tests.provisioning.pulumi_mocks import ACCOUNT, REGION, RecordingMocks, run_program
 
@@ -325,3 +329,20 @@ def test_shared_config_rejects_half_a_network() -> None:
         SharedConfig(vpc_id="vpc-1")
     with pytest.raises(ValueError, match="two availability zones"):
         SharedConfig(vpc_id="vpc-1", subnet_ids=("subnet-1",))
+
+
+def test_pulumi_yaml_declares_every_setting_typed_described_and_with_the_code_defaults() -> None:
+    project = yaml.safe_load((Path(infra.__file__).parent / "Pulumi.yaml").read_text())
+    assert project["name"] == "tenantctl-infra"
+    assert project["runtime"]["name"] == "python"
+    assert project["runtime"]["options"]["virtualenv"] == "../.venv"
+    declared: dict[str, Any] = project["config"]
+    defaults = SharedConfig()
+    expected_types = {bool: "boolean", int: "integer", str: "string", tuple: "array"}
+    assert set(declared) == {config_key(f.name) for f in dataclasses.fields(SharedConfig)}
+    for item in dataclasses.fields(SharedConfig):
+        entry = declared[config_key(item.name)]
+        default = getattr(defaults, item.name)
+        assert entry["description"].strip(), item.name
+        assert entry["type"] == expected_types[type(default)], item.name
+        assert entry["default"] == (list(default) if isinstance(default, tuple) else default), item.name
