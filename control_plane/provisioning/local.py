@@ -219,9 +219,7 @@ class LocalProvisioner:
             slug = location.name.removeprefix("silo-")
             self._check_adoptable(state, database, location.tenant_id, slug)
             bootstrap.drop_database(self.server_url, database)
-            log.info(
-                "silo.deprovisioned", provider=PROVIDER, tenant_id=str(location.tenant_id), database=database
-            )
+            log.info("silo.deprovisioned", provider=PROVIDER, tenant_id=str(location.tenant_id), database=database)
 
     def _check_adoptable(self, state: DatabaseState, database: str, tenant_id: uuid.UUID, slug: str) -> None:
         """Raise unless ``database`` is this tenant's silo or our own empty leftover."""
@@ -268,9 +266,7 @@ class LocalProvisioner:
     def _write_marker(self, database: str, marker: Marker) -> None:
         with psycopg.connect(libpq(self.server_url), autocommit=True) as conn:
             conn.execute(
-                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                    sql.Identifier(database), sql.Literal(marker.render())
-                )
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(database), sql.Literal(marker.render()))
             )
 
     @contextmanager
@@ -300,8 +296,7 @@ class LocalProvisioner:
     def _database_of(location: SiloLocation) -> str:
         if location.provider != PROVIDER:
             raise ProvisioningError(
-                f"location {location.name!r} was made by the {location.provider!r} provisioner, "
-                f"not {PROVIDER!r}"
+                f"location {location.name!r} was made by the {location.provider!r} provisioner, not {PROVIDER!r}"
             )
         if not location.database:
             raise ProvisioningError(f"location {location.name!r} names no database")

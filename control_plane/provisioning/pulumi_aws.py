@@ -203,9 +203,7 @@ def tenant_ids_in_state(deployment: Mapping[str, Any]) -> set[str]:
 def dsn_for(*, user: str, host: str, port: int, database: str) -> str:
     """A libpq URL without password (credentials are resolved from ``secret_ref``)."""
     return libpq(
-        URL.create(
-            "postgresql", username=user, host=host, port=port, database=database, query={"sslmode": "require"}
-        )
+        URL.create("postgresql", username=user, host=host, port=port, database=database, query={"sslmode": "require"})
     )
 
 
@@ -249,9 +247,7 @@ class PulumiAwsProvisioner:
         """The silo stack's configuration, a function of the tenant and the settings only."""
         return self._config(spec, self.check_available())
 
-    def _config(
-        self, spec: SiloSpec, ready: Preflight, *, deletion_protection: bool | None = None
-    ) -> SiloStackConfig:
+    def _config(self, spec: SiloSpec, ready: Preflight, *, deletion_protection: bool | None = None) -> SiloStackConfig:
         s = self.settings
         return SiloStackConfig(
             tenant_id=str(spec.tenant_id),
@@ -354,8 +350,7 @@ class PulumiAwsProvisioner:
         strangers = owners - {str(tenant_id)}
         if strangers:
             raise SiloOwnershipError(
-                f"stack {stack_name!r} belongs to tenant {', '.join(sorted(strangers))}, "
-                f"not {tenant_id}; refused"
+                f"stack {stack_name!r} belongs to tenant {', '.join(sorted(strangers))}, not {tenant_id}; refused"
             )
 
     def _configure(self, stack: auto.Stack, ready: Preflight) -> None:
@@ -376,9 +371,7 @@ class PulumiAwsProvisioner:
         ready: Preflight,
         outputs: Mapping[str, Any],
     ) -> SiloLocation:
-        missing = [
-            key for key in ("tenant_id", "endpoint", "port", "database", "secret_arn") if key not in outputs
-        ]
+        missing = [key for key in ("tenant_id", "endpoint", "port", "database", "secret_arn") if key not in outputs]
         if missing:
             raise ProvisioningError(f"stack {stack_name!r} did not export {', '.join(missing)}")
         if str(outputs["tenant_id"]) != str(spec.tenant_id):
@@ -391,9 +384,7 @@ class PulumiAwsProvisioner:
             provider=PROVIDER,
             tenant_id=spec.tenant_id,
             database=database,
-            dsn=dsn_for(
-                user=str(outputs.get("username") or self.roles.owner), host=host, port=port, database=database
-            ),
+            dsn=dsn_for(user=str(outputs.get("username") or self.roles.owner), host=host, port=port, database=database),
             app_dsn=dsn_for(user=self.roles.app, host=host, port=port, database=database),
             secret_ref=str(outputs["secret_arn"]),
             stack_name=stack_name,
@@ -413,9 +404,7 @@ class PulumiAwsProvisioner:
     ) -> SiloStackConfig:
         recorded = location.detail.get("stack_config")
         if isinstance(recorded, Mapping):
-            config = SiloStackConfig(
-                **{**recorded, "shared_stack": recorded.get("shared_stack") or ready.shared_stack}
-            )
+            config = SiloStackConfig(**{**recorded, "shared_stack": recorded.get("shared_stack") or ready.shared_stack})
         else:
             slug = str(location.detail.get("slug") or location.name.removeprefix("silo-"))
             tier = str(location.detail.get("tier") or "enterprise")
@@ -439,8 +428,7 @@ class PulumiAwsProvisioner:
     def _stack_of(self, location: SiloLocation) -> str:
         if location.provider != PROVIDER:
             raise ProvisioningError(
-                f"location {location.name!r} was made by the {location.provider!r} provisioner, "
-                f"not {PROVIDER!r}"
+                f"location {location.name!r} was made by the {location.provider!r} provisioner, not {PROVIDER!r}"
             )
         if location.stack_name:
             return location.stack_name
@@ -456,18 +444,13 @@ class PulumiAwsProvisioner:
 
     def _retrying(self, operation: str, fn: Callable[[], T], *, stack: str) -> T:
         try:
-            return call_with_retry(
-                fn, operation=operation, policy=self.retry, is_transient=is_transient, stack=stack
-            )
+            return call_with_retry(fn, operation=operation, policy=self.retry, is_transient=is_transient, stack=stack)
         except auto.CommandError as exc:
-            raise ProvisioningError(
-                f"pulumi {operation} of stack {stack!r} failed: {_tail(str(exc))}"
-            ) from exc
+            raise ProvisioningError(f"pulumi {operation} of stack {stack!r} failed: {_tail(str(exc))}") from exc
         except FileNotFoundError as exc:
             # The CLI vanished between preflight and use (or PULUMI_HOME is broken).
             raise ProvisionerUnavailableError(
-                f"pulumi {operation} of stack {stack!r} could not start the Pulumi CLI ({exc}): "
-                + INSTALL_PULUMI
+                f"pulumi {operation} of stack {stack!r} could not start the Pulumi CLI ({exc}): " + INSTALL_PULUMI
             ) from exc
 
     @contextmanager
@@ -492,9 +475,7 @@ class PulumiAwsProvisioner:
                 ),
             )
             if create:
-                yield auto.create_or_select_stack(
-                    stack_name, project_name=s.project, program=program, opts=options
-                )
+                yield auto.create_or_select_stack(stack_name, project_name=s.project, program=program, opts=options)
                 return
             try:
                 stack = auto.select_stack(stack_name, project_name=s.project, program=program, opts=options)

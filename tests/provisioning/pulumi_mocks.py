@@ -124,9 +124,7 @@ def run_program(
             def keep(values: list[Any]) -> None:
                 captured["result"], captured["exports"] = values[0], values[1]
 
-            return pulumi.Output.all(
-                pulumi.Output.from_input(result), pulumi.Output.from_input(exports)
-            ).apply(keep)
+            return pulumi.Output.all(pulumi.Output.from_input(result), pulumi.Output.from_input(exports)).apply(keep)
 
         body()
         return captured["result"], captured["exports"]

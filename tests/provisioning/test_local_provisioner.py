@@ -92,9 +92,7 @@ def test_tenant_schema_migrates_onto_the_silo_and_the_app_role_works(
             (spec.tenant_id, project),
         )
     with psycopg.connect(libpq(location.app_dsn)) as app:
-        flags = app.execute(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
-        ).fetchone()
+        flags = app.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user").fetchone()
         assert flags == (False, False)
         # fail closed without tenant context ...
         assert app.execute("SELECT count(*) FROM projects").fetchone() == (0,)
@@ -127,9 +125,7 @@ def test_deprovision_of_a_location_claiming_another_tenant_is_refused(
 ) -> None:
     location = provisioner.provision(spec)
     assert location.database is not None
-    forged = SiloLocation(
-        name=location.name, provider="local", tenant_id=uuid.uuid4(), database=location.database
-    )
+    forged = SiloLocation(name=location.name, provider="local", tenant_id=uuid.uuid4(), database=location.database)
     with pytest.raises(SiloOwnershipError, match="belongs to tenant"):
         provisioner.deprovision(forged)
     assert _db_row(pg_servers.silo_admin, location.database) is not None
@@ -209,9 +205,7 @@ def test_database_with_a_foreign_comment_is_refused(
     database = silo_database_name(spec.slug)
     bootstrap.ensure_database(pg_servers.silo_admin, database, pg_servers.roles)
     with psycopg.connect(libpq(pg_servers.silo_admin), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS 'billing team, do not touch'").format(sql.Identifier(database))
-        )
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS 'billing team, do not touch'").format(sql.Identifier(database)))
     with pytest.raises(SiloOwnershipError, match="not a tenantctl silo marker"):
         provisioner.provision(spec)
     with pytest.raises(SiloOwnershipError):
@@ -238,9 +232,7 @@ def test_concurrent_provisions_of_one_silo_converge(provisioner: LocalProvisione
 
 
 def test_unreachable_server_is_retried_then_reported(spec: SiloSpec, unused_tcp_port: int) -> None:
-    down = LocalProvisioner(
-        server_url=f"postgresql://postgres@127.0.0.1:{unused_tcp_port}/postgres", retry=FAST
-    )
+    down = LocalProvisioner(server_url=f"postgresql://postgres@127.0.0.1:{unused_tcp_port}/postgres", retry=FAST)
     with structlog.testing.capture_logs() as logs, pytest.raises(ProvisioningError) as info:
         down.provision(spec)
     retries = [entry for entry in logs if entry["event"] == "provisioning.retry"]

@@ -120,9 +120,7 @@ def test_missing_cli_gives_an_actionable_error_not_file_not_found(
         assert not isinstance(info.value.__cause__, FileNotFoundError)
 
 
-def test_missing_aws_credentials_are_reported_with_how_to_configure(
-    aws_env: Path, fake_pulumi_on_path: Path
-) -> None:
+def test_missing_aws_credentials_are_reported_with_how_to_configure(aws_env: Path, fake_pulumi_on_path: Path) -> None:
     with pytest.raises(ProvisionerUnavailableError) as info:
         pulumi_provisioner().provision(SPEC)
     message = info.value.message
@@ -132,9 +130,7 @@ def test_missing_aws_credentials_are_reported_with_how_to_configure(
     assert "Pulumi CLI" not in message  # that one is there
 
 
-def test_every_missing_piece_is_listed_at_once(
-    aws_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_every_missing_piece_is_listed_at_once(aws_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("TENANTCTL_PULUMI_SHARED_STACK")
     monkeypatch.delenv("TENANTCTL_PULUMI_AWS_REGION")
@@ -233,9 +229,7 @@ class FakeStack:
             "secret_arn": SECRET_ARN,
             "kms_key_arn": "arn:aws:kms:eu-west-1:123456789012:key/k",
         }
-        self.resources = [
-            {"type": "aws:rds/instance:Instance", "inputs": {"tags": {"tenant_id": str(TENANT)}}}
-        ]
+        self.resources = [{"type": "aws:rds/instance:Instance", "inputs": {"tags": {"tenant_id": str(TENANT)}}}]
         return SimpleNamespace(outputs=self.outputs())
 
     def destroy(self, **_: Any) -> None:
@@ -370,9 +364,7 @@ def test_deprovision_lifts_deletion_protection_then_destroys_and_removes(seam: S
 def test_deprovision_with_a_location_claiming_another_tenant_is_refused(seam: Seam) -> None:
     provisioner = make(seam)
     location = provisioner.provision(SPEC)
-    forged = SiloLocation(
-        name=location.name, provider="pulumi-aws", tenant_id=OTHER, stack_name=location.stack_name
-    )
+    forged = SiloLocation(name=location.name, provider="pulumi-aws", tenant_id=OTHER, stack_name=location.stack_name)
     with pytest.raises(SiloOwnershipError):
         provisioner.deprovision(forged)
     assert "destroy" not in seam.stacks["silo-acme"].calls
