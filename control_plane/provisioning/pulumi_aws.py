@@ -361,7 +361,8 @@ class PulumiAwsProvisioner:
     @staticmethod
     def _has_resources(stack: auto.Stack) -> bool:
         resources = (stack.export_stack().deployment or {}).get("resources") or []
-        return any(r.get("type") not in ("pulumi:pulumi:Stack", "pulumi:providers:aws") for r in resources)
+        # The stack itself and provider instances (pulumi:*) are bookkeeping, not infrastructure.
+        return any(not str(r.get("type", "")).startswith("pulumi:") for r in resources)
 
     def _location(
         self,

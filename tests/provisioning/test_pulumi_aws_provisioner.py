@@ -440,3 +440,11 @@ def test_real_automation_api_path_reports_cli_failures_and_cleans_its_workspace(
     # every CLI call ran in a private workspace under TMPDIR, removed afterwards
     assert all(line.startswith(f"{scratch}/tenantctl-pulumi-") for line in stack_calls)
     assert list(scratch.iterdir()) == []
+
+
+def test_deprovision_of_an_empty_stack_only_removes_it(seam: Seam) -> None:
+    # A provision that died right after creating the stack: only bookkeeping in state.
+    seam.stacks["silo-acme"] = FakeStack(resources=[{"type": "pulumi:pulumi:Stack"}, {"type": "pulumi:providers:aws"}])
+    location = SiloLocation(name="silo-acme", provider="pulumi-aws", tenant_id=TENANT, detail={"slug": "acme"})
+    make(seam).deprovision(location)
+    assert seam.stacks["silo-acme"].calls == ["remove:silo-acme"]
