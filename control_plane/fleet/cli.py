@@ -31,17 +31,13 @@ migrate_app: typer.Typer = typer.Typer(
 TargetOpt = Annotated[
     str, typer.Option("--target", help="pool, all, or a tenant slug (the database serving that tenant).")
 ]
-ConcurrencyOpt = Annotated[
-    int, typer.Option("--concurrency", min=1, help="Migrations (worker processes) at once.")
-]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, help="Migrations (worker processes) at once.")]
 CanaryOpt = Annotated[
     int, typer.Option("--canary", min=0, help="Silos migrated first; any failure among them stops the run.")
 ]
 LockTimeoutOpt = Annotated[
     float,
-    typer.Option(
-        "--lock-timeout", min=0, help="Seconds to wait for another runner or a move before refusing."
-    ),
+    typer.Option("--lock-timeout", min=0, help="Seconds to wait for another runner or a move before refusing."),
 ]
 ScriptLocationOpt = Annotated[
     str | None, typer.Option("--script-location", hidden=True, help="Another tenant script directory.")
@@ -165,9 +161,7 @@ def _print_status(report: StatusReport) -> None:
     for s in report.states:
         style = _DRIFT_STYLE.get(s.drift, "magenta")
         drift = s.drift.value + (f" ({s.behind_by})" if s.drift is Drift.BEHIND else "")
-        table.add_row(
-            s.target, s.tenant or "", s.revision or "", f"[{style}]{drift}[/{style}]", s.error or ""
-        )
+        table.add_row(s.target, s.tenant or "", s.revision or "", f"[{style}]{drift}[/{style}]", s.error or "")
     out.print(table)
     counts = ", ".join(f"{n} {drift}" for drift, n in report.counts().items() if n)
     out.print(f"head {_rev(report.head)}: {counts} ({report.duration_s:.2f}s)")
@@ -179,9 +173,7 @@ _RELATIVE_REV = {"ignore_unknown_options": True}
 
 @migrate_app.command("upgrade", context_settings=_RELATIVE_REV)
 def upgrade(
-    revision: Annotated[
-        str, typer.Argument(help="Revision id, head, or a relative step such as +1.")
-    ] = "head",
+    revision: Annotated[str, typer.Argument(help="Revision id, head, or a relative step such as +1.")] = "head",
     target: TargetOpt = ALL,
     concurrency: ConcurrencyOpt = DEFAULT_CONCURRENCY,
     canary: CanaryOpt = 0,

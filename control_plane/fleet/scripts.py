@@ -63,15 +63,12 @@ class ScriptInfo:
         script = ScriptDirectory.from_config(cfg)
         heads = script.get_heads()
         if len(heads) != 1:
-            raise InvalidInputError(
-                f"the tenant stream in {loc} has {len(heads)} heads; merge them before a fleet run"
-            )
+            raise InvalidInputError(f"the tenant stream in {loc} has {len(heads)} heads; merge them before a fleet run")
         newest_first = []
         for rev in script.walk_revisions():
             if isinstance(rev.down_revision, tuple | list):
                 raise InvalidInputError(
-                    f"revision {rev.revision} in {loc} merges branches; "
-                    "the fleet runner needs a linear history"
+                    f"revision {rev.revision} in {loc} merges branches; the fleet runner needs a linear history"
                 )
             newest_first.append(rev.revision)
         return cls(location=loc, order=tuple(reversed(newest_first)))
