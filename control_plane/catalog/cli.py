@@ -10,20 +10,42 @@ API call (the audit actor is ``tenantctl-cli``). Human tables by default;
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from control_plane import keys
-from control_plane.cli import JsonFlag, StateDir, console, load_settings, out, print_json
 from control_plane.dev import StackInfo
 from control_plane.settings import ControlPlaneSettings
 
 tenants_app: typer.Typer = typer.Typer(help="Manage tenants through the admin API.", no_args_is_help=True)
+
+# Defined here rather than imported from control_plane.cli, which imports this
+# module: under `python -m control_plane.cli` that cycle would break.
+console = Console(stderr=True)
+out = Console()
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", envvar="TENANTCTL_STATE_DIR", help="State directory of the stack."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def load_settings(state_dir: Path | None) -> ControlPlaneSettings:
+    return ControlPlaneSettings() if state_dir is None else ControlPlaneSettings(state_dir=state_dir)
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
 
 CLI_SUBJECT = "tenantctl-cli"
 TenantArg = Annotated[str, typer.Argument(help="Tenant slug or id.")]
@@ -47,12 +69,10 @@ def _admin_url(settings: ControlPlaneSettings) -> str:
     return info.admin_url
 
 
-def _client(state_dir: Any) -> httpx.Client:
+def _client(state_dir: Path | None) -> httpx.Client:
     settings = load_settings(state_dir)
     token = keys.admin_token(settings, subject=CLI_SUBJECT, ttl=600)
-    return httpx.Client(
-        base_url=_admin_url(settings), headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
+    return httpx.Client(base_url=_admin_url(settings), headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
 def _send(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -264,8 +284,6 @@ def promote(
 
 
 @tenants_app.command("demote")
-def demote(
-    tenant: TenantArg, wait: WaitFlag = False, state_dir: StateDir = None, as_json: JsonFlag = False
-) -> None:
+def demote(tenant: TenantArg, wait: WaitFlag = False, state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     """Move a silo tenant back into the pool."""
     _move("demote", tenant, {}, wait, state_dir, as_json)
