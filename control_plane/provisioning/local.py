@@ -50,6 +50,9 @@ MARKER_PREFIX = "tenantctl-silo:"
 # First key of the two-key advisory lock serialising operations on one silo
 # (the tenant schema's fence uses 7301).
 LOCK_NAMESPACE = 7302
+# Server-wide lock around role bootstrap: two sessions running ALTER ROLE on
+# the same role at once can fail with "tuple concurrently updated".
+ROLES_LOCK = (7303, 0)
 LOCK_TIMEOUT = "30s"
 
 # SQLSTATEs a later attempt can cure.
@@ -58,6 +61,7 @@ _TRANSIENT_SQLSTATES = frozenset(
         "40001",  # serialization_failure
         "40P01",  # deadlock_detected
         "42P04",  # duplicate_database: a concurrent attempt created it; the retry adopts it
+        "42710",  # duplicate_object: a role created concurrently by another process
         "53300",  # too_many_connections
         "55006",  # object_in_use
         "55P03",  # lock_not_available (our advisory lock timed out)
@@ -200,8 +204,12 @@ class LocalProvisioner:
     # -- steps (each idempotent) --------------------------------------------
 
     def _provision(self, spec: SiloSpec, database: str) -> None:
-        with self._silo_lock(database):
-            bootstrap.ensure_roles(self.server_url, self.roles)
+        with self._silo_lock(database) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", ROLES_LOCK)
+            try:
+                bootstrap.ensure_roles(self.server_url, self.roles)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", ROLES_LOCK)
             state = self._inspect(database)
             if state.exists:
                 self._check_adoptable(state, database, spec.tenant_id, spec.slug)
@@ -270,12 +278,12 @@ class LocalProvisioner:
             )
 
     @contextmanager
-    def _silo_lock(self, database: str) -> Iterator[None]:
+    def _silo_lock(self, database: str) -> Iterator[psycopg.Connection[Any]]:
         with psycopg.connect(libpq(self.server_url), autocommit=True) as conn:
             conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
             conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, database))
             # Closing the session releases the lock, including when we crash.
-            yield
+            yield conn
 
     # -- plumbing -----------------------------------------------------------
 

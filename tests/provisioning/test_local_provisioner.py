@@ -256,3 +256,27 @@ def test_transient_classification() -> None:
     assert is_transient(psycopg.errors.DuplicateDatabase()) is True
     assert is_transient(psycopg.errors.InsufficientPrivilege()) is False
     assert is_transient(ValueError("x")) is False
+
+
+def test_concurrent_provisions_of_different_silos_all_succeed(pg_servers: PgServers) -> None:
+    provisioner = LocalProvisioner(server_url=pg_servers.silo_admin, roles=pg_servers.roles, retry=FAST)
+    specs = [SiloSpec(tenant_id=uuid.uuid4(), slug=f"par-{uuid.uuid4().hex[:8]}", tier="enterprise") for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def run(spec: SiloSpec) -> None:
+        try:
+            provisioner.provision(spec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(spec,)) for spec in specs]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        assert all(provisioner.describe(provisioner.location_for(spec))["owned_by_tenant"] for spec in specs)
+    finally:
+        for spec in specs:
+            bootstrap.drop_database(pg_servers.silo_admin, silo_database_name(spec.slug))
