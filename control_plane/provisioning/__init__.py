@@ -8,6 +8,8 @@ How the control plane uses it::
     schema.upgrade(schema.Stream.TENANT, location.dsn, revision, app_role=settings.app_role)
     ...
     provisioner.deprovision(location)        # offboarding / demotion cleanup
+    # a crash between provision() and recording its result left no location:
+    provisioner.deprovision(location_for_cleanup(spec, provider=provisioner.kind))
 
 Every call is synchronous and idempotent; from async code run it in a thread
 (``anyio.to_thread.run_sync``). Errors: :class:`ProvisioningError` (permanent
@@ -22,6 +24,7 @@ from control_plane.bootstrap import Roles
 from control_plane.exceptions import ProvisionerUnavailableError
 from control_plane.provisioning.base import SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.provisioning.local import LocalProvisioner
+from control_plane.provisioning.naming import silo_database_name
 from control_plane.provisioning.retry import RetryPolicy
 from control_plane.settings import ControlPlaneSettings, ProvisionerKind
 
@@ -32,6 +35,7 @@ __all__ = [
     "SiloProvisioner",
     "SiloSpec",
     "get_provisioner",
+    "location_for_cleanup",
 ]
 
 
@@ -68,3 +72,19 @@ def get_provisioner(
 
         return PulumiAwsProvisioner(PulumiAwsSettings(), roles=roles, retry=retry)
     raise ProvisionerUnavailableError(f"unknown provisioner {settings.provisioner!r}")
+
+
+def location_for_cleanup(spec: SiloSpec, *, provider: str) -> SiloLocation:
+    """The location to deprovision a silo whose ``provision`` result was never recorded.
+
+    Names are deterministic, so the tenant and slug are enough to find what a
+    crashed onboarding or promotion may have created. ``deprovision`` still
+    checks ownership (marker / stack outputs and tags) before dropping anything.
+    """
+    return SiloLocation(
+        name=spec.name,
+        provider=provider,
+        tenant_id=spec.tenant_id,
+        database=silo_database_name(spec.slug),
+        detail={"slug": spec.slug, "tier": spec.tier},
+    )

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from control_plane import bootstrap, schema
 from control_plane.exceptions import ProvisioningError, SiloOwnershipError
-from control_plane.provisioning import LocalProvisioner, RetryPolicy, SiloLocation, SiloSpec
+from control_plane.provisioning import LocalProvisioner, RetryPolicy, SiloLocation, SiloSpec, location_for_cleanup
 from control_plane.provisioning.local import Marker, is_transient
 from control_plane.provisioning.naming import silo_database_name
 from data_plane.dsn import libpq, with_database, with_user
@@ -280,3 +280,15 @@ def test_concurrent_provisions_of_different_silos_all_succeed(pg_servers: PgServ
     finally:
         for spec in specs:
             bootstrap.drop_database(pg_servers.silo_admin, silo_database_name(spec.slug))
+
+
+def test_an_unrecorded_silo_can_be_cleaned_up_from_the_spec_alone(
+    provisioner: LocalProvisioner, spec: SiloSpec, pg_servers: PgServers
+) -> None:
+    provisioner.provision(spec)  # ... and the caller crashed before recording the location
+    stub = location_for_cleanup(spec, provider=provisioner.kind)
+    # control: the stub does not let another tenant drop it
+    with pytest.raises(SiloOwnershipError):
+        provisioner.deprovision(location_for_cleanup(SiloSpec(uuid.uuid4(), spec.slug, "enterprise"), provider="local"))
+    provisioner.deprovision(stub)
+    assert _db_row(pg_servers.silo_admin, silo_database_name(spec.slug)) is None

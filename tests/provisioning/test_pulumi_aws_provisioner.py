@@ -31,6 +31,7 @@ from control_plane.provisioning import (
     SiloLocation,
     SiloSpec,
     get_provisioner,
+    location_for_cleanup,
     pulumi_aws,
 )
 from control_plane.provisioning.pulumi_aws import PulumiAwsProvisioner, PulumiAwsSettings, tenant_ids_in_state
@@ -448,3 +449,13 @@ def test_deprovision_of_an_empty_stack_only_removes_it(seam: Seam) -> None:
     location = SiloLocation(name="silo-acme", provider="pulumi-aws", tenant_id=TENANT, detail={"slug": "acme"})
     make(seam).deprovision(location)
     assert seam.stacks["silo-acme"].calls == ["remove:silo-acme"]
+
+
+def test_an_unrecorded_silo_stack_can_be_cleaned_up_from_the_spec_alone(seam: Seam) -> None:
+    provisioner = make(seam)
+    provisioner.provision(SPEC)
+    with pytest.raises(SiloOwnershipError):
+        provisioner.deprovision(location_for_cleanup(SiloSpec(OTHER, "acme", "enterprise"), provider="pulumi-aws"))
+    provisioner.deprovision(location_for_cleanup(SPEC, provider=provisioner.kind))
+    assert seam.stacks["silo-acme"].calls == ["up", "up", "destroy", "remove:silo-acme"]
+    assert seam.configs[-1].deletion_protection is False
