@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
@@ -95,6 +96,22 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         body = generate_latest(registry) + "\n".join(lines).encode()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        # Declare the bearer scheme once for every tenant route (the dependency
+        # reads the header directly, see data_plane.dependencies).
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RequestMetrics, registry=registry, prefix="tenantctl_api")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
