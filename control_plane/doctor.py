@@ -1,0 +1,189 @@
+"""``tenantctl doctor``: an RLS and role audit of the pool and every silo.
+
+Each check names a way systems like this one have leaked data (PITFALLS):
+
+* a table with ``tenant_id`` but RLS not enabled *and* forced;
+* no policy covering every command, or a policy not in the index-friendly,
+  fail-closed form (a bare ``current_setting()`` per row, an ``OR`` branch);
+* the application role being superuser/BYPASSRLS or owning anything (an owner
+  can disable RLS);
+* TRUNCATE or REFERENCES granted (neither is subject to RLS), or any grant to
+  PUBLIC;
+* no index leading with ``tenant_id``; a unique or foreign key that does not
+  lead with ``tenant_id`` (a constraint error is an oracle on other tenants);
+* a view over tenant tables without ``security_invoker`` or a materialized view
+  (both run with the owner's rights);
+* a PostgreSQL minor release older than the RLS fixes (a warning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from control_plane.fleet.targets import load_targets
+from data_plane.dsn import libpq, redact
+
+FIXED_MINORS = {15: 9, 16: 5, 17: 1}  # plan reuse across roles (CVE-2024-10976)
+INTERNAL_SCHEMAS = ("pg_catalog", "information_schema", "tenantctl")
+
+TENANT_TABLES = """
+SELECT c.oid, n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity, a.attnum
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+ WHERE c.relkind IN ('r', 'p') AND n.nspname <> ALL(%(internal)s) AND n.nspname NOT LIKE 'pg_%%'
+ ORDER BY n.nspname, c.relname
+"""
+
+POLICIES = "SELECT polname, polcmd, polpermissive, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid) FROM pg_policy WHERE polrelid = %s"
+
+LEADING_INDEX = "SELECT 1 FROM pg_index WHERE indrelid = %s AND indkey[0] = %s LIMIT 1"
+
+UNIQUE_NOT_LEADING = """
+SELECT i.indexrelid::regclass::text FROM pg_index i
+ WHERE i.indrelid = %s AND i.indisunique AND i.indkey[0] <> %s
+"""
+
+FK_NOT_LEADING = """
+SELECT conname FROM pg_constraint
+ WHERE contype = 'f' AND (conrelid = %(oid)s OR confrelid = %(oid)s)
+   AND NOT ((conrelid = %(oid)s AND conkey[1] = %(att)s) OR (confrelid = %(oid)s AND confkey[1] = %(att)s))
+"""
+
+GRANTS = """
+SELECT grantee, privilege_type FROM information_schema.role_table_grants
+ WHERE table_schema = %s AND table_name = %s
+   AND (grantee = 'PUBLIC' OR (grantee = %s AND privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')))
+"""
+
+ROLE = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
+
+OWNED = """
+SELECT 'relation ' || c.oid::regclass::text FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE r.rolname = %(r)s
+UNION ALL SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner WHERE r.rolname = %(r)s
+UNION ALL SELECT 'schema ' || n.nspname FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE r.rolname = %(r)s
+"""
+
+VIEWS = """
+SELECT DISTINCT v.oid::regclass::text, v.relkind, coalesce(v.reloptions::text, '') LIKE '%%security_invoker=true%%'
+  FROM pg_class v
+  JOIN pg_rewrite rw ON rw.ev_class = v.oid
+  JOIN pg_depend d ON d.objid = rw.oid AND d.classid = 'pg_rewrite'::regclass
+ WHERE v.relkind IN ('v', 'm') AND d.refobjid = ANY(%s) AND d.refobjid <> v.oid
+"""
+
+
+@dataclass
+class Finding:
+    check: str
+    object: str
+    message: str
+
+
+@dataclass
+class TargetReport:
+    name: str
+    kind: str
+    dsn: str
+    server_version: str | None = None
+    tenant_tables: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+
+def _policy_is_index_friendly(expression: str | None) -> bool:
+    if not expression:
+        return False
+    text = " ".join(expression.split()).lower()
+    return (
+        "tenant_id =" in text
+        and "select" in text
+        and "current_setting('app.current_tenant_id'" in text
+        and "nullif(" in text
+        and "::uuid" in text
+        and " or " not in text
+    )
+
+
+def _check_table(
+    conn: psycopg.Connection[Any], report: TargetReport, row: tuple[Any, ...], app_role: str
+) -> None:
+    oid, schema, table, enabled, forced, attnum = row
+    name = f"{schema}.{table}"
+    report.tenant_tables.append(name)
+
+    def finding(check: str, message: str, obj: str = name) -> None:
+        report.findings.append(Finding(check, obj, message))
+
+    if not enabled or not forced:
+        finding("rls_forced", "row-level security must be ENABLEd and FORCEd")
+    policies = conn.execute(POLICIES, (oid,)).fetchall()
+    commands = {cmd for _, cmd, permissive, _, _ in policies if permissive}
+    if "*" not in commands and not {"r", "a", "w", "d"} <= commands:
+        finding("policy_coverage", "no permissive policy covers SELECT, INSERT, UPDATE and DELETE")
+    for policy, cmd, _, qual, check in policies:
+        if cmd in ("*", "r", "w", "d") and not _policy_is_index_friendly(qual):
+            finding("policy_form", f"policy {policy} USING is not the fail-closed sub-select form: {qual}")
+        if cmd in ("*", "a", "w") and not _policy_is_index_friendly(check or qual):
+            finding("policy_form", f"policy {policy} WITH CHECK is not the fail-closed sub-select form")
+    if conn.execute(LEADING_INDEX, (oid, attnum)).fetchone() is None:
+        finding("tenant_index", "no index leads with tenant_id")
+    for (index,) in conn.execute(UNIQUE_NOT_LEADING, (oid, attnum)).fetchall():
+        finding("unique_oracle", "unique index does not lead with tenant_id", index)
+    for (constraint,) in conn.execute(FK_NOT_LEADING, {"oid": oid, "att": attnum}).fetchall():
+        finding("fk_oracle", "foreign key does not lead with tenant_id", constraint)
+    for grantee, privilege in conn.execute(GRANTS, (schema, table, app_role)).fetchall():
+        finding("grant", f"{privilege} granted to {grantee}")
+
+
+def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetReport:
+    report = TargetReport(name=name, kind=kind, dsn=redact(dsn))
+    try:
+        conn = psycopg.connect(libpq(dsn), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        report.findings.append(Finding("reachable", name, f"cannot connect: {exc}".splitlines()[0]))
+        return report
+    with conn:
+        version_num = int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+        major, minor = version_num // 10000, version_num % 100
+        report.server_version = f"{major}.{minor}"
+        if major in FIXED_MINORS and minor < FIXED_MINORS[major]:
+            report.warnings.append(
+                Finding(
+                    "server_version",
+                    report.server_version,
+                    f"PostgreSQL {major}.{minor} predates the RLS plan-reuse fix ({major}.{FIXED_MINORS[major]})",
+                )
+            )
+        role = conn.execute(ROLE, (app_role,)).fetchone()
+        if role is None:
+            report.findings.append(Finding("app_role", app_role, "application role does not exist"))
+        elif role[0] or role[1]:
+            report.findings.append(Finding("app_role", app_role, "application role is SUPERUSER or BYPASSRLS"))
+        for (owned,) in conn.execute(OWNED, {"r": app_role}).fetchall():
+            report.findings.append(Finding("app_owns", owned, "application role owns an object"))
+        rows = conn.execute(TENANT_TABLES, {"internal": list(INTERNAL_SCHEMAS)}).fetchall()
+        for row in rows:
+            _check_table(conn, report, row, app_role)
+        oids = [row[0] for row in rows]
+        for view, relkind, invoker in conn.execute(VIEWS, (oids,)).fetchall():
+            if relkind == "m":
+                report.findings.append(Finding("view", view, "materialized view over tenant tables"))
+            elif not invoker:
+                report.findings.append(Finding("view", view, "view over tenant tables without security_invoker"))
+        if not rows:
+            report.findings.append(Finding("tenant_tables", name, "no table with tenant_id found"))
+    return report
+
+
+def run_doctor(*, catalog_dsn: str, pool_dsn: str, app_role: str) -> dict[str, Any]:
+    """Audit the pool and every ready silo; return the JSON-able report."""
+    reports = [
+        audit_database(name=t.name, kind=t.kind, dsn=t.dsn, app_role=app_role)
+        for t in load_targets(catalog_dsn, pool_dsn)
+    ]
+    findings = sum(len(r.findings) for r in reports)
+    return {"ok": findings == 0, "findings": findings, "targets": [asdict(r) for r in reports]}
