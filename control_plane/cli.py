@@ -272,6 +272,31 @@ def worker(
         executor.stop()
 
 
+@app.command()
+def doctor(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
+    """Audit RLS and roles on the pool and every silo; exit 1 on any finding."""
+    from control_plane.doctor import run_doctor
+
+    settings = load_settings(state_dir)
+    with cli_errors():
+        endpoints = stack_mod.running_endpoints(settings)
+        report = run_doctor(
+            catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role=settings.app_role
+        )
+    if as_json:
+        print_json(report)
+    else:
+        for target in report["targets"]:
+            state = "[green]ok[/green]" if not target["findings"] else f"[red]{len(target['findings'])} finding(s)[/red]"
+            out.print(f"{target['kind']:5} {target['name']}: {state} ({len(target['tenant_tables'])} tenant tables)")
+            for item in target["findings"]:
+                out.print(f"  [red]x[/red] {item['check']}: {item['object']}: {item['message']}")
+            for item in target["warnings"]:
+                out.print(f"  [yellow]![/yellow] {item['check']}: {item['message']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -108,9 +108,7 @@ def _policy_is_index_friendly(expression: str | None) -> bool:
     )
 
 
-def _check_table(
-    conn: psycopg.Connection[Any], report: TargetReport, row: tuple[Any, ...], app_role: str
-) -> None:
+def _check_table(conn: psycopg.Connection[Any], report: TargetReport, row: tuple[Any, ...], app_role: str) -> None:
     oid, schema, table, enabled, forced, attnum = row
     name = f"{schema}.{table}"
     report.tenant_tables.append(name)
