@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,9 +83,7 @@ def downgrade() -> None:
 def make_scripts(root: Path, *, failing: bool = False) -> str:
     """A copy of the tenant script directory with tenant_0002 (and the failing tenant_0003)."""
     dest = root / ("tenant_failing" if failing else "tenant")
-    shutil.copytree(
-        schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    shutil.copytree(schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (dest / "versions" / "tenant_0002_fleet_note.py").write_text(textwrap.dedent(REVISION_2))
     if failing:
         (dest / "versions" / "tenant_0003_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
@@ -126,22 +125,33 @@ class Fleet:
     def add_silos(self, count: int, *, failing: set[int] | frozenset[int] = frozenset()) -> list[Silo]:
         """Create ``count`` silo databases (index in ``failing`` → a *fail* name) and catalog rows."""
         roles = self.servers.roles
-        created = []
-        with psycopg.connect(libpq(self.catalog), autocommit=True) as cat:
-            for i in range(count):
-                n = len(self.silos)
-                database = unique_name("t_silo_fail" if i in failing else "t_silo")
-                bootstrap.ensure_database(self.servers.silo_admin, database, roles, template=SILO_TEMPLATE)
-                silo = Silo(
-                    location=f"silo-{n:03d}",
-                    slug=f"tenant-{n:03d}",
-                    database=database,
-                    dsn=owner_dsn(self.servers.silo_admin, database, roles),
+        first = len(self.silos)
+        created = [
+            Silo(
+                location=f"silo-{first + i:03d}",
+                slug=f"tenant-{first + i:03d}",
+                database=(database := unique_name("t_silo_fail" if i in failing else "t_silo")),
+                dsn=owner_dsn(self.servers.silo_admin, database, roles),
+            )
+            for i in range(count)
+        ]
+        # CREATE DATABASE costs ~0.6 s here; a few at once bring it to ~0.2 s each.
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(
+                pool.map(
+                    lambda s: bootstrap.ensure_database(
+                        self.servers.silo_admin, s.database, roles, template=SILO_TEMPLATE
+                    ),
+                    created,
                 )
+            )
+        self.silos.extend(created)
+        with psycopg.connect(libpq(self.catalog), autocommit=True) as cat:
+            for silo in created:
                 loc = cat.execute(
                     "INSERT INTO locations (name, kind, provider, database, dsn, status) "
                     "VALUES (%s, 'silo', 'local', %s, %s, 'ready') RETURNING id",
-                    (silo.location, database, silo.dsn),
+                    (silo.location, silo.database, silo.dsn),
                 ).fetchone()
                 assert loc is not None
                 cat.execute(
@@ -149,8 +159,6 @@ class Fleet:
                     "VALUES (%s, %s, 'enterprise', 'active', 'silo', %s)",
                     (silo.slug, silo.slug, loc[0]),
                 )
-                self.silos.append(silo)
-                created.append(silo)
         return created
 
     def drop_all(self) -> None:

@@ -51,9 +51,7 @@ def test_upgrade_and_downgrade_pool_and_20_silos(fleet: Fleet, scripts: str) -> 
 
 def test_migration_failing_halfway_leaves_that_silo_unchanged(fleet: Fleet, failing_scripts: str) -> None:
     silos = fleet.add_silos(5, failing={2})
-    report = run_fleet(
-        fleet.catalog, fleet.pool, FleetOptions(concurrency=3, script_location=failing_scripts)
-    )
+    report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(concurrency=3, script_location=failing_scripts))
 
     assert report.failed
     by_name = {r.target: r for r in report.results}
@@ -94,9 +92,7 @@ def test_pool_failure_stops_everything_and_a_locked_database_is_reported(fleet: 
     with psycopg.connect(libpq(fleet.pool), autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, TARGET_MIGRATION_KEY))
         started = time.monotonic()
-        report = run_fleet(
-            fleet.catalog, fleet.pool, FleetOptions(lock_timeout_s=0.5, script_location=scripts)
-        )
+        report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(lock_timeout_s=0.5, script_location=scripts))
         assert time.monotonic() - started < 10  # bounded wait, then refuse
     pool = report.results[0]
     assert pool.status is TargetStatus.FAILED

@@ -1,0 +1,90 @@
+"""``tenantctl migrate`` through the CLI: exit codes, one JSON document, a silo that comes back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from control_plane.cli import app
+from tests.fleet.conftest import BASE, REV2, Fleet, revision_of, set_allow_connections
+
+
+@pytest.fixture
+def cli(fleet: Fleet, tmp_path: Path, scripts: str) -> Any:
+    runner = CliRunner()
+    env = {
+        "TENANTCTL_CATALOG_URL": fleet.catalog,
+        "TENANTCTL_POOL_URL": fleet.pool,
+        "TENANTCTL_SILO_SERVER_URL": fleet.servers.silo_admin,
+        "TENANTCTL_STATE_DIR": str(tmp_path / "state"),
+    }
+
+    def invoke(*args: str) -> tuple[int, Any, str]:
+        result = runner.invoke(app, ["migrate", *args, "--script-location", scripts], env=env)
+        document = json.loads(result.stdout) if "--json" in args else None  # exactly one document
+        return result.exit_code, document, result.stdout + result.stderr
+
+    return invoke
+
+
+def test_unreachable_silo_fails_alone_and_a_rerun_heals(fleet: Fleet, cli: Any) -> None:
+    silos = fleet.add_silos(20)
+    down = silos[5]
+    set_allow_connections(fleet.servers.silo_admin, down.database, False)
+    try:
+        code, doc, _ = cli("upgrade", "--json", "--concurrency", "4")
+        assert code == 1
+        by_target = {t["target"]: t for t in doc["targets"]}
+        assert by_target[down.location]["status"] == "failed"
+        assert "unreachable" in by_target[down.location]["error"]
+        assert doc["summary"] == {"succeeded": 20, "failed": 1, "skipped-up-to-date": 0, "not-run": 0}
+        assert all(revision_of(s.dsn) == REV2 for s in silos if s is not down)
+
+        code, doc, _ = cli("status", "--json")
+        assert code == 1
+        assert {t["target"]: t["drift"] for t in doc["targets"]}[down.location] == "unreachable"
+    finally:
+        set_allow_connections(fleet.servers.silo_admin, down.database, True)
+
+    code, doc, _ = cli("upgrade", "--json")
+    assert code == 0, doc
+    assert doc["summary"] == {"succeeded": 1, "failed": 0, "skipped-up-to-date": 20, "not-run": 0}
+    assert revision_of(down.dsn) == REV2
+
+    code, doc, _ = cli("status", "--json")
+    assert code == 0
+    assert doc["summary"]["at-head"] == 21 and doc["head"] == REV2
+
+
+def test_cli_targets_relative_downgrade_and_human_output(fleet: Fleet, cli: Any) -> None:
+    silos = fleet.add_silos(2)
+    code, doc, _ = cli("status", "--json")
+    assert code == 3  # drift: everything is behind the test head
+    assert doc["summary"]["behind"] == 3
+
+    code, doc, _ = cli("upgrade", "head", "--target", silos[1].slug, "--json")
+    assert code == 0
+    assert [t["target"] for t in doc["targets"]] == [silos[1].location]
+    assert revision_of(silos[1].dsn) == REV2 and revision_of(silos[0].dsn) == BASE
+
+    code, _, output = cli("upgrade", "--target", "pool")
+    assert code == 0
+    assert "pool" in output and "succeeded" in output and f"{BASE} → {REV2}" in output
+
+    code, doc, _ = cli("downgrade", "-1", "--target", silos[1].slug, "--json")
+    assert code == 0
+    assert [(t["from_revision"], t["to_revision"]) for t in doc["targets"]] == [(REV2, BASE)]
+    assert revision_of(silos[1].dsn) == BASE
+
+    code, doc, _ = cli("upgrade", "--json", "--canary", "1", "--concurrency", "2")
+    assert code == 0
+    assert doc["summary"] == {"succeeded": 2, "failed": 0, "skipped-up-to-date": 1, "not-run": 0}
+
+    code, _, output = cli("upgrade", "tenant_0042")
+    assert code == 1 and "unknown revision" in output
+    code, _, output = cli("upgrade", "--target", "no-such-tenant")
+    assert code == 1 and "no tenant with slug" in output

@@ -1,0 +1,104 @@
+"""Fleet migrations and moves exclude each other through one catalog lock (DESIGN §4)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from control_plane.exceptions import IllegalTransitionError, OperationLockedError
+from control_plane.fleet import FleetOptions, run_fleet
+from control_plane.interlock import fleet_migration_lock, mark_tenant_moving, mark_tenant_moving_async
+from data_plane.dsn import async_url, libpq, sync_url
+from tests.fleet.conftest import BASE, Fleet, revision_of
+
+
+@pytest.fixture
+def catalog_engine(fleet: Fleet) -> Iterator[Engine]:
+    engine = create_engine(sync_url(fleet.catalog), poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+def _tenant_id(fleet: Fleet, slug: str) -> uuid.UUID:
+    with psycopg.connect(libpq(fleet.catalog)) as conn:
+        row = conn.execute("SELECT id FROM tenants WHERE slug = %s", (slug,)).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
+
+
+def _status(fleet: Fleet, slug: str) -> str:
+    with psycopg.connect(libpq(fleet.catalog)) as conn:
+        row = conn.execute("SELECT status FROM tenants WHERE slug = %s", (slug,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_runner_refuses_while_a_tenant_is_moving(fleet: Fleet, catalog_engine: Engine, scripts: str) -> None:
+    silos = fleet.add_silos(2)
+    with catalog_engine.begin() as conn:
+        mark_tenant_moving(conn, _tenant_id(fleet, silos[1].slug))
+    assert _status(fleet, silos[1].slug) == "moving"
+
+    with pytest.raises(OperationLockedError) as refused:
+        run_fleet(fleet.catalog, fleet.pool, FleetOptions(script_location=scripts))
+    assert silos[1].slug in refused.value.message and "being moved" in refused.value.message
+    assert revision_of(fleet.pool) == BASE  # nothing was touched
+    # Refusing released the lock: a move can still be marked.
+    with catalog_engine.begin() as conn:
+        mark_tenant_moving(conn, _tenant_id(fleet, silos[0].slug))
+
+
+def test_move_refuses_while_a_fleet_migration_runs(fleet: Fleet, catalog_engine: Engine) -> None:
+    silos = fleet.add_silos(1)
+    tenant = _tenant_id(fleet, silos[0].slug)
+    with fleet_migration_lock(fleet.catalog):
+        with pytest.raises(OperationLockedError, match="a fleet migration is running"), catalog_engine.begin() as conn:
+            mark_tenant_moving(conn, tenant)
+        assert _status(fleet, silos[0].slug) == "active"
+    with catalog_engine.begin() as conn:  # released with the runner's context
+        mark_tenant_moving(conn, tenant)
+    assert _status(fleet, silos[0].slug) == "moving"
+    with pytest.raises(IllegalTransitionError), catalog_engine.begin() as conn:
+        mark_tenant_moving(conn, tenant)  # already moving
+
+
+def test_runner_waits_for_an_uncommitted_mark_then_sees_it(fleet: Fleet, catalog_engine: Engine) -> None:
+    silos = fleet.add_silos(1)
+    with catalog_engine.connect() as move:
+        tx = move.begin()
+        mark_tenant_moving(move, _tenant_id(fleet, silos[0].slug))
+        # The move's transaction holds the shared lock: the runner cannot get in ...
+        with (
+            pytest.raises(OperationLockedError, match="a move"),
+            fleet_migration_lock(fleet.catalog, timeout_s=0.3),
+        ):
+            pass
+        tx.commit()
+    # ... and once it committed, the runner sees the moving tenant and refuses.
+    with (
+        pytest.raises(OperationLockedError, match=silos[0].slug),
+        fleet_migration_lock(fleet.catalog, timeout_s=0.3),
+    ):
+        pass
+
+
+async def test_async_mark_moving(fleet: Fleet) -> None:
+    silos = fleet.add_silos(1)
+    tenant = _tenant_id(fleet, silos[0].slug)
+    engine = create_async_engine(async_url(fleet.catalog), poolclass=NullPool)
+    try:
+        with fleet_migration_lock(fleet.catalog), pytest.raises(OperationLockedError):
+            async with engine.begin() as conn:
+                await mark_tenant_moving_async(conn, tenant)
+        async with engine.begin() as conn:
+            await mark_tenant_moving_async(conn, tenant)
+            status = (await conn.execute(text("SELECT status FROM tenants WHERE id = :i"), {"i": tenant})).scalar()
+        assert status == "moving"
+    finally:
+        await engine.dispose()
