@@ -38,7 +38,10 @@ SELECT c.oid, n.nspname, c.relname, c.relrowsecurity, c.relforcerowsecurity, a.a
  ORDER BY n.nspname, c.relname
 """
 
-POLICIES = "SELECT polname, polcmd, polpermissive, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid) FROM pg_policy WHERE polrelid = %s"
+POLICIES = """
+SELECT polname, polcmd, polpermissive, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid)
+  FROM pg_policy WHERE polrelid = %s
+"""
 
 LEADING_INDEX = "SELECT 1 FROM pg_index WHERE indrelid = %s AND indkey[0] = %s LIMIT 1"
 
@@ -62,9 +65,10 @@ SELECT grantee, privilege_type FROM information_schema.role_table_grants
 ROLE = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
 
 OWNED = """
-SELECT 'relation ' || c.oid::regclass::text FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE r.rolname = %(r)s
-UNION ALL SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner WHERE r.rolname = %(r)s
-UNION ALL SELECT 'schema ' || n.nspname FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE r.rolname = %(r)s
+WITH r AS (SELECT oid FROM pg_roles WHERE rolname = %(r)s)
+SELECT 'relation ' || c.oid::regclass::text FROM pg_class c, r WHERE c.relowner = r.oid
+UNION ALL SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p, r WHERE p.proowner = r.oid
+UNION ALL SELECT 'schema ' || n.nspname FROM pg_namespace n, r WHERE n.nspowner = r.oid
 """
 
 VIEWS = """
