@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,16 @@ def test_pulumi_yaml_declares_every_setting_typed_described_and_with_the_code_de
         assert entry["description"].strip(), item.name
         assert entry["type"] == expected_types[type(default)], item.name
         assert entry["default"] == (list(default) if isinstance(default, tuple) else default), item.name
+
+
+def test_the_project_entry_point_declares_the_shared_stack() -> None:
+    """``infra/__main__.py`` as Pulumi runs it (defaults: a new VPC)."""
+    mocks = RecordingMocks()
+    entry = Path(infra.__file__).parent / "__main__.py"
+
+    def program() -> None:
+        runpy.run_path(str(entry), run_name="__main__")  # its globals are not a program result
+
+    _, exports = run_program(program, mocks)
+    assert set(exports) == set(SHARED_OUTPUTS)
+    assert len(mocks.of_type(INSTANCE)) == 2 and len(mocks.of_type("aws:ec2/vpc:Vpc")) == 1
