@@ -3,8 +3,10 @@
 Implementations: ``local`` (a database on ``TENANTCTL_SILO_SERVER_URL``; the
 default) and ``pulumi-aws`` (one RDS instance per silo through the Pulumi
 Automation API). Every method is idempotent and safe to retry after a crash at
-any point: names are deterministic (``silo-<slug>``), so a retried
-``provision`` converges on the same location.
+any point: names are deterministic (stack/location ``silo-<slug>``, database
+``silo_<slug>``; see :mod:`.naming`), so a retried ``provision`` converges on
+the same location, and ``deprovision`` checks that the silo belongs to the
+location's tenant before removing anything.
 """
 
 from __future__ import annotations
