@@ -25,11 +25,18 @@ class Stream(StrEnum):
     TENANT = "tenant"
 
 
-def alembic_config(stream: Stream, dsn: str | None = None, *, app_role: str = "tenantctl_app") -> Config:
+def alembic_config(
+    stream: Stream,
+    dsn: str | None = None,
+    *,
+    app_role: str = "tenantctl_app",
+    replication_role: str = "tenantctl_replicator",
+) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR / stream.value))
     cfg.set_main_option("file_template", FILE_TEMPLATE)
     cfg.set_main_option("app_role", app_role)
+    cfg.set_main_option("replication_role", replication_role)
     cfg.set_main_option("stream", stream.value)
     if dsn is not None:
         # ConfigParser interpolation would eat a literal '%' in a password.

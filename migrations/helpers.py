@@ -10,8 +10,9 @@ In a tenant-stream migration::
         enable_tenant_rls("invoices")
 
 ``enable_tenant_rls`` enables and forces RLS, adds the fail-closed,
-index-friendly policy of DESIGN §3 and grants exactly SELECT, INSERT, UPDATE,
-DELETE to the application role (never TRUNCATE or REFERENCES: both bypass RLS).
+index-friendly policy of DESIGN §3, grants exactly SELECT, INSERT, UPDATE,
+DELETE to the application role (never TRUNCATE or REFERENCES: both bypass RLS)
+and SELECT to the replication role that moves copy with.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def app_role() -> str:
     return context.config.get_main_option("app_role") or "tenantctl_app"
 
 
+def replication_role() -> str:
+    """The role moves replicate as (``replication_role`` main option)."""
+    return context.config.get_main_option("replication_role") or "tenantctl_replicator"
+
+
 def enable_tenant_rls(table: str, *, schema: str | None = None) -> None:
     name = qualified(table, schema)
     op.execute(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
@@ -52,11 +58,15 @@ def enable_tenant_rls(table: str, *, schema: str | None = None) -> None:
     )
     op.execute(f"REVOKE ALL ON {name} FROM PUBLIC")
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO {quote(app_role())}")
+    # Moves copy the table through logical replication as this role (BYPASSRLS,
+    # so the publication's row filter is the only filter applied).
+    op.execute(f"GRANT SELECT ON {name} TO {quote(replication_role())}")
 
 
 def disable_tenant_rls(table: str, *, schema: str | None = None) -> None:
     name = qualified(table, schema)
     op.execute(f"REVOKE ALL ON {name} FROM {quote(app_role())}")
+    op.execute(f"REVOKE ALL ON {name} FROM {quote(replication_role())}")
     op.execute(f"DROP POLICY IF EXISTS {POLICY_NAME} ON {name}")
     op.execute(f"ALTER TABLE {name} NO FORCE ROW LEVEL SECURITY")
     op.execute(f"ALTER TABLE {name} DISABLE ROW LEVEL SECURITY")

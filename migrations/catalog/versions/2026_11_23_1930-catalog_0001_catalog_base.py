@@ -121,9 +121,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_audit_log_tenant_id_at", "audit_log", ["tenant_id", "at"])
     op.execute(NOTIFY)
-    op.execute(
-        "INSERT INTO locations (name, kind, provider, status) VALUES ('pool', 'pool', 'static', 'ready')"
-    )
+    op.execute("INSERT INTO locations (name, kind, provider, status) VALUES ('pool', 'pool', 'static', 'ready')")
     op.execute(f"GRANT SELECT ON tenant_routes TO {quote(app_role())}")
 
 
