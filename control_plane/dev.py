@@ -231,6 +231,7 @@ class StackInfo:
     app_catalog_url: str
     app_pool_url: str
     app_silo_server_url: str
+    pool_admin_url: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

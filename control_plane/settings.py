@@ -23,6 +23,10 @@ class ControlPlaneSettings(CommonSettings):
     silo_server_url: str | None = Field(
         default=None, description="Admin DSN of the server where local silos are created."
     )
+    pool_admin_url: str | None = Field(
+        default=None,
+        description="DSN on the pool database allowed to create subscriptions and drop slots (moves).",
+    )
     provisioner: ProvisionerKind = ProvisionerKind.LOCAL
     owner_role: str = "tenantctl_owner"
     replication_role: str = "tenantctl_replicator"

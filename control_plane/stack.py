@@ -29,6 +29,10 @@ class Endpoints:
     app_catalog_url: str
     app_pool_url: str
     app_silo_server_url: str
+    # A DSN on the pool's database that may create subscriptions and drop
+    # replication slots (superuser in dev; pg_create_subscription + REPLICATION
+    # on managed servers). Only moves need it; None falls back to pool_url.
+    pool_admin_url: str | None = None
 
 
 def roles_of(settings: ControlPlaneSettings) -> bootstrap.Roles:
@@ -47,6 +51,7 @@ def embedded_endpoints(stack: EmbeddedStack, roles: bootstrap.Roles) -> Endpoint
         app_catalog_url=with_user(with_database(main_admin, CATALOG_DB), roles.app),
         app_pool_url=with_user(with_database(main_admin, POOL_DB), roles.app),
         app_silo_server_url=with_user(silo_admin, roles.app),
+        pool_admin_url=with_database(main_admin, POOL_DB),
     )
 
 
@@ -73,6 +78,7 @@ def external_endpoints(settings: ControlPlaneSettings) -> Endpoints:
         app_catalog_url=with_user(settings.catalog_url, app),
         app_pool_url=with_user(settings.pool_url, app),
         app_silo_server_url=with_user(settings.silo_server_url, app),
+        pool_admin_url=settings.pool_admin_url,
     )
 
 
@@ -99,4 +105,5 @@ def running_endpoints(settings: ControlPlaneSettings) -> Endpoints:
         app_catalog_url=info.app_catalog_url,
         app_pool_url=info.app_pool_url,
         app_silo_server_url=info.app_silo_server_url,
+        pool_admin_url=info.pool_admin_url,
     )

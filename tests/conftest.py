@@ -54,6 +54,7 @@ def cp_settings(endpoints: Endpoints, state_dir: Path) -> ControlPlaneSettings:
         catalog_url=endpoints.catalog_url,
         pool_url=endpoints.pool_url,
         silo_server_url=endpoints.silo_server_url,
+        pool_admin_url=endpoints.pool_admin_url,
     )
     keys.ensure_dev_key(settings)
     return settings

@@ -135,4 +135,5 @@ def fresh_endpoints(servers: PgServers) -> Iterator[Endpoints]:
             app_catalog_url=app_dsn(servers.main_admin, catalog, roles),
             app_pool_url=app_dsn(servers.main_admin, pool, roles),
             app_silo_server_url=with_user(servers.silo_admin, roles.app),
+            pool_admin_url=with_database(servers.main_admin, pool),
         )
