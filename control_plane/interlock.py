@@ -97,7 +97,7 @@ def _acquire_exclusive(conn: psycopg.Connection[tuple[object, ...]], timeout_s: 
 
     Polling ``pg_try_advisory_lock`` rather than a blocking ``pg_advisory_lock``
     under ``lock_timeout``: a blocked exclusive request would queue *ahead* of
-    later shared requests in PostgreSQL's lock queue, so merely waiting runner
+    later shared requests in PostgreSQL's lock queue, so a merely waiting runner
     would already make moves fail their try-lock. Polling queues nothing.
     """
     started = time.monotonic()

@@ -93,6 +93,7 @@ def _run(
         lock_timeout_s=lock_timeout,
         script_location=script_location,
         app_role=settings.app_role,
+        replication_role=settings.replication_role,
     )
     with cli_errors():
         endpoints = stack_mod.running_endpoints(settings)

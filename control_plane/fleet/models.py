@@ -38,6 +38,7 @@ class Job:
     action: Action
     destination: str | None  # None = base
     app_role: str
+    replication_role: str
     script_location: str
     lock_timeout_s: float
 

@@ -72,6 +72,7 @@ class FleetOptions:
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
     script_location: str | None = None  # None: the project's migrations/tenant (tests point elsewhere)
     app_role: str = "tenantctl_app"
+    replication_role: str = "tenantctl_replicator"
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -121,8 +122,8 @@ class FleetReport:
 _forkserver_lock = threading.Lock()
 
 
-def _start_forkserver(main_path: str) -> None:
-    """Start the fork server now, with the main path in its environment only.
+def _start_forkserver(main_path: str | None) -> None:
+    """Start the fork server now (once per process), with the main path in its environment only.
 
     The variable is removed again at once so that no other child process (a
     ``tenantctl`` run by a test, say) inherits it.
@@ -132,7 +133,8 @@ def _start_forkserver(main_path: str) -> None:
             ["control_plane.fleet.forkserver_main", "control_plane.fleet.worker"]
         )
         previous = os.environ.get(forkserver_main.MAIN_ENV)
-        os.environ[forkserver_main.MAIN_ENV] = main_path
+        if main_path is not None:
+            os.environ[forkserver_main.MAIN_ENV] = main_path
         try:
             forkserver.ensure_running()
         finally:
@@ -155,16 +157,18 @@ def mp_context() -> BaseContext:
     if sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods():
         main = sys.modules.get("__main__")
         path = getattr(main, "__file__", None)
+        main_path: str | None = None
+        # Only a main *script* is re-run in workers; ``python -m pkg`` mains are
+        # re-imported by name (and skipped for ``__main__`` modules).
         if path and getattr(getattr(main, "__spec__", None), "name", None) is None:
             # The same normalisation spawn.get_preparation_data applies, so the
             # workers' "main already imported?" check matches.
             original_dir = getattr(process, "ORIGINAL_DIR", None)  # untyped in typeshed
             if not Path(path).is_absolute() and original_dir is not None:
                 path = str(Path(original_dir) / path)
-            _start_forkserver(os.path.normpath(path))
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["control_plane.fleet.forkserver_main", "control_plane.fleet.worker"])
-        return ctx
+            main_path = os.path.normpath(path)
+        _start_forkserver(main_path)
+        return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("spawn")
 
 
@@ -265,6 +269,7 @@ def _plan(run: _Run, probes: dict[str, Probe]) -> list[tuple[Target, Job]]:
             action=opts.action,
             destination=destination,
             app_role=opts.app_role,
+            replication_role=opts.replication_role,
             script_location=run.script.location,
             lock_timeout_s=opts.lock_timeout_s,
         )
@@ -354,6 +359,7 @@ def migrate_target_to(
     revision: str | None,
     *,
     app_role: str = "tenantctl_app",
+    replication_role: str = "tenantctl_replicator",
     script_location: str | None = None,
     lock_timeout_s: float = 30.0,
     name: str = "silo",
@@ -368,6 +374,7 @@ def migrate_target_to(
     ``revision`` is reported ``skipped-up-to-date``. Only upgrades: a database
     at a newer or unknown revision raises :class:`MigrationFailedError` (a
     workflow must never downgrade a silo implicitly), as does any failure.
+    Blocking: from async code call it through ``asyncio.to_thread``.
     """
     script = ScriptInfo.load(script_location)
     target = Target(name=name, kind="silo", dsn=dsn)
@@ -386,6 +393,7 @@ def migrate_target_to(
         action="upgrade",
         destination=destination,
         app_role=app_role,
+        replication_role=replication_role,
         script_location=script.location,
         lock_timeout_s=lock_timeout_s,
     )

@@ -1,7 +1,7 @@
 """Fleet fixtures: a catalog + pool (from the shared templates) and N silo databases.
 
 Silos are cloned from the harness's silo template (tenant schema at the
-project's head, ``tenant_0001``) and recorded in the catalog as ready silo
+project's head) and recorded in the catalog as ready silo
 locations, each serving one tenant. Tests run the runner against a *copy* of
 the tenant script directory with extra test-only revisions, so the real
 migrations stay untouched.
@@ -24,21 +24,30 @@ from control_plane.stack import Endpoints
 from data_plane.dsn import libpq
 from tests.harness import SILO_TEMPLATE, PgServers, owner_dsn, unique_name
 
-BASE = "tenant_0001"
-REV2 = "tenant_0002"
-REV3 = "tenant_0003"
 
-REVISION_2 = '''
+def _next(revision: str, step: int) -> str:
+    prefix, _, number = revision.rpartition("_")
+    return f"{prefix}_{int(number) + step:0{len(number)}d}"
+
+
+# The project's real head (what the harness's templates are at) is the tests'
+# starting point; the test-only revisions continue its numbering.
+BASE = schema.head(schema.Stream.TENANT)
+REV2 = _next(BASE, 1)
+REV3 = _next(BASE, 2)
+AHEAD = _next(BASE, 10)
+
+REVISION_2 = f'''
 """Test-only: a nullable column (cheap, reversible).
 
-Revision ID: tenant_0002
-Revises: tenant_0001
+Revision ID: {REV2}
+Revises: {BASE}
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "tenant_0002"
-down_revision = "tenant_0001"
+revision = "{REV2}"
+down_revision = "{BASE}"
 branch_labels = None
 depends_on = None
 
@@ -53,16 +62,16 @@ def downgrade() -> None:
 
 # Fails halfway -- after creating a table -- in every database whose name contains
 # "fail", so one run shows a failed target next to succeeded ones.
-REVISION_3 = '''
+REVISION_3 = f'''
 """Test-only: fails halfway in databases named *fail*.
 
-Revision ID: tenant_0003
-Revises: tenant_0002
+Revision ID: {REV3}
+Revises: {REV2}
 """
 from alembic import op
 
-revision = "tenant_0003"
-down_revision = "tenant_0002"
+revision = "{REV3}"
+down_revision = "{REV2}"
 branch_labels = None
 depends_on = None
 
@@ -71,7 +80,7 @@ def upgrade() -> None:
     op.execute("CREATE TABLE fleet_half (id int)")
     op.execute(
         "DO $$ BEGIN IF position('fail' in current_database()) > 0 THEN "
-        "RAISE EXCEPTION 'boom halfway through tenant_0003'; END IF; END $$"
+        "RAISE EXCEPTION 'boom halfway through the test revision'; END IF; END $$"
     )
 
 
@@ -81,12 +90,12 @@ def downgrade() -> None:
 
 
 def make_scripts(root: Path, *, failing: bool = False) -> str:
-    """A copy of the tenant script directory with tenant_0002 (and the failing tenant_0003)."""
+    """A copy of the tenant script directory with REV2 (and the failing REV3) on top of the real head."""
     dest = root / ("tenant_failing" if failing else "tenant")
     shutil.copytree(schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (dest / "versions" / "tenant_0002_fleet_note.py").write_text(textwrap.dedent(REVISION_2))
+    (dest / "versions" / "fleet_test_rev2_fleet_note.py").write_text(textwrap.dedent(REVISION_2))
     if failing:
-        (dest / "versions" / "tenant_0003_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
+        (dest / "versions" / "fleet_test_rev3_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
     return str(dest)
 
 

@@ -84,7 +84,7 @@ def test_cli_targets_relative_downgrade_and_human_output(fleet: Fleet, cli: Any)
     assert code == 0
     assert doc["summary"] == {"succeeded": 2, "failed": 0, "skipped-up-to-date": 1, "not-run": 0}
 
-    code, _, output = cli("upgrade", "tenant_0042")
+    code, _, output = cli("upgrade", "no_such_rev")
     assert code == 1 and "unknown revision" in output
     code, _, output = cli("upgrade", "--target", "no-such-tenant")
     assert code == 1 and "no tenant with slug" in output

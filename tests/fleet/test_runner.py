@@ -59,7 +59,7 @@ def test_migration_failing_halfway_leaves_that_silo_unchanged(fleet: Fleet, fail
     assert failed.status is TargetStatus.FAILED
     assert "boom halfway" in (failed.error or "")
     assert failed.from_revision == BASE and failed.to_revision == BASE
-    # One transaction for the whole run: not even tenant_0002 stayed, nor the half-made table.
+    # One transaction for the whole run: not even REV2 stayed, nor the half-made table.
     assert revision_of(silos[2].dsn) == BASE
     assert not has_column(silos[2].dsn, "projects", "fleet_note")
     with psycopg.connect(libpq(silos[2].dsn)) as conn:
@@ -138,7 +138,7 @@ def test_two_concurrent_runners_one_waits_then_finds_everything_done(fleet: Flee
 
 def test_migrate_target_to_brings_a_new_silo_to_the_pool_revision(fleet: Fleet, scripts: str) -> None:
     servers = fleet.servers
-    run_fleet(fleet.catalog, fleet.pool, FleetOptions(script_location=scripts))  # pool → tenant_0002
+    run_fleet(fleet.catalog, fleet.pool, FleetOptions(script_location=scripts))  # pool → REV2
     with fresh_database(servers.silo_admin, servers.roles, template=None, prefix="t_new_silo") as db:
         dsn = owner_dsn(servers.silo_admin, db, servers.roles)
         assert revision_of(dsn) is None
@@ -151,4 +151,4 @@ def test_migrate_target_to_brings_a_new_silo_to_the_pool_revision(fleet: Fleet, 
         with pytest.raises(MigrationFailedError, match="newer"):
             migrate_target_to(dsn, BASE, script_location=scripts)
         with pytest.raises(MigrationFailedError):
-            migrate_target_to(dsn, "tenant_0042", script_location=scripts)
+            migrate_target_to(dsn, "no_such_rev", script_location=scripts)

@@ -7,7 +7,7 @@ import psycopg
 from control_plane.fleet import Drift, FleetOptions, Target, migrate_targets, status_of
 from control_plane.fleet.targets import load_targets
 from data_plane.dsn import libpq, with_database
-from tests.fleet.conftest import REV2, Fleet
+from tests.fleet.conftest import AHEAD, REV2, Fleet
 from tests.harness import fresh_database, owner_dsn
 
 
@@ -21,7 +21,7 @@ def test_status_reports_every_kind_of_drift(fleet: Fleet, scripts: str) -> None:
     silos = fleet.add_silos(4)
     targets = load_targets(fleet.catalog, fleet.pool)
     migrate_targets(targets[:2], FleetOptions(script_location=scripts))  # pool and silo-000 → head
-    _set_version(silos[2].dsn, "tenant_0009")  # written by newer code
+    _set_version(silos[2].dsn, AHEAD)  # written by newer code
     _set_version(silos[3].dsn, "feature_x")  # unknown to this code, not ahead by convention
     with fresh_database(servers.silo_admin, servers.roles, template=None, prefix="t_unversioned") as db:
         extra = [
