@@ -11,6 +11,9 @@ TenantctlError
 │   └── IdempotencyInFlightError    409 idempotency_in_flight (same key, request still running)
 ├── IdempotencyKeyReusedError       422 idempotency_key_reused (same key, different request)
 ├── MigrationFailedError            500 migration_failed (one target's schema migration)
+├── MoveError                       409 move_failed (the source stays authoritative)
+│   ├── MoveNotReadyError           409 move_not_ready (lag or drain: retried later)
+│   └── VerificationError           409 verification_failed (move aborted)
 ├── ProvisioningError               500 provisioning_failed
 │   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
 │   └── SiloOwnershipError          409 silo_not_owned (silo belongs to another tenant / unmarked)
@@ -98,3 +101,22 @@ class IdempotencyKeyReusedError(InvalidInputError):
     """This Idempotency-Key was used for a different request."""
 
     code = "idempotency_key_reused"
+
+
+class MoveError(TenantctlError):
+    """A move cannot proceed; the source stays authoritative."""
+
+    status_code = 409
+    code = "move_failed"
+
+
+class MoveNotReadyError(MoveError):
+    """A move step is not ready yet (lag too high, drain incomplete); retry later."""
+
+    code = "move_not_ready"
+
+
+class VerificationError(MoveError):
+    """Source and target differ after the final catch-up; the move was aborted."""
+
+    code = "verification_failed"

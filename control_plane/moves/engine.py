@@ -1,0 +1,485 @@
+"""The steps of a move, each idempotent and safe to re-run after a crash.
+
+Reference order (DESIGN §4, after Citus non-blocking moves and Vitess
+MoveTables)::
+
+    prepare_target → start_replication → wait_initial_sync → wait_caught_up
+    → fence_source → final_catch_up → verify → activate_target → (flip route in
+    the catalog) → retire_source → stop_replication → cleanup_source (after grace)
+
+Offline mode replaces the replication steps with ``fence_source`` →
+``copy_offline``. Until ``activate_target`` the source stays authoritative and
+:func:`abort` returns everything to how it was; ``cleanup_source`` is the only
+destructive step and refuses to run unless the source has been retired.
+
+Privileges: table-level work runs as the *owner* of each side (BYPASSRLS, and
+``row_security = off`` so that any filtering would raise instead of silently
+dropping rows); subscriptions, slots and terminating stragglers need each
+side's *admin* DSN; the target server reaches the source as the replication
+role (REPLICATION + BYPASSRLS: the row filter is the only filter applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
+from control_plane.moves.tables import tenant_tables
+from data_plane.dsn import libpq
+
+log = structlog.get_logger(__name__)
+
+MARKERS = '"tenantctl"."move_markers"'
+POLL_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class Side:
+    """One database of a move."""
+
+    kind: str  # 'pool' | 'silo'
+    location_id: str
+    owner_dsn: str
+    admin_dsn: str
+    replication_conninfo: str  # how the other server reaches this database as the replication role
+
+
+@dataclass(frozen=True)
+class MovePlan:
+    move_id: uuid.UUID
+    tenant_id: uuid.UUID
+    source: Side
+    target: Side
+    epoch: int  # the route epoch while the source serves the tenant
+    mode: str = "online"  # 'online' (logical replication) | 'offline' (fence, then binary COPY)
+
+    @property
+    def name(self) -> str:
+        """Publication, subscription and slot name (ASCII, < 64 bytes, unique per move)."""
+        return f"tc_move_{self.move_id.hex[:24]}"
+
+    @property
+    def new_epoch(self) -> int:
+        return self.epoch + 1
+
+
+@contextlib.contextmanager
+def connect(dsn: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(libpq(dsn), autocommit=autocommit, connect_timeout=10) as conn:
+        yield conn
+
+
+def _privileged(conn: psycopg.Connection[Any]) -> None:
+    """Session settings for copies and checksums (transaction-local)."""
+    conn.execute(
+        "SELECT set_config('row_security', 'off', true), set_config('TimeZone', 'UTC', true), "
+        "set_config('DateStyle', 'ISO, YMD', true), set_config('extra_float_digits', '1', true)"
+    )
+
+
+def _ownership(conn: psycopg.Connection[Any], tenant_id: uuid.UUID) -> tuple[str, int] | None:
+    row = conn.execute(
+        "SELECT state, epoch FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def _delete_tenant_rows(dsn: str, tenant_id: uuid.UUID, *, batch: int) -> int:
+    """Delete the tenant's rows in bounded batches, children first; return the count."""
+    deleted = 0
+    with connect(dsn) as conn:
+        tables = tenant_tables(conn)
+        conn.commit()
+        for table in reversed(tables):
+            statement = sql.SQL(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE tenant_id = %s LIMIT %s))"
+            ).format(t=sql.SQL(table))
+            while True:
+                with conn.transaction():
+                    _privileged(conn)
+                    count = conn.execute(statement, (tenant_id, batch)).rowcount
+                deleted += count
+                if count < batch:
+                    break
+    return deleted
+
+
+# -- preparation --------------------------------------------------------------------------
+
+
+def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
+    """Make sure the target holds nothing of the tenant (leftovers of an earlier move).
+
+    Refuses when the target already serves the tenant: that database is
+    authoritative and must never be emptied by a move.
+    """
+    with connect(plan.target.owner_dsn) as conn:
+        owned = _ownership(conn, plan.tenant_id)
+    if owned is not None and owned[0] in ("active", "fenced"):
+        raise MoveError(f"the target already serves tenant {plan.tenant_id} ({owned[0]}); refusing to overwrite it")
+    return _delete_tenant_rows(plan.target.owner_dsn, plan.tenant_id, batch=batch)
+
+
+# -- logical replication ------------------------------------------------------------------
+
+
+def start_replication(plan: MovePlan) -> None:
+    """Publication (row-filtered to the tenant) on the source, subscription on the target."""
+    name = sql.Identifier(plan.name)
+    tenant = sql.Literal(str(plan.tenant_id))
+    with connect(plan.source.owner_dsn, autocommit=True) as src:
+        tables = tenant_tables(src)
+        exists = src.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (plan.name,)).fetchone()
+        if not exists:
+            # DDL takes no bind parameters; the tenant id is a UUID rendered as
+            # a quoted literal by psycopg, never spliced as text.
+            members = [
+                sql.SQL("{t} WHERE (tenant_id = {id}::uuid)").format(t=sql.SQL(table), id=tenant)
+                for table in [*tables, MARKERS]
+            ]
+            src.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(name, sql.SQL(", ").join(members)))
+    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+        if dst.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone():
+            return
+    # A slot left by a crash between "slot created" and "subscription created"
+    # would make CREATE SUBSCRIPTION fail; nothing consumes it, so drop it.
+    _drop_slot(plan.source.admin_dsn, plan.name)
+    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+        dst.execute(
+            sql.SQL(
+                "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
+                "WITH (copy_data = true, create_slot = true, slot_name = {}, streaming = on)"
+            ).format(name, sql.Literal(plan.source.replication_conninfo), name, sql.Literal(plan.name))
+        )
+
+
+def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
+    row = conn.execute(
+        "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subname = %s", (name,)
+    ).fetchone()
+    if row and (row[0] or row[1]):
+        return f" (subscription errors: apply {row[0]}, sync {row[1]}; see the target server's log)"
+    return ""
+
+
+def wait_initial_sync(plan: MovePlan, *, timeout: float = 600.0) -> None:
+    """Wait until every table of the subscription finished its initial copy."""
+    deadline = time.monotonic() + timeout
+    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+        while True:
+            row = dst.execute(
+                "SELECT count(*), count(*) FILTER (WHERE r.srsubstate <> 'r') FROM pg_subscription_rel r "
+                "JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = %s",
+                (plan.name,),
+            ).fetchone()
+            assert row is not None
+            if row[0] > 0 and row[1] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise MoveNotReadyError(
+                    f"initial copy not finished after {timeout:.0f}s{_subscription_errors(dst, plan.name)}"
+                )
+            time.sleep(0.05)
+
+
+def replication_lag(plan: MovePlan) -> int | None:
+    """Bytes of source WAL the subscription has not confirmed (None: no slot)."""
+    with connect(plan.source.admin_dsn, autocommit=True) as src:
+        row = src.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            (plan.name,),
+        ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0) -> int:
+    """Catch-up gate: return the lag once it is small; raise MoveNotReadyError if it stays large.
+
+    Never fails open: a caller that gets MoveNotReadyError backs off and tries
+    again later instead of fencing with a large backlog (Vitess refuses to
+    switch while lag is high for the same reason).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        lag = replication_lag(plan)
+        if lag is None:
+            raise MoveError(f"replication slot {plan.name} is missing on the source")
+        if lag <= max_lag_bytes:
+            return lag
+        if time.monotonic() > deadline:
+            raise MoveNotReadyError(f"replication lag still {lag} bytes after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+# -- fence, catch-up, verification ----------------------------------------------------------
+
+
+def fence_source(plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 3) -> None:
+    """Drain in-flight tenant transactions, then make the source refuse the tenant (I4).
+
+    ``fence_tenant`` takes the tenant's advisory lock exclusively: it waits for
+    every transaction that began with ``begin_tenant`` and blocks new ones. A
+    straggler still holding the lock after ``drain_timeout`` is terminated (its
+    transaction rolls back: it was never acknowledged). The fence also writes
+    this move's marker, replicated in commit order behind every earlier write.
+    """
+    for attempt in range(attempts):
+        try:
+            with connect(plan.source.owner_dsn) as src:
+                src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
+                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, plan.move_id))
+            return
+        except psycopg.errors.LockNotAvailable:
+            with connect(plan.source.admin_dsn, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM tenantctl.tenant_lock_holders(%s)", (plan.tenant_id,)
+                ).fetchall()
+            log.warning("fence_terminated_stragglers", tenant_id=str(plan.tenant_id), count=len(killed), attempt=attempt)
+    raise MoveNotReadyError("could not drain the tenant's in-flight transactions")
+
+
+def unfence_source(plan: MovePlan) -> None:
+    """Give the tenant back to the source (abort before the flip)."""
+    with connect(plan.source.owner_dsn) as src:
+        owned = _ownership(src, plan.tenant_id)
+        if owned is not None and owned[0] == "fenced":
+            src.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.epoch))
+
+
+def final_catch_up(plan: MovePlan, *, timeout: float = 30.0) -> float:
+    """Wait for the fence's marker on the target; return the seconds waited."""
+    start = time.monotonic()
+    with connect(plan.target.owner_dsn, autocommit=True) as dst:
+        while True:
+            if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (plan.move_id,)).fetchone():
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                errors = _subscription_errors(dst, plan.name) if plan.mode == "online" else ""
+                raise MoveNotReadyError(f"final catch-up did not arrive within {timeout:.0f}s{errors}")
+            time.sleep(POLL_SECONDS)
+
+
+CHECKSUM = (
+    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text FROM {table} AS t "
+    "WHERE tenant_id = %s"
+)
+
+
+def table_checksums(dsn: str, tenant_id: uuid.UUID) -> dict[str, tuple[int, str]]:
+    """Per table: row count and an order-independent checksum of the tenant's rows."""
+    result: dict[str, tuple[int, str]] = {}
+    with connect(dsn) as conn:
+        tables = tenant_tables(conn)
+        # One snapshot for all tables: the comparison is of one consistent state.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        _privileged(conn)
+        for table in tables:
+            row = conn.execute(sql.SQL(CHECKSUM).format(table=sql.SQL(table)), (tenant_id,)).fetchone()
+            assert row is not None
+            result[table] = (int(row[0]), str(row[1]))
+        conn.rollback()
+    return result
+
+
+def verify(plan: MovePlan) -> dict[str, Any]:
+    """Compare both sides from independent privileged connections; raise on any difference."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        source_future = pool.submit(table_checksums, plan.source.owner_dsn, plan.tenant_id)
+        target_future = pool.submit(table_checksums, plan.target.owner_dsn, plan.tenant_id)
+        source, target = source_future.result(), target_future.result()
+    mismatches = {
+        table: {"source": source.get(table), "target": target.get(table)}
+        for table in sorted(set(source) | set(target))
+        if source.get(table) != target.get(table)
+    }
+    if mismatches:
+        raise VerificationError(f"verification failed: {mismatches}")
+    return {table: {"rows": rows, "checksum": digest} for table, (rows, digest) in source.items()}
+
+
+# -- offline copy ---------------------------------------------------------------------------
+
+
+def _columns(conn: psycopg.Connection[Any], table: str) -> sql.Composable:
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND attgenerated = '' ORDER BY attnum",
+        (table,),
+    ).fetchall()
+    return sql.SQL(", ").join(sql.Identifier(r[0]) for r in rows)
+
+
+def copy_offline(plan: MovePlan) -> dict[str, int]:
+    """Stream binary COPY per table, parents first (source fenced; target empty)."""
+    copied: dict[str, int] = {}
+    with connect(plan.source.owner_dsn) as src, connect(plan.target.owner_dsn) as dst:
+        tables = tenant_tables(src)
+        _privileged(src)
+        _privileged(dst)
+        for table in tables:
+            columns = _columns(src, table)
+            out = sql.SQL("COPY (SELECT {c} FROM {t} WHERE tenant_id = {id}::uuid) TO STDOUT (FORMAT binary)").format(
+                c=columns, t=sql.SQL(table), id=sql.Literal(str(plan.tenant_id))
+            )
+            into = sql.SQL("COPY {t} ({c}) FROM STDIN (FORMAT binary)").format(t=sql.SQL(table), c=columns)
+            with src.cursor().copy(out) as reader, dst.cursor() as cur, cur.copy(into) as writer:
+                for chunk in reader:
+                    writer.write(chunk)
+            copied[table] = cur.rowcount
+        dst.commit()
+        src.rollback()
+    return copied
+
+
+# -- cutover ---------------------------------------------------------------------------------
+
+
+def activate_target(plan: MovePlan) -> None:
+    """The target starts serving the tenant at the new epoch (before the route flips)."""
+    with connect(plan.target.owner_dsn) as dst:
+        dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
+        dst.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.new_epoch))
+
+
+def retire_source(plan: MovePlan) -> None:
+    """The source answers "moved" from now on, so a stale router follows the new route."""
+    with connect(plan.source.owner_dsn) as src:
+        src.execute(
+            "SELECT tenantctl.claim_tenant(%s, %s, 'moved')",
+            (plan.tenant_id, plan.epoch),
+        )
+        src.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
+
+
+# -- teardown --------------------------------------------------------------------------------
+
+
+def _drop_slot(admin_dsn: str, slot: str, *, like: bool = False) -> int:
+    operator = "LIKE" if like else "="
+    with connect(admin_dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT slot_name, active_pid FROM pg_replication_slots WHERE slot_name {operator} %s", (slot,)
+        ).fetchall()
+        for name, pid in rows:
+            if pid is not None:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                time.sleep(0.1)
+            with contextlib.suppress(psycopg.errors.UndefinedObject):
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    return len(rows)
+
+
+def stop_replication(plan: MovePlan) -> None:
+    """Drop subscription, publication and every slot of this move (no orphan slot fills a disk)."""
+    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+        row = dst.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
+        if row is not None:
+            subid = int(row[0])
+            dst.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(plan.name)))
+            # Detach the slot and drop it ourselves: DROP SUBSCRIPTION would
+            # otherwise fail outright when the source is unreachable.
+            dst.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sql.Identifier(plan.name)))
+            dst.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(plan.name)))
+            _drop_slot(plan.source.admin_dsn, f"pg\\_{subid}\\_sync\\_%", like=True)
+    _drop_slot(plan.source.admin_dsn, plan.name)
+    with connect(plan.source.owner_dsn, autocommit=True) as src:
+        src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(plan.name)))
+
+
+def replication_objects(plan: MovePlan) -> dict[str, int]:
+    """How many publications, subscriptions and slots of this move exist (tests, doctor)."""
+    with connect(plan.source.admin_dsn, autocommit=True) as src:
+        publications = src.execute("SELECT count(*) FROM pg_publication WHERE pubname = %s", (plan.name,)).fetchone()
+        slots = src.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s OR slot_name LIKE 'pg\\_%%\\_sync\\_%%'",
+            (plan.name,),
+        ).fetchone()
+    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+        subscriptions = dst.execute("SELECT count(*) FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
+    assert publications and slots and subscriptions
+    return {"publications": publications[0], "subscriptions": subscriptions[0], "slots": slots[0]}
+
+
+def cleanup_source(plan: MovePlan, *, batch: int = 5000) -> int:
+    """Delete the tenant's rows from the retired source: the only destructive step."""
+    with connect(plan.source.owner_dsn) as src:
+        owned = _ownership(src, plan.tenant_id)
+    if owned is None or owned[0] != "moved":
+        raise MoveError("refusing to clean up a source that has not been retired (it may be authoritative)")
+    return _delete_tenant_rows(plan.source.owner_dsn, plan.tenant_id, batch=batch)
+
+
+def abort(plan: MovePlan) -> None:
+    """Undo a move before its flip: source authoritative and untouched, target emptied."""
+    with connect(plan.target.owner_dsn) as dst:
+        owned = _ownership(dst, plan.tenant_id)
+    if owned is not None and owned[0] == "active":
+        raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
+    if plan.mode == "online":
+        stop_replication(plan)
+    unfence_source(plan)
+    with connect(plan.source.owner_dsn) as src:
+        src.execute(f"DELETE FROM {MARKERS} WHERE marker = %s", (plan.move_id,))
+    _delete_tenant_rows(plan.target.owner_dsn, plan.tenant_id, batch=5000)
+    with connect(plan.target.owner_dsn) as dst:
+        dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
+
+
+def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, float]:
+    """The whole move in one process, without durability; returns step timings.
+
+    The durable version is the DBOS workflow in ``control_plane.workflows.moves``
+    (same steps, each checkpointed); this one serves benchmarks and tests of
+    the steps themselves. ``flip`` updates the catalog route (epoch + 1).
+    """
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *args: Any) -> Any:
+        start = time.monotonic()
+        result = fn(*args)
+        timings[name] = time.monotonic() - start
+        return result
+
+    timed("prepare_target", prepare_target, plan)
+    try:
+        if plan.mode == "online":
+            timed("start_replication", start_replication, plan)
+            timed("wait_initial_sync", wait_initial_sync, plan)
+            timed("wait_caught_up", wait_caught_up, plan)
+        fenced_at = time.monotonic()
+        timed("fence_source", fence_source, plan)
+        if plan.mode == "online":
+            timed("final_catch_up", final_catch_up, plan)
+        else:
+            timed("copy_offline", copy_offline, plan)
+        timed("verify", verify, plan)
+    except Exception:
+        abort(plan)
+        raise
+    timed("activate_target", activate_target, plan)
+    timed("flip", flip, plan)
+    timings["fenced_seconds"] = time.monotonic() - fenced_at
+    timed("retire_source", retire_source, plan)
+    if plan.mode == "online":
+        timed("stop_replication", stop_replication, plan)
+    if cleanup:
+        timed("cleanup_source", cleanup_source, plan)
+    return timings
+
+
+def replication_conninfo(dsn: str, role: str) -> str:
+    """``dsn`` as the replication role, for the other server's CREATE SUBSCRIPTION."""
+    from data_plane.dsn import with_user
+
+    return with_user(dsn, role)
