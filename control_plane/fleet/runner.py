@@ -191,19 +191,19 @@ class _Run:
             if target.name not in self.results:
                 self.record(_result(target, TargetStatus.NOT_RUN, None, None, 0.0, reason))
 
-    def pool_for(self, jobs: int) -> ProcessPoolExecutor:
-        if self.executor is None:
-            self.workers = max(1, min(self.options.concurrency, jobs))
-            self.executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=mp_context(), initializer=worker.init_worker
-            )
-        return self.executor
+    def start_workers(self, jobs: int) -> None:
+        """One process pool for the whole run, sized for all of its jobs (not the first wave's)."""
+        self.workers = max(1, min(self.options.concurrency, jobs))
+        self.executor = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=mp_context(), initializer=worker.init_worker
+        )
 
     def wave(self, jobs: Sequence[tuple[Target, Job]]) -> bool:
         """Run ``jobs`` concurrently; return True if all succeeded (or were skipped)."""
         if not jobs:
             return True
-        executor = self.pool_for(len(jobs))
+        executor = self.executor
+        assert executor is not None, "start_workers() first"
         futures: dict[Future[Outcome], Target] = {}
         try:
             for target, job in jobs:
@@ -298,6 +298,8 @@ def migrate_targets(
     canary, rest = silo_jobs[: options.canary], silo_jobs[options.canary :]
     stopped: str | None = None
     interrupted = False
+    if jobs:
+        run.start_workers(len(jobs))
     try:
         pool_failed = any(r.kind == "pool" and r.status is TargetStatus.FAILED for r in run.results.values())
         if pool_failed or not run.wave(pool_jobs):

@@ -105,9 +105,7 @@ def migrate_one(job: Job) -> Outcome:
     """Migrate one target; never raises (every failure becomes a FAILED outcome)."""
     started = time.monotonic()
     before: str | None = None
-    cfg = schema.alembic_config(
-        schema.Stream.TENANT, app_role=job.app_role, replication_role=job.replication_role
-    )
+    cfg = schema.alembic_config(schema.Stream.TENANT, app_role=job.app_role, replication_role=job.replication_role)
     cfg.set_main_option("script_location", job.script_location)
     engine = create_engine(
         sync_url(job.dsn),

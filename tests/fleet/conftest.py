@@ -89,11 +89,19 @@ def downgrade() -> None:
 '''
 
 
-def make_scripts(root: Path, *, failing: bool = False) -> str:
-    """A copy of the tenant script directory with REV2 (and the failing REV3) on top of the real head."""
-    dest = root / ("tenant_failing" if failing else "tenant")
+def make_scripts(root: Path, *, failing: bool = False, sleep_s: float = 0.0) -> str:
+    """A copy of the tenant script directory with REV2 (and the failing REV3) on top of the real head.
+
+    ``sleep_s`` makes REV2 hold its transaction that long (to observe concurrency).
+    """
+    dest = root / f"tenant_{int(failing)}_{sleep_s:g}"
     shutil.copytree(schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (dest / "versions" / "fleet_test_rev2_fleet_note.py").write_text(textwrap.dedent(REVISION_2))
+    rev2 = REVISION_2
+    if sleep_s:
+        rev2 = rev2.replace(
+            "def upgrade() -> None:\n", f'def upgrade() -> None:\n    op.execute("SELECT pg_sleep({sleep_s})")\n'
+        )
+    (dest / "versions" / "fleet_test_rev2_fleet_note.py").write_text(textwrap.dedent(rev2))
     if failing:
         (dest / "versions" / "fleet_test_rev3_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
     return str(dest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -12,7 +13,7 @@ from control_plane.exceptions import MigrationFailedError, OperationLockedError
 from control_plane.fleet import FleetOptions, TargetStatus, migrate_target_to, pool_revision, run_fleet
 from control_plane.interlock import INTERLOCK_NAMESPACE, TARGET_MIGRATION_KEY, fleet_migration_lock
 from data_plane.dsn import libpq
-from tests.fleet.conftest import BASE, REV2, REV3, Fleet, has_column, revision_of
+from tests.fleet.conftest import BASE, REV2, REV3, Fleet, has_column, make_scripts, revision_of
 from tests.harness import fresh_database, owner_dsn
 
 
@@ -47,6 +48,17 @@ def test_upgrade_and_downgrade_pool_and_20_silos(fleet: Fleet, scripts: str) -> 
     assert all(revision_of(s.dsn) == BASE for s in fleet.silos)
     assert revision_of(fleet.pool) == BASE
     assert not has_column(fleet.silos[7].dsn, "projects", "fleet_note")
+
+
+def test_silos_migrate_in_parallel_up_to_the_concurrency(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.add_silos(4)
+    slow = make_scripts(tmp_path, sleep_s=1.0)  # every target holds its migration for 1 s
+    started = time.monotonic()
+    report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(concurrency=4, script_location=slow))
+    elapsed = time.monotonic() - started
+    assert not report.failed and report.workers == 4
+    # Pool alone (1 s), then the 4 silos side by side (1 s); one at a time would take 5 s.
+    assert elapsed < 4.0, elapsed
 
 
 def test_migration_failing_halfway_leaves_that_silo_unchanged(fleet: Fleet, failing_scripts: str) -> None:
