@@ -243,9 +243,11 @@ def fence_source(plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 
         except psycopg.errors.LockNotAvailable:
             with connect(plan.source.admin_dsn, autocommit=True) as admin:
                 killed = admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM tenantctl.tenant_lock_holders(%s)", (plan.tenant_id,)
+                    "SELECT pg_terminate_backend(h) FROM tenantctl.tenant_lock_holders(%s) AS h", (plan.tenant_id,)
                 ).fetchall()
-            log.warning("fence_terminated_stragglers", tenant_id=str(plan.tenant_id), count=len(killed), attempt=attempt)
+            log.warning(
+                "fence_terminated_stragglers", tenant_id=str(plan.tenant_id), count=len(killed), attempt=attempt
+            )
     raise MoveNotReadyError("could not drain the tenant's in-flight transactions")
 
 
@@ -281,8 +283,9 @@ def table_checksums(dsn: str, tenant_id: uuid.UUID) -> dict[str, tuple[int, str]
     result: dict[str, tuple[int, str]] = {}
     with connect(dsn) as conn:
         tables = tenant_tables(conn)
+        conn.rollback()
         # One snapshot for all tables: the comparison is of one consistent state.
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         _privileged(conn)
         for table in tables:
             row = conn.execute(sql.SQL(CHECKSUM).format(table=sql.SQL(table)), (tenant_id,)).fetchone()

@@ -37,7 +37,7 @@ BEGIN
      WHERE tenant_id = p_tenant AND state = 'active';
     IF p_marker IS NOT NULL THEN
         INSERT INTO tenantctl.move_markers (marker, tenant_id) VALUES (p_marker, p_tenant)
-        ON CONFLICT (marker) DO NOTHING;
+        ON CONFLICT (tenant_id, marker) DO NOTHING;
     END IF;
 END
 $fn$;
@@ -51,7 +51,9 @@ def upgrade() -> None:
         sa.Column("marker", UUID(as_uuid=True), nullable=False),
         sa.Column("tenant_id", UUID(as_uuid=True), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.PrimaryKeyConstraint("marker", name="pk_move_markers"),
+        # tenant_id leads the key: the publication filters on it, and a row
+        # filter may only use replica-identity columns (else DELETE fails).
+        sa.PrimaryKeyConstraint("tenant_id", "marker", name="pk_move_markers"),
         schema="tenantctl",
     )
     op.execute("DROP FUNCTION tenantctl.fence_tenant(uuid)")
@@ -72,7 +74,7 @@ def downgrade() -> None:
         .replace(
             """    IF p_marker IS NOT NULL THEN
         INSERT INTO tenantctl.move_markers (marker, tenant_id) VALUES (p_marker, p_tenant)
-        ON CONFLICT (marker) DO NOTHING;
+        ON CONFLICT (tenant_id, marker) DO NOTHING;
     END IF;
 """,
             "",
