@@ -69,22 +69,23 @@ class Executor:
         self.settings = settings
         self.endpoints = endpoints
         self.name = name
-        self._context = runtime.WorkerContext(
-            settings, endpoints, provisioner_factory or runtime.default_provisioner
-        )
+        self._context = runtime.WorkerContext(settings, endpoints, provisioner_factory or runtime.default_provisioner)
         self._adopt_interval_s = adopt_interval_s
         self._lease_wait_s = lease_wait_s
         self._lease: psycopg.Connection[tuple[object, ...]] | None = None
         self._stop = threading.Event()
         self._adopter: threading.Thread | None = None
 
+    @property
+    def context(self) -> runtime.WorkerContext:
+        """What this executor's workflows see (settings, endpoints, provisioner)."""
+        return self._context
+
     def _take_lease(self) -> None:
         conn = psycopg.connect(libpq(self.endpoints.catalog_url), autocommit=True)
         deadline = time.monotonic() + self._lease_wait_s
         while True:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LEASE_NAMESPACE, self.name)
-            ).fetchone()
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LEASE_NAMESPACE, self.name)).fetchone()
             if row and row[0]:
                 break
             if time.monotonic() >= deadline:
@@ -131,14 +132,9 @@ class Executor:
         """Re-enqueue unfinished workflows of executors whose process is gone."""
         adopted: list[str] = []
         with psycopg.connect(libpq(self.endpoints.catalog_url), autocommit=True) as conn:
-            others = [
-                str(row[0])
-                for row in conn.execute(PENDING_EXECUTORS_SQL, (self.name, APP_VERSION)).fetchall()
-            ]
+            others = [str(row[0]) for row in conn.execute(PENDING_EXECUTORS_SQL, (self.name, APP_VERSION)).fetchall()]
             for other in others:
-                row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LEASE_NAMESPACE, other)
-                ).fetchone()
+                row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LEASE_NAMESPACE, other)).fetchone()
                 if not row or not row[0]:
                     continue  # alive: its own process runs them
                 try:

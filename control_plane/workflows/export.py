@@ -128,9 +128,9 @@ def export_tenant(
             conn.execute("SELECT set_config('row_security', 'off', true)")
             for table in tenant_tables(conn):
                 order = sql.SQL(", ").join(sql.Identifier(col) for col in _primary_key(conn, table))
-                query = sql.SQL(
-                    "SELECT row_to_json(t)::text FROM {} t WHERE t.tenant_id = %s ORDER BY {}"
-                ).format(sql.Identifier(table), order)
+                query = sql.SQL("SELECT row_to_json(t)::text FROM {} t WHERE t.tenant_id = %s ORDER BY {}").format(
+                    sql.Identifier(table), order
+                )
                 digest = hashlib.sha256()
                 rows = 0
                 path = partial / f"{table}.jsonl"
@@ -182,9 +182,9 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
         conn.execute("SELECT set_config('row_security', 'off', true)")
         for table in manifest["tables"]:
             name = sql.Identifier(table["name"])
-            statement = sql.SQL(
-                "INSERT INTO {} SELECT * FROM json_populate_recordset(NULL::{}, %s::json)"
-            ).format(name, name)
+            statement = sql.SQL("INSERT INTO {} SELECT * FROM json_populate_recordset(NULL::{}, %s::json)").format(
+                name, name
+            )
             chunk: list[str] = []
             inserted = 0
             for line in _read_lines(directory / table["file"]):

@@ -199,10 +199,7 @@ async def cancel_job(
         values = {"cancel_requested": True}
     row = (
         await session.execute(
-            sa.update(jobs)
-            .where(jobs.c.id == job_id)
-            .values(**values, updated_at=sa.func.now())
-            .returning(*jobs.c)
+            sa.update(jobs).where(jobs.c.id == job_id).values(**values, updated_at=sa.func.now()).returning(*jobs.c)
         )
     ).one()
     return JobRecord.from_row(row)
@@ -236,9 +233,7 @@ class JobRun:
                 return None
             if job.status == "pending":
                 await session.execute(
-                    sa.update(jobs)
-                    .where(jobs.c.id == self.job_id)
-                    .values(status="running", updated_at=sa.func.now())
+                    sa.update(jobs).where(jobs.c.id == self.job_id).values(status="running", updated_at=sa.func.now())
                 )
             return job
 
@@ -246,7 +241,7 @@ class JobRun:
         """Record that step ``name`` starts; True if a cancel is due instead."""
         async with self._sessions.begin() as session:
             job = await get_job(session, self.job_id, lock=True)
-            if job.cancel_requested and self.kind.cancellable_at(name):
+            if job.cancel_requested and self.kind.may_stop_before(name):
                 return True
             await session.execute(
                 sa.update(jobs)

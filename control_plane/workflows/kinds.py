@@ -26,6 +26,12 @@ class JobKind:
             return True
         return self.steps.index(step) < self.steps.index(self.point_of_no_return)
 
+    def may_stop_before(self, step: str) -> bool:
+        """Whether a requested cancel is still honoured when ``step`` is about to start."""
+        if self.point_of_no_return is None:
+            return True
+        return self.steps.index(step) <= self.steps.index(self.point_of_no_return)
+
     def fraction_before(self, step: str) -> float:
         """Progress when ``step`` starts (steps weigh the same)."""
         return self.steps.index(step) / len(self.steps)

@@ -94,6 +94,7 @@ async def export_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
     )
     rows = sum(int(table["rows"]) for table in manifest["tables"])
     await report_progress(job["id"], KIND, "export", 1.0, {"rows": rows, "tables": len(manifest["tables"])})
+    await ctx.pause()
     return {"path": str(export.export_dir_for(base, tenant_id)), "rows": rows}
 
 

@@ -110,9 +110,7 @@ async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
         if current.status == "active" and current.location_id == location_id:
             return  # replayed after the commit
         await session.execute(
-            sa.update(locations)
-            .where(locations.c.id == location_id)
-            .values(status="ready", updated_at=sa.func.now())
+            sa.update(locations).where(locations.c.id == location_id).values(status="ready", updated_at=sa.func.now())
         )
         await service.transition(
             session,
@@ -140,9 +138,7 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
                 .where(locations.c.name == loc["name"], locations.c.tenant_id == tenant_id)
                 .values(status="deleted", updated_at=sa.func.now())
             )
-        await service.tombstone_never_active(
-            session, tenant_id=tenant_id, actor=job["created_by"], job_id=job["id"]
-        )
+        await service.tombstone_never_active(session, tenant_id=tenant_id, actor=job["created_by"], job_id=job["id"])
 
 
 @DBOS.workflow(name=KIND.workflow_name)

@@ -61,9 +61,7 @@ async def finish_job(job_id: str, kind: str, status: str, error: str | None) -> 
         await run.fail(error or "failed")
 
 
-async def report_progress(
-    job_id: str, kind: JobKind, step: str, fraction: float, detail: dict[str, Any]
-) -> None:
+async def report_progress(job_id: str, kind: JobKind, step: str, fraction: float, detail: dict[str, Any]) -> None:
     """Progress inside a step (call from within a step body)."""
     await JobRun(runtime.current().sessions(), uuid.UUID(job_id), kind).progress(step, fraction, detail)
 

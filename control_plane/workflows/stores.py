@@ -43,9 +43,7 @@ async def fence_tenant(dsn: str, tenant_id: uuid.UUID) -> None:
 async def ownership_state(dsn: str, tenant_id: uuid.UUID) -> str | None:
     conn = await _connect(dsn)
     try:
-        value = await conn.fetchval(
-            "SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = $1", tenant_id
-        )
+        value = await conn.fetchval("SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = $1", tenant_id)
     finally:
         await conn.close()
     return None if value is None else str(value)

@@ -14,9 +14,7 @@ from tests.control_plane.conftest import audit_entries, ownership
 
 
 async def create(admin: httpx.AsyncClient, slug: str, tier: str = "free", **headers: str) -> httpx.Response:
-    return await admin.post(
-        "/v1/tenants", json={"slug": slug, "name": slug.title(), "tier": tier}, headers=headers
-    )
+    return await admin.post("/v1/tenants", json={"slug": slug, "name": slug.title(), "tier": tier}, headers=headers)
 
 
 async def test_pool_tenant_is_active_at_once_and_claimed_in_the_pool(
@@ -145,9 +143,7 @@ async def test_patch_with_optimistic_concurrency(admin: httpx.AsyncClient) -> No
     assert ok.json()["placement"] == {"kind": "pool", "location": "pool"}
     assert ok.json()["version"] == version + 1
 
-    stale = await admin.patch(
-        f"/v1/tenants/{tenant_id}", json={"name": "Stale"}, headers={"If-Match": str(version)}
-    )
+    stale = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Stale"}, headers={"If-Match": str(version)})
     assert stale.status_code == 409
     assert stale.json()["error"]["code"] == "version_conflict"
     stale_body = await admin.patch(f"/v1/tenants/{tenant_id}", json={"name": "Stale", "version": version})
@@ -280,9 +276,7 @@ async def test_every_admin_action_is_audited_with_the_token_subject(
     ]
 
 
-async def test_tokens_other_than_admin_are_refused(
-    admin: httpx.AsyncClient, cp_settings: ControlPlaneSettings
-) -> None:
+async def test_tokens_other_than_admin_are_refused(admin: httpx.AsyncClient, cp_settings: ControlPlaneSettings) -> None:
     import time
     import uuid
 
@@ -326,3 +320,20 @@ async def test_health_metrics_and_openapi_error_schemas(admin: httpx.AsyncClient
     assert {"201", "401", "403", "409", "422"} <= set(post["responses"])
     assert "ErrorResponse" in spec["components"]["schemas"]
     assert "/v1/jobs/{job_id}/cancel" in spec["paths"]
+
+
+async def test_suspend_and_resume_notify_the_route_channel(admin: httpx.AsyncClient, endpoints: Endpoints) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    tenant_id = (await create(admin, "acme")).json()["id"]
+    with psycopg.connect(libpq(endpoints.app_catalog_url), autocommit=True) as listener:
+        listener.execute("LISTEN tenant_routes")
+        await admin.post(f"/v1/tenants/{tenant_id}/suspend")
+        payloads = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+        assert payloads == [tenant_id]
+        route = listener.execute("SELECT status FROM tenant_routes WHERE tenant_id = %s", (tenant_id,)).fetchone()
+        assert route == ("suspended",)
+        await admin.post(f"/v1/tenants/{tenant_id}/resume")
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == [tenant_id]

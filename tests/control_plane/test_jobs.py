@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,53 +18,15 @@ import httpx
 import psycopg
 import pytest
 
-from control_plane import keys, schema
-from control_plane.api import create_app
+from control_plane import schema
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
 from control_plane.workflows import export
-from control_plane.workflows.executor import Executor
 from data_plane.dsn import libpq
-from tests.conftest import asgi_client
-from tests.control_plane.conftest import admin_headers, audit_entries, ownership
-from tests.harness import POOL_TEMPLATE, PgServers, fresh_database, fresh_endpoints, owner_dsn
+from tests.control_plane.conftest import audit_entries, ownership
+from tests.harness import POOL_TEMPLATE, PgServers, fresh_database, owner_dsn
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def wf_endpoints(pg_servers: PgServers) -> Iterator[Endpoints]:
-    with fresh_endpoints(pg_servers) as endpoints:
-        yield endpoints
-
-
-@pytest.fixture(scope="session")
-def wf_settings(wf_endpoints: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> ControlPlaneSettings:
-    settings = ControlPlaneSettings(
-        state_dir=tmp_path_factory.mktemp("wf-state"),
-        environment="test",
-        catalog_url=wf_endpoints.catalog_url,
-        pool_url=wf_endpoints.pool_url,
-        silo_server_url=wf_endpoints.silo_server_url,
-        offboard_batch_size=3,
-    )
-    keys.ensure_dev_key(settings)
-    return settings
-
-
-@pytest.fixture(scope="session")
-def executor(wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints) -> Iterator[Executor]:
-    with Executor(wf_settings, wf_endpoints, name=f"test-{uuid.uuid4().hex[:8]}") as running:
-        yield running
-
-
-@pytest.fixture
-async def wf_admin(
-    executor: Executor, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints
-) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in asgi_client(create_app(wf_settings, wf_endpoints)):
-        client.headers.update(admin_headers(wf_settings))
-        yield client
 
 
 def slug() -> str:
@@ -79,7 +40,7 @@ def seed(pool_url: str, tenant_id: str, *, projects: int, tasks_per_project: int
             project_id = uuid.uuid4()
             conn.execute(
                 "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, %s)",
-                (tenant_id, project_id, f"project {p} ünïcode \"quoted\""),
+                (tenant_id, project_id, f'project {p} ünïcode "quoted"'),
             )
             for t in range(tasks_per_project):
                 conn.execute(
@@ -164,9 +125,7 @@ def test_import_refuses_a_tampered_export(tmp_path: Path) -> None:
         export.import_tenant("postgresql://unused@/x", directory)
 
 
-async def test_onboarding_and_offboarding_a_silo_tenant(
-    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints
-) -> None:
+async def test_onboarding_and_offboarding_a_silo_tenant(wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints) -> None:
     created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Big", "tier": "enterprise"})
     assert created.status_code == 201, created.text
     tenant = created.json()
@@ -216,3 +175,66 @@ async def test_a_finished_job_cannot_be_cancelled_and_unknown_jobs_are_404(wf_ad
     assert (await wf_admin.get(f"/v1/jobs/{uuid.uuid4()}")).status_code == 404
     listed = (await wf_admin.get("/v1/jobs", params={"tenant_id": tenant["id"]})).json()["data"]
     assert [j["id"] for j in listed] == [job["id"]]
+
+
+async def test_cancelling_a_running_offboarding_before_the_delete_restores_the_tenant(
+    wf_admin: httpx.AsyncClient, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints, tweak: Any
+) -> None:
+    tweak(test_step_delay_seconds=1.5)  # the job lingers after its export
+    tenant = (await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "C", "tier": "free"})).json()
+    await wf_admin.post(f"/v1/tenants/{tenant['id']}/suspend")
+    seed(wf_endpoints.pool_url, tenant["id"], projects=2, tasks_per_project=2)
+    before = snapshot(wf_endpoints.pool_url, tenant["id"])
+    job_id = (await wf_admin.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
+
+    import asyncio
+
+    deadline = time.monotonic() + 30
+    while (await wf_admin.get(f"/v1/jobs/{job_id}")).json()["step"] != "export":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    export_dir = export.export_dir_for(wf_settings.export_dir, uuid.UUID(tenant["id"]))
+    assert ownership(wf_endpoints.pool_url, tenant["id"]) == ("fenced", 1)
+    requested = await wf_admin.post(f"/v1/jobs/{job_id}/cancel")
+    assert requested.status_code == 202
+    assert requested.json()["job"]["status"] == "running"  # cancelled at the next step boundary
+
+    job = await wait_job(wf_admin, job_id)
+    assert job["status"] == "cancelled", job
+    restored = (await wf_admin.get(f"/v1/tenants/{tenant['id']}")).json()
+    assert restored["status"] == "suspended"  # the status it had before
+    assert ownership(wf_endpoints.pool_url, tenant["id"]) == ("active", 1)  # unfenced
+    assert snapshot(wf_endpoints.pool_url, tenant["id"]) == before
+    assert not export_dir.exists()
+
+
+class BrokenProvisioner:
+    kind = "broken"
+
+    def provision(self, spec: Any) -> Any:
+        from control_plane.exceptions import ProvisioningError
+
+        raise ProvisioningError(f"no capacity for {spec.name}")
+
+    def deprovision(self, location: Any) -> None:
+        raise AssertionError("nothing was provisioned")
+
+    def describe(self, location: Any) -> dict[str, Any]:
+        return {}
+
+
+async def test_a_failed_onboarding_is_recorded_and_the_tenant_can_be_offboarded(
+    wf_admin: httpx.AsyncClient, tweak: Any
+) -> None:
+    tweak(provisioner=BrokenProvisioner())
+    created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "F", "tier": "enterprise"})
+    job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    assert job["status"] == "failed"
+    assert job["step"] == "provision"
+    assert "no capacity" in job["error"]
+    tenant_id = created.json()["id"]
+    assert (await wf_admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "provisioning"
+
+    cleanup = await wait_job(wf_admin, (await wf_admin.delete(f"/v1/tenants/{tenant_id}")).json()["job"]["id"])
+    assert cleanup["status"] == "succeeded", cleanup
+    assert (await wf_admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "deleted"

@@ -1,0 +1,87 @@
+"""`tenantctl tenants ...` against a live admin API (uvicorn in a thread) and the session executor."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from control_plane.api import create_app
+from control_plane.cli import app as cli_app
+from control_plane.settings import ControlPlaneSettings
+from control_plane.stack import Endpoints
+from control_plane.workflows.executor import Executor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def admin_url(executor: Executor, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(wf_settings, wf_endpoints), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_tenants_cli_round_trip(admin_url: str, wf_settings: ControlPlaneSettings) -> None:
+    runner = CliRunner()
+    env = {
+        "TENANTCTL_ADMIN_URL": admin_url,
+        "TENANTCTL_STATE_DIR": str(wf_settings.state_dir),
+        "TENANTCTL_ENVIRONMENT": "test",
+    }
+
+    def doc(text: str) -> Any:
+        # The session executor runs in this process and logs (structlog) to the
+        # same captured stdout; a real CLI process prints only its document.
+        start = text.index("{") if text.startswith("{") else text.index("\n{") + 1
+        return json.JSONDecoder().raw_decode(text[start:])[0]
+
+    def run(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(cli_app, ["tenants", *args], env=env)
+        assert (result.exit_code == 0) is ok, result.output
+        return result.stdout
+
+    slug = f"cli-{uuid.uuid4().hex[:8]}"
+    created = doc(run("create", slug, "--name", "Cli Co", "--tier", "standard", "--json"))
+    assert created["status"] == "active"
+    assert created["placement"]["kind"] == "pool"
+    assert doc(run("show", slug, "--json"))["id"] == created["id"]
+    assert slug in [t["slug"] for t in doc(run("list", "--tier", "standard", "--json"))["data"]]
+    table = run("list", "--tier", "standard")  # the human table
+    assert "slug" in table
+    assert "active" in table
+    assert doc(run("suspend", slug, "--json"))["status"] == "suspended"
+    assert doc(run("resume", slug, "--json"))["status"] == "active"
+    run("resume", slug, ok=False)  # illegal transition: a one-line error, exit 1
+
+    silo = doc(run("create", f"{slug}-big", "--tier", "enterprise", "--wait", "--json"))
+    assert silo["status"] == "active"
+    assert silo["placement"]["kind"] == "silo"
+
+    failed = runner.invoke(cli_app, ["tenants", "promote", slug], env=env)
+    assert failed.exit_code == 1
+    assert "not available yet" in failed.output
+
+    job = doc(run("offboard", slug, "--yes", "--wait", "--json"))["job"]
+    assert job["status"] == "succeeded"
+    assert doc(run("show", slug, "--json"))["status"] == "deleted"
