@@ -46,15 +46,11 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
         ["method", "route", "status"],
         registry=registry,
     )
-    latency = Histogram(
-        "tenantctl_admin_request_seconds", "Admin API latency.", ["method", "route"], registry=registry
-    )
+    latency = Histogram("tenantctl_admin_request_seconds", "Admin API latency.", ["method", "route"], registry=registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_async_engine(
-            async_url(endpoints.catalog_url), pool_size=5, max_overflow=5, pool_pre_ping=True
-        )
+        engine = create_async_engine(async_url(endpoints.catalog_url), pool_size=5, max_overflow=5, pool_pre_ping=True)
         enqueuer = DBOSJobEnqueuer(system_database_url(endpoints.catalog_url))
         app.state.catalog = CatalogState(
             settings=settings,
@@ -83,9 +79,7 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
     app.include_router(catalog_router)
 
     @app.middleware("http")
-    async def metrics_middleware(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+    async def metrics_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
         route = _route_template(request)

@@ -89,9 +89,7 @@ async def begin(session: AsyncSession, *, actor: str, key: str, fingerprint: str
         if not row.stale:
             raise IdempotencyInFlightError("a request with this Idempotency-Key is still in progress")
         await session.execute(
-            sa.update(table)
-            .where(table.c.actor == actor, table.c.key == key)
-            .values(updated_at=sa.func.now())
+            sa.update(table).where(table.c.actor == actor, table.c.key == key).values(updated_at=sa.func.now())
         )
         return None
 

@@ -64,9 +64,7 @@ def next_status(action: Action, current: str, *, previous: str | None = None) ->
     allowed, target = TRANSITIONS[action]
     status = Status(current)
     if status not in allowed:
-        raise IllegalTransitionError(
-            f"cannot {action.value.replace('_', ' ')} a tenant that is {status.value}"
-        )
+        raise IllegalTransitionError(f"cannot {action.value.replace('_', ' ')} a tenant that is {status.value}")
     if target is None:
         if previous is None or Status(previous) not in RESTORABLE:
             raise IllegalTransitionError(f"cannot {action.value} to {previous!r}")

@@ -262,9 +262,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 50,
 ) -> dict[str, Any]:
     """Most recent jobs first."""
-    records = await service.list_jobs(
-        session=session, tenant_id=tenant_id, kind=kind, status=status, limit=limit
-    )
+    records = await service.list_jobs(session=session, tenant_id=tenant_id, kind=kind, status=status, limit=limit)
     return {"data": [job_json(job) for job in records], "next_cursor": None}
 
 

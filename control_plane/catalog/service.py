@@ -346,20 +346,14 @@ async def _restore_after_offboarding(session: AsyncSession, job: JobRecord) -> N
     )
 
 
-async def tombstone_never_active(
-    session: AsyncSession, *, tenant_id: uuid.UUID, actor: str, job_id: str
-) -> None:
+async def tombstone_never_active(session: AsyncSession, *, tenant_id: uuid.UUID, actor: str, job_id: str) -> None:
     """A cancelled onboarding: the tenant that never became active is offboarded and tombstoned."""
     current = await resolve_tenant(session, tenant_id, lock=True)
     if current.status == Status.PROVISIONING:
-        await transition(
-            session, tenant_id=tenant_id, action=Action.OFFBOARD, actor=actor, detail={"job_id": job_id}
-        )
+        await transition(session, tenant_id=tenant_id, action=Action.OFFBOARD, actor=actor, detail={"job_id": job_id})
         current = await resolve_tenant(session, tenant_id)
     if current.status == Status.OFFBOARDING:
-        await transition(
-            session, tenant_id=tenant_id, action=Action.TOMBSTONE, actor=actor, detail={"job_id": job_id}
-        )
+        await transition(session, tenant_id=tenant_id, action=Action.TOMBSTONE, actor=actor, detail={"job_id": job_id})
 
 
 async def _cancel_pending_onboarding(session: AsyncSession, job: JobRecord) -> None:
