@@ -6,6 +6,8 @@ FLEET_MIGRATION_KEY)`` = ``(7302, 1)``, arbitrates between the two:
 * the fleet migration runner holds it **exclusively at session level** for its
   whole run (:func:`fleet_migration_lock`) and, once it holds it, refuses to
   start while any tenant has status ``'moving'``;
+* :func:`fleet_migration_excluded` holds it shared for a block of work that
+  no ``'moving'`` tenant covers (a new tenant's silo being migrated);
 * a move marks its tenant ``'moving'`` inside a catalog transaction that first
   takes the same lock **shared at transaction level without waiting**
   (:func:`mark_tenant_moving` / :func:`mark_tenant_moving_async`) and refuses
@@ -87,7 +89,7 @@ def describe_holders(conn: psycopg.Connection[tuple[object, ...]], namespace: in
         return "unknown holder (it may just have been released)"
     parts = []
     for pid, mode, app, started in rows:
-        who = "a move" if mode == "ShareLock" else "a fleet migration"
+        who = "a move or provisioning workflow" if mode == "ShareLock" else "a fleet migration"
         parts.append(f"{who} (pid {pid}, {app or 'no application_name'}, connected {started})")
     return "; ".join(parts)
 
@@ -104,9 +106,7 @@ def _acquire_exclusive(conn: psycopg.Connection[tuple[object, ...]], timeout_s: 
     deadline = started + max(timeout_s, 0.0)
     delay = 0.05
     while True:
-        row = conn.execute(
-            "SELECT pg_try_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
-        ).fetchone()
+        row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)).fetchone()
         if row is not None and row[0]:
             return time.monotonic() - started
         if time.monotonic() >= deadline:
@@ -151,6 +151,28 @@ def fleet_migration_lock(catalog_dsn: str, *, timeout_s: float = 10.0) -> Iterat
             conn.execute("SELECT pg_advisory_unlock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def fleet_migration_excluded(catalog_dsn: str) -> Iterator[None]:
+    """Keep fleet runs out while the block runs (session-level shared lock, no waiting).
+
+    For a workflow step that is not covered by a ``'moving'`` tenant -- e.g.
+    provisioning a silo for a new tenant -- and must not interleave with a fleet
+    run (it reads the pool's revision and migrates a silo the runner does not
+    know yet). Raises :class:`OperationLockedError` at once if a runner holds
+    the interlock; a runner that starts meanwhile waits for the block to end.
+    """
+    with psycopg.connect(libpq(catalog_dsn), autocommit=True, application_name="tenantctl workflow") as conn:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock_shared(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
+        ).fetchone()
+        if row is None or not row[0]:
+            raise OperationLockedError(FLEET_RUNNING_MESSAGE)
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock_shared(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
 
 
 def _refuse_if_not_moved(status: object, tenant_id: uuid.UUID) -> None:

@@ -2,9 +2,12 @@
 
 Public API for other workflows::
 
-    from control_plane.fleet import migrate_target_to, pool_revision
+    from control_plane.fleet import migrate_new_silo, migrate_target_to, pool_revision
 
-    result = migrate_target_to(silo_dsn, pool_revision(pool_dsn))  # provisioning / moves
+    # provisioning a new tenant's silo: pool revision read and applied under the interlock
+    result = migrate_new_silo(silo_dsn, pool_dsn, catalog_dsn=catalog_dsn)
+    # inside a move (the tenant is 'moving', which already keeps fleet runs out)
+    result = migrate_target_to(silo_dsn, pool_revision(pool_dsn))
 
 and for the CLI and tests: :func:`run_fleet`, :func:`migrate_targets`,
 :func:`status_of`. See :mod:`control_plane.fleet.runner` for the order and
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from control_plane.fleet.runner import (
         FleetOptions,
         FleetReport,
+        migrate_new_silo,
         migrate_target_to,
         migrate_targets,
         pool_revision,
@@ -41,6 +45,7 @@ _EXPORTS = {
     "TargetStatus": "models",
     "FleetOptions": "runner",
     "FleetReport": "runner",
+    "migrate_new_silo": "runner",
     "migrate_target_to": "runner",
     "migrate_targets": "runner",
     "pool_revision": "runner",
@@ -62,6 +67,7 @@ __all__ = [
     "TargetResult",
     "TargetState",
     "TargetStatus",
+    "migrate_new_silo",
     "migrate_target_to",
     "migrate_targets",
     "pool_revision",

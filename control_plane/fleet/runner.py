@@ -41,7 +41,7 @@ from control_plane.fleet.models import Action, Job, Outcome, Target, TargetResul
 from control_plane.fleet.probe import Probe, probe_all, read_revision
 from control_plane.fleet.scripts import RevisionError, ScriptInfo
 from control_plane.fleet.targets import ALL, load_targets
-from control_plane.interlock import fleet_migration_lock
+from control_plane.interlock import fleet_migration_excluded, fleet_migration_lock
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_LOCK_TIMEOUT_S = 10.0
@@ -405,3 +405,38 @@ def migrate_target_to(
     if result.status is TargetStatus.FAILED:
         raise MigrationFailedError(f"migrating {name} to {revision} failed: {result.error}")
     return result
+
+
+def migrate_new_silo(
+    silo_dsn: str,
+    pool_dsn: str,
+    *,
+    catalog_dsn: str,
+    app_role: str = "tenantctl_app",
+    replication_role: str = "tenantctl_replicator",
+    script_location: str | None = None,
+    lock_timeout_s: float = 30.0,
+    name: str = "silo",
+) -> TargetResult:
+    """Migrate a newly provisioned silo to the pool's current revision, excluding fleet runs.
+
+    Reads the pool's revision and migrates the silo while holding the catalog
+    interlock shared (:func:`control_plane.interlock.fleet_migration_excluded`),
+    so a fleet run cannot move the pool to another revision in between. Raises
+    :class:`~control_plane.exceptions.OperationLockedError` if a fleet run is in
+    progress (retry later) and :class:`MigrationFailedError` if the migration fails.
+    """
+    with fleet_migration_excluded(catalog_dsn):
+        try:
+            revision = pool_revision(pool_dsn)
+        except psycopg.Error as exc:
+            raise MigrationFailedError(f"cannot read the pool's revision: {exc}") from None
+        return migrate_target_to(
+            silo_dsn,
+            revision,
+            app_role=app_role,
+            replication_role=replication_role,
+            script_location=script_location,
+            lock_timeout_s=lock_timeout_s,
+            name=name,
+        )

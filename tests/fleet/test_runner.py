@@ -10,8 +10,20 @@ import psycopg
 import pytest
 
 from control_plane.exceptions import MigrationFailedError, OperationLockedError
-from control_plane.fleet import FleetOptions, TargetStatus, migrate_target_to, pool_revision, run_fleet
-from control_plane.interlock import INTERLOCK_NAMESPACE, TARGET_MIGRATION_KEY, fleet_migration_lock
+from control_plane.fleet import (
+    FleetOptions,
+    TargetStatus,
+    migrate_new_silo,
+    migrate_target_to,
+    pool_revision,
+    run_fleet,
+)
+from control_plane.interlock import (
+    INTERLOCK_NAMESPACE,
+    TARGET_MIGRATION_KEY,
+    fleet_migration_excluded,
+    fleet_migration_lock,
+)
 from data_plane.dsn import libpq
 from tests.fleet.conftest import BASE, REV2, REV3, Fleet, has_column, make_scripts, revision_of
 from tests.harness import fresh_database, owner_dsn
@@ -164,3 +176,16 @@ def test_migrate_target_to_brings_a_new_silo_to_the_pool_revision(fleet: Fleet, 
             migrate_target_to(dsn, BASE, script_location=scripts)
         with pytest.raises(MigrationFailedError):
             migrate_target_to(dsn, "no_such_rev", script_location=scripts)
+
+
+def test_migrate_new_silo_excludes_fleet_runs(fleet: Fleet, scripts: str) -> None:
+    servers = fleet.servers
+    with fresh_database(servers.silo_admin, servers.roles, template=None, prefix="t_new_silo") as db:
+        dsn = owner_dsn(servers.silo_admin, db, servers.roles)
+        with fleet_migration_lock(fleet.catalog), pytest.raises(OperationLockedError):
+            migrate_new_silo(dsn, fleet.pool, catalog_dsn=fleet.catalog, script_location=scripts)
+        assert revision_of(dsn) is None
+        with fleet_migration_excluded(fleet.catalog), pytest.raises(OperationLockedError):
+            run_fleet(fleet.catalog, fleet.pool, FleetOptions(lock_timeout_s=0.2, script_location=scripts))
+        result = migrate_new_silo(dsn, fleet.pool, catalog_dsn=fleet.catalog, script_location=scripts)
+        assert result.to_revision == BASE == revision_of(fleet.pool) == revision_of(dsn)
