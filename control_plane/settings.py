@@ -39,14 +39,15 @@ class ControlPlaneSettings(CommonSettings):
         default_factory=lambda: {"free": "pool", "standard": "pool", "enterprise": "silo"},
         description="Tier -> default placement (pool | silo); its keys are the known tiers.",
     )
-    admin_url: str | None = Field(
-        default=None, description="Admin API URL for the CLI (default: the running stack's)."
-    )
+    admin_url: str | None = Field(default=None, description="Admin API URL for the CLI (default: the running stack's).")
     worker_name: str = Field(
         default="worker",
         description="Executor id of `tenantctl worker`; a restarted worker resumes the jobs of its name.",
     )
     worker_concurrency: int = Field(default=4, ge=1, description="Jobs one executor runs at once.")
+    worker_adopt_interval_seconds: float = Field(
+        default=10.0, gt=0, description="How often an executor adopts the jobs of executors that died."
+    )
     offboard_batch_size: int = Field(default=1000, ge=1, description="Rows deleted per transaction.")
     test_step_delay_seconds: float = Field(
         default=0.0,

@@ -254,14 +254,32 @@ async def create_tenant(
                 )
             view = await resolve_tenant(session, tenant_id)
     except IntegrityError as exc:
-        if "uq_tenants_slug" in str(exc.orig):
-            raise ConflictError(f"slug {slug!r} is taken", code="slug_taken") from None
-        raise
+        if "uq_tenants_slug" not in str(exc.orig):
+            raise
+        view = await _unfinished_pool_onboarding(session, slug=slug, name=name, tier=tier, placement=placement)
+        job = None
     if placement is Placement.POOL:
-        await claim_tenant(pool_dsn, tenant_id, view.route_epoch)
+        await claim_tenant(pool_dsn, view.id, view.route_epoch)
         async with session.begin():
-            view = await transition(session, tenant_id=tenant_id, action=Action.ACTIVATE, actor=actor)
+            view = await transition(session, tenant_id=view.id, action=Action.ACTIVATE, actor=actor)
     return view, job
+
+
+async def _unfinished_pool_onboarding(
+    session: AsyncSession, *, slug: str, name: str, tier: str, placement: Placement
+) -> TenantView:
+    """The same pool tenant, recorded by an attempt that died before activating it (I5:
+    the retry resumes it); anything else with this slug is a 409."""
+    async with session.begin():
+        existing = await resolve_tenant(session, slug)
+    if (
+        placement is Placement.POOL
+        and existing.status == Status.PROVISIONING
+        and existing.placement == Placement.POOL
+        and (existing.name, existing.tier) == (name, tier)
+    ):
+        return existing
+    raise ConflictError(f"slug {slug!r} is taken", code="slug_taken")
 
 
 async def update_tenant(

@@ -12,7 +12,7 @@ Two guards make that safe:
 * a *lease* -- a session advisory lock on the executor name, held on a
   dedicated catalog connection for the executor's lifetime -- so two live
   processes can never share an id (both would "recover" the same workflows);
-* *adoption* -- every ``ADOPT_INTERVAL_S`` an executor looks for unfinished
+* *adoption* -- every ``worker_adopt_interval_seconds`` an executor looks for unfinished
   workflows of other executor ids whose lease is free (their process died and
   nobody restarted it) and, holding that lease meanwhile, has DBOS re-enqueue
   them; DBOS's queue hands each to exactly one executor.
@@ -44,7 +44,6 @@ APP_NAME = "tenantctl"
 APP_VERSION = "tenantctl-0.1.0"
 WORKFLOW_MODULES = ("control_plane.workflows.onboarding", "control_plane.workflows.offboarding")
 LEASE_NAMESPACE = 7303  # executor lease (7301: tenant fence, 7302: local provisioner)
-ADOPT_INTERVAL_S = 10.0
 QUEUE_POLL_S = 0.5
 
 PENDING_EXECUTORS_SQL = """
@@ -63,14 +62,14 @@ class Executor:
         *,
         name: str,
         provisioner_factory: runtime.ProvisionerFactory | None = None,
-        adopt_interval_s: float = ADOPT_INTERVAL_S,
+        adopt_interval_s: float | None = None,
         lease_wait_s: float = 10.0,
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
         self.name = name
         self._context = runtime.WorkerContext(settings, endpoints, provisioner_factory or runtime.default_provisioner)
-        self._adopt_interval_s = adopt_interval_s
+        self._adopt_interval_s = adopt_interval_s or settings.worker_adopt_interval_seconds
         self._lease_wait_s = lease_wait_s
         self._lease: psycopg.Connection[tuple[object, ...]] | None = None
         self._stop = threading.Event()

@@ -337,3 +337,24 @@ async def test_suspend_and_resume_notify_the_route_channel(admin: httpx.AsyncCli
         assert route == ("suspended",)
         await admin.post(f"/v1/tenants/{tenant_id}/resume")
         assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == [tenant_id]
+
+
+async def test_a_pool_onboarding_that_died_before_activation_is_resumed_by_a_retry(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    # What a crash between "recorded" and "claimed" leaves behind.
+    with psycopg.connect(libpq(endpoints.catalog_url)) as conn:
+        conn.execute(
+            "INSERT INTO tenants (slug, name, tier, status, placement, location_id) "
+            "SELECT 'halfway', 'Halfway', 'free', 'provisioning', 'pool', id FROM locations WHERE name = 'pool'"
+        )
+    different = await admin.post("/v1/tenants", json={"slug": "halfway", "name": "Other", "tier": "free"})
+    assert different.status_code == 409
+    retried = await admin.post("/v1/tenants", json={"slug": "halfway", "name": "Halfway", "tier": "free"})
+    assert retried.status_code == 201
+    assert retried.json()["status"] == "active"
+    assert ownership(endpoints.pool_url, retried.json()["id"]) == ("active", 1)

@@ -27,11 +27,11 @@ from tests.control_plane.conftest import admin_headers, audit_entries
 pytestmark = pytest.mark.slow
 
 
-def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _worker(env: dict[str, str], log: Path, name: str = "crashy") -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         return subprocess.Popen(
             # The console script's way in (`tenantctl worker`), without relying on PATH.
-            [sys.executable, "-c", "from control_plane.cli import main; main()", "worker", "--name", "crashy"],
+            [sys.executable, "-c", "from control_plane.cli import main; main()", "worker", "--name", name],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -59,8 +59,15 @@ async def _poll(client: httpx.AsyncClient, job_id: str, done: Any, timeout: floa
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize(
+    "successor",
+    [
+        pytest.param("crashy", id="restarted-under-its-name"),
+        pytest.param("rescuer", id="adopted-by-another-worker"),
+    ],
+)
 async def test_killing_the_worker_mid_offboarding_and_restarting_finishes_exactly_once(
-    cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path
+    cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path, successor: str
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTCTL_")}
     env.update(
@@ -72,6 +79,7 @@ async def test_killing_the_worker_mid_offboarding_and_restarting_finishes_exactl
         TENANTCTL_OFFBOARD_BATCH_SIZE="4",
         # The test hook: a pause after every batch, so the kill lands mid-delete.
         TENANTCTL_TEST_STEP_DELAY_SECONDS="0.3",
+        TENANTCTL_WORKER_ADOPT_INTERVAL_SECONDS="0.5",
     )
     log = tmp_path / "worker.log"
     workers: list[subprocess.Popen[bytes]] = []
@@ -115,7 +123,7 @@ async def test_killing_the_worker_mid_offboarding_and_restarting_finishes_exactl
         assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
 
         env["TENANTCTL_TEST_STEP_DELAY_SECONDS"] = "0"
-        workers.append(_worker(env, log))
+        workers.append(_worker(env, log, successor))
         final = await _poll(client, job_id, lambda j: j["status"] not in ("pending", "running"), 60, log)
 
         assert final["status"] == "succeeded", final
@@ -136,7 +144,7 @@ async def test_killing_the_worker_mid_offboarding_and_restarting_finishes_exactl
             ).fetchone()
         assert row is not None
         assert row[0] == "SUCCESS"
-        assert row[1] == "crashy"
+        assert row[1] == successor
     finally:
         await clients.aclose()
         for proc in workers:
