@@ -113,7 +113,10 @@ def _run(
     if as_json:
         print_json(report.to_json())
     else:
-        table = Table("target", "tenant", "status", "from → to", "seconds", "error")
+        table = Table("target", "tenant", "status")
+        table.add_column("from → to", no_wrap=True)
+        table.add_column("seconds", justify="right")
+        table.add_column("error")
         for r in report.results:
             style = _STATUS_STYLE[r.status]
             table.add_row(
