@@ -1,0 +1,224 @@
+"""Promotion of a 1M-row tenant under a steady 200 writes/s through the tenant API.
+
+Reports the write pause (per-write latency around the cutover: max and p99,
+and the gap from the fence to the first acknowledged write after the flip),
+total move time, the initial copy's rows/s against a raw binary COPY pipe
+between the same two servers measured in the same run, and lost writes (every
+acknowledged write must be in the silo afterwards). Goals (issue 6): pause
+<= 100 ms, copy >= 0.7x the raw pipe, zero lost writes. Verification is full
+(counts and checksums of every row) and runs inside the fence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+from bench.common import embedded_stack, free_port, server_process
+from bench.seed import add_pool_tenants
+from control_plane import keys
+from control_plane.bootstrap import Roles, ensure_database
+from control_plane.moves import engine
+from control_plane.moves.engine import MovePlan, Side, replication_conninfo
+from control_plane.stack import Endpoints
+from data_plane.dsn import libpq, with_database, with_user
+from data_plane.settings import DataPlaneSettings
+
+PROJECTS = int(os.environ.get("BENCH_MOVE_PROJECTS", "500000"))  # + as many tasks = 1M rows
+WRITES_PER_SECOND = 200
+
+
+def _seed(endpoints: Endpoints, tenant_id: uuid.UUID) -> None:
+    with psycopg.connect(libpq(endpoints.pool_url)) as conn:
+        conn.execute(
+            "INSERT INTO projects (tenant_id, id, name) SELECT %s, gen_random_uuid(), 'bulk-' || g "
+            "FROM generate_series(1, %s) g",
+            (tenant_id, PROJECTS),
+        )
+        conn.execute(
+            "INSERT INTO tasks (tenant_id, id, project_id, title) "
+            "SELECT tenant_id, gen_random_uuid(), id, 'task ' || name FROM projects WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+    with psycopg.connect(libpq(endpoints.pool_url), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE projects, tasks")
+
+
+def _silo(stack_silo_admin: str, name: str, roles: Roles) -> tuple[str, str]:
+    from control_plane import schema
+
+    ensure_database(stack_silo_admin, name, roles)
+    owner = with_user(with_database(stack_silo_admin, name), roles.owner)
+    schema.upgrade(schema.Stream.TENANT, owner)
+    return owner, with_database(stack_silo_admin, name)
+
+
+def _raw_pipe(endpoints: Endpoints, target_owner: str, tenant_id: uuid.UUID) -> dict[str, float]:
+    """The same rows through a bare binary COPY pipe, parents first (the reference)."""
+    start = time.monotonic()
+    rows = 0
+    with psycopg.connect(libpq(endpoints.pool_url)) as src, psycopg.connect(libpq(target_owner)) as dst:
+        for table in ("projects", "tasks"):
+            with (
+                src.cursor().copy(
+                    f"COPY (SELECT * FROM {table} WHERE tenant_id = '{tenant_id}') TO STDOUT (FORMAT binary)"
+                ) as out,
+                dst.cursor() as cur,
+            ):
+                with cur.copy(f"COPY {table} FROM STDIN (FORMAT binary)") as into:
+                    for chunk in out:
+                        into.write(chunk)
+                rows += cur.rowcount
+        dst.commit()
+    seconds = time.monotonic() - start
+    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_second": round(rows / seconds)}
+
+
+async def _writer(port: int, token: str, stop: threading.Event, log: list[dict[str, Any]]) -> None:
+    """Open-loop writer: a POST every 5 ms on its own task, so a held request never delays the next."""
+    body = b'{"name": "live"}'
+    head = (
+        f"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def one() -> None:
+        if idle.empty():
+            conn = await asyncio.open_connection("127.0.0.1", port)
+        else:
+            conn = idle.get_nowait()
+        reader, writer = conn
+        sent = time.monotonic()
+        writer.write(head)
+        header = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line[15:]) for line in header.split(b"\r\n") if line[:15].lower() == b"content-length:")
+        payload = await reader.readexactly(length)
+        status = int(header[9:12])
+        entry: dict[str, Any] = {"sent": sent, "acked": time.monotonic(), "status": status}
+        if status == 201:
+            entry["id"] = json.loads(payload)["id"]
+        log.append(entry)
+        idle.put_nowait(conn)
+
+    tasks: list[asyncio.Task[None]] = []
+    interval = 1 / WRITES_PER_SECOND
+    next_at = time.monotonic()
+    while not stop.is_set():
+        tasks.append(asyncio.create_task(one()))
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    await asyncio.gather(*tasks)
+
+
+def run() -> dict[str, Any]:
+    roles = Roles()
+    with embedded_stack() as (stack, endpoints):
+        tenant_id = add_pool_tenants(endpoints, 50)[0]
+        _seed(endpoints, tenant_id)
+        raw_owner, _ = _silo(stack.silos.dsn(), "bench_raw_pipe", roles)
+        raw = _raw_pipe(endpoints, raw_owner, tenant_id)
+        silo_owner, silo_admin = _silo(stack.silos.dsn(), "silo_bench", roles)
+        with psycopg.connect(libpq(endpoints.catalog_url)) as cat:
+            location = cat.execute(
+                "INSERT INTO locations (name, kind, provider, database, dsn, app_dsn, tenant_id) "
+                "VALUES ('silo-bench', 'silo', 'local', 'silo_bench', %s, %s, %s) RETURNING id",
+                (silo_owner, with_user(silo_owner, roles.app), tenant_id),
+            ).fetchone()
+            pool_location = cat.execute("SELECT id FROM locations WHERE name = 'pool'").fetchone()
+        assert location and pool_location and endpoints.pool_admin_url
+        plan = MovePlan(
+            move_id=uuid.uuid4(),
+            tenant_id=tenant_id,
+            source=Side(
+                "pool",
+                str(pool_location[0]),
+                endpoints.pool_url,
+                endpoints.pool_admin_url,
+                replication_conninfo(endpoints.pool_url, roles.replication),
+            ),
+            target=Side(
+                "silo", str(location[0]), silo_owner, silo_admin, replication_conninfo(silo_owner, roles.replication)
+            ),
+            epoch=1,
+        )
+        flip_at: list[float] = []
+
+        def flip(p: MovePlan) -> None:
+            with psycopg.connect(libpq(endpoints.catalog_url)) as cat:
+                cat.execute(
+                    "UPDATE tenants SET placement = 'silo', location_id = %s, route_epoch = route_epoch + 1 "
+                    "WHERE id = %s AND route_epoch = %s",
+                    (p.target.location_id, p.tenant_id, p.epoch),
+                )
+            flip_at.append(time.monotonic())
+
+        settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
+        keys.ensure_dev_key(settings)
+        token = keys.tenant_token(settings, tenant_id=tenant_id, ttl=3600)
+        port = free_port()
+        env = {
+            "TENANTCTL_STATE_DIR": str(stack.state_dir),
+            "TENANTCTL_ENVIRONMENT": "test",
+            "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
+            "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
+        }
+        log: list[dict[str, Any]] = []
+        stop = threading.Event()
+        with server_process(["-m", "bench.servers", "tenantctl", str(port)], port=port, env=env):
+            thread = threading.Thread(target=lambda: asyncio.run(_writer(port, token, stop, log)))
+            thread.start()
+            time.sleep(2.0)
+            move_started = time.monotonic()
+            timings = engine.run_steps(plan, flip=flip, cleanup=False)
+            move_seconds = time.monotonic() - move_started
+            time.sleep(2.0)
+            stop.set()
+            thread.join()
+        fence_started = move_started + sum(
+            v for k, v in timings.items() if k in ("prepare_target", "start_replication", "wait_initial_sync", "wait_caught_up")
+        )
+        acked = [e for e in log if e["status"] == 201]
+        with psycopg.connect(libpq(silo_owner)) as conn:
+            present = {str(r[0]) for r in conn.execute("SELECT id FROM projects WHERE tenant_id = %s", (tenant_id,))}
+        lost = [e["id"] for e in acked if e["id"] not in present]
+        latencies = sorted((e["acked"] - e["sent"]) * 1000 for e in acked)
+        after_flip = [e["acked"] for e in acked if flip_at and e["acked"] >= flip_at[0]]
+        gap_ms = (min(after_flip) - fence_started) * 1000 if after_flip else None
+        copy_rows = 2 * PROJECTS
+        copy_seconds = timings["start_replication"] + timings["wait_initial_sync"]
+    copy_rps = copy_rows / copy_seconds
+    p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else None
+    pause_max = latencies[-1] if latencies else None
+    result = {
+        "benchmark": "promotion of a 1M-row tenant under 200 writes/s",
+        "rows": copy_rows,
+        "writes": {"sent": len(log), "acknowledged": len(acked), "non_2xx": len(log) - len(acked), "lost": len(lost)},
+        "write_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None, "p99": p99, "max": pause_max},
+        "fence_to_first_write_after_flip_ms": gap_ms,
+        "fenced_seconds": round(timings["fenced_seconds"], 3),
+        "steps_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "move_seconds": round(move_seconds, 2),
+        "copy": {"rows_per_second": round(copy_rps), "raw_pipe": raw, "ratio": round(copy_rps / raw["rows_per_second"], 3)},
+        "goals": {"pause_ms_max": 100, "copy_ratio_min": 0.7, "lost": 0},
+    }
+    result["goals_met"] = bool(
+        pause_max is not None and pause_max <= 100 and result["copy"]["ratio"] >= 0.7 and not lost  # type: ignore[index]
+    )
+    result["summary"] = (
+        f"pause max {pause_max:.0f} ms p99 {p99:.0f} ms, fenced {timings['fenced_seconds'] * 1000:.0f} ms, "
+        f"copy {copy_rps:.0f} rows/s ({result['copy']['ratio']}x raw pipe), lost {len(lost)}, "  # type: ignore[index]
+        f"move {move_seconds:.1f} s"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
