@@ -25,7 +25,7 @@ from control_plane.exceptions import VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
 from control_plane.workflows.jobs import JobEnqueuer, JobRecord
-from control_plane.workflows.kinds import OFFBOARDING, ONBOARDING
+from control_plane.workflows.kinds import OFFBOARDING, ONBOARDING, JobKind
 from control_plane.workflows.stores import claim_tenant
 from data_plane.exceptions import ConflictError, InvalidInputError, NotFoundError
 
@@ -334,22 +334,44 @@ async def resume_tenant(*, session: AsyncSession, ref: str, actor: str) -> Tenan
         return await transition(session, tenant_id=current.id, action=Action.RESUME, actor=actor)
 
 
+async def start_tenant_job(
+    *,
+    session: AsyncSession,
+    ref: str,
+    action: Action,
+    kind: JobKind,
+    actor: str,
+    enqueuer: JobEnqueuer,
+    params: dict[str, Any] | None = None,
+) -> tuple[TenantView, JobRecord]:
+    """Move the tenant's status by ``action`` and start a ``kind`` job, in one transaction.
+
+    The generic entry point of every tenant workflow: offboarding uses it with
+    ``Action.OFFBOARD``; promotion/demotion plug in with ``Action.START_MOVE``
+    and their own :class:`JobKind`. ``params`` always records the status the
+    tenant had (``previous_status``), which compensations restore.
+    """
+    async with session.begin():
+        current = await resolve_tenant(session, ref, lock=True)
+        view = await transition(session, tenant_id=current.id, action=action, actor=actor)
+        job = await jobs_mod.create_job(
+            session,
+            enqueuer=enqueuer,
+            kind=kind,
+            tenant_id=current.id,
+            actor=actor,
+            params={"previous_status": current.status, **(params or {})},
+        )
+        return view, job
+
+
 async def offboard_tenant(
     *, session: AsyncSession, ref: str, actor: str, enqueuer: JobEnqueuer
 ) -> tuple[TenantView, JobRecord]:
     """Mark the tenant ``offboarding`` and start the offboarding job (export, delete, tombstone)."""
-    async with session.begin():
-        current = await resolve_tenant(session, ref, lock=True)
-        view = await transition(session, tenant_id=current.id, action=Action.OFFBOARD, actor=actor)
-        job = await jobs_mod.create_job(
-            session,
-            enqueuer=enqueuer,
-            kind=OFFBOARDING,
-            tenant_id=current.id,
-            actor=actor,
-            params={"previous_status": current.status},
-        )
-        return view, job
+    return await start_tenant_job(
+        session=session, ref=ref, action=Action.OFFBOARD, kind=OFFBOARDING, actor=actor, enqueuer=enqueuer
+    )
 
 
 async def _restore_after_offboarding(session: AsyncSession, job: JobRecord) -> None:

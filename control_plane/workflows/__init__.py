@@ -15,7 +15,12 @@ Adding a kind (e.g. promotion, issue 6):
    ``@DBOS.workflow(name=KIND.workflow_name) async def run(job_id: str)``,
    structured with :func:`~control_plane.workflows.jobs.run_job`, and add the
    module to ``WORKFLOW_MODULES`` in ``executor.py``;
-3. start jobs from a service function with
-   :func:`~control_plane.workflows.jobs.create_job` (inside the catalog
-   transaction that also moves the tenant's status).
+3. start it from the router with
+   :func:`control_plane.catalog.service.start_tenant_job` (e.g.
+   ``action=Action.START_MOVE, kind=PROMOTION, params={"mode": "online"}``):
+   one catalog transaction moves the tenant's status, inserts the job row and
+   enqueues the workflow; answer ``202 {"job": job_json(job)}``;
+4. for a cancel of a *pending* job, register a catalog-only compensation in
+   ``control_plane.catalog.service.PENDING_COMPENSATIONS`` (a running job's
+   cancel runs the workflow's own compensation step).
 """

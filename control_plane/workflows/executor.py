@@ -42,7 +42,11 @@ APP_NAME = "tenantctl"
 # Pinned rather than DBOS's source hash, so every process of one release
 # (API, `up`, workers) recovers and dequeues the same workflows.
 APP_VERSION = "tenantctl-0.1.0"
-WORKFLOW_MODULES = ("control_plane.workflows.onboarding", "control_plane.workflows.offboarding")
+WORKFLOW_MODULES = (
+    "control_plane.workflows.onboarding",
+    "control_plane.workflows.offboarding",
+    "control_plane.workflows.moves",
+)
 LEASE_NAMESPACE = 7303  # executor lease (7301: tenant fence, 7302: local provisioner)
 QUEUE_POLL_S = 0.5
 

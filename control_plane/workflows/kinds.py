@@ -51,7 +51,35 @@ OFFBOARDING = JobKind(
     point_of_no_return="delete",
 )
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (ONBOARDING, OFFBOARDING)}
+_MOVE_STEPS = (
+    "prepare",
+    "replicate",
+    "catch_up",
+    "fence",
+    "final_catch_up",
+    "verify",
+    "activate",
+    "flip",
+    "retire",
+    "stop_replication",
+    "cleanup",
+)
+
+PROMOTION = JobKind(
+    name="promotion",
+    workflow_name="tenantctl.promotion",
+    steps=("provision", "migrate", "plan", *_MOVE_STEPS),
+    point_of_no_return="activate",
+)
+
+DEMOTION = JobKind(
+    name="demotion",
+    workflow_name="tenantctl.demotion",
+    steps=("plan", *_MOVE_STEPS),
+    point_of_no_return="activate",
+)
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (ONBOARDING, OFFBOARDING, PROMOTION, DEMOTION)}
 
 
 def kind_of(name: str) -> JobKind:
