@@ -23,7 +23,9 @@ from control_plane.stack import Endpoints
 from control_plane.workflows.jobs import DBOSJobEnqueuer
 from data_plane.auth import TokenVerifier
 from data_plane.dsn import async_url, sync_url
-from data_plane.exceptions import install_error_handlers
+from data_plane.exceptions import error_response, install_error_handlers
+
+MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few fields; anything larger is refused
 
 
 def system_database_url(catalog_url: str) -> str:
@@ -81,7 +83,11 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            response: Response = error_response(413, "payload_too_large", "request body too large")
+        else:
+            response = await call_next(request)
         route = _route_template(request)
         requests_total.labels(request.method, route, str(response.status_code)).inc()
         latency.labels(request.method, route).observe(time.perf_counter() - started)

@@ -358,3 +358,11 @@ async def test_a_pool_onboarding_that_died_before_activation_is_resumed_by_a_ret
     assert retried.status_code == 201
     assert retried.json()["status"] == "active"
     assert ownership(endpoints.pool_url, retried.json()["id"]) == ("active", 1)
+
+
+async def test_an_oversized_body_is_413(admin: httpx.AsyncClient) -> None:
+    response = await admin.post(
+        "/v1/tenants", json={"slug": "big", "name": "x" * 70_000, "tier": "free"}, headers={"Idempotency-Key": "big"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
