@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from control_plane.catalog.dependencies import CatalogState
 from control_plane.catalog.router import router as catalog_router
+from control_plane.moves.router import router as moves_router
 from control_plane.placement import PlacementPolicy
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
@@ -79,6 +80,7 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
     app.state.endpoints = endpoints
     install_error_handlers(app)
     app.include_router(catalog_router)
+    app.include_router(moves_router)
 
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -48,6 +48,12 @@ class ControlPlaneSettings(CommonSettings):
     worker_adopt_interval_seconds: float = Field(
         default=10.0, gt=0, description="How often an executor adopts the jobs of executors that died."
     )
+    move_cleanup_grace_seconds: float = Field(
+        default=300.0, ge=0, description="Wait after a move's flip before the source rows are deleted."
+    )
+    move_max_lag_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=0, description="Replication lag under which a move may fence."
+    )
     offboard_batch_size: int = Field(default=1000, ge=1, description="Rows deleted per transaction.")
     test_step_delay_seconds: float = Field(
         default=0.0,

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
 from control_plane import keys
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
 from data_plane.settings import DataPlaneSettings
-from tests.harness import PgServers, fresh_endpoints, prepare_templates, start_servers
+from tests.harness import PgServers, asgi_client, fresh_endpoints, prepare_templates, start_servers
+
+pytest_plugins = ["tests.world"]
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +70,4 @@ def dp_settings(endpoints: Endpoints, cp_settings: ControlPlaneSettings) -> Data
     )
 
 
-async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client bound to ``app`` with its lifespan running."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
+__all__ = ["asgi_client"]

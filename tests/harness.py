@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
 
 from control_plane import bootstrap, schema
 from control_plane.dev import EmbeddedStack
@@ -49,8 +52,7 @@ def _docker_servers() -> PgServers | None:
     except Exception:
         return None
     containers = [
-        PostgresContainer("postgres:16", driver=None).with_command("postgres -c wal_level=logical")
-        for _ in range(2)
+        PostgresContainer("postgres:16", driver=None).with_command("postgres -c wal_level=logical") for _ in range(2)
     ]
     for container in containers:
         container.start()
@@ -137,3 +139,11 @@ def fresh_endpoints(servers: PgServers) -> Iterator[Endpoints]:
             app_silo_server_url=with_user(servers.silo_admin, roles.app),
             pool_admin_url=with_database(servers.main_admin, pool),
         )
+
+
+async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client bound to ``app`` with its lifespan running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client

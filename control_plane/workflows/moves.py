@@ -256,9 +256,7 @@ def _forward(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
     async def body(job: dict[str, Any], outputs: dict[str, Any]) -> None:
         await asyncio.to_thread(fn, plan_of(outputs))
 
-    return DBOS.step(name=f"tenantctl.move.{name}", retries_allowed=True, interval_seconds=1.0, max_attempts=5)(
-        body
-    )
+    return DBOS.step(name=f"tenantctl.move.{name}", retries_allowed=True, interval_seconds=1.0, max_attempts=5)(body)
 
 
 activate = _forward("activate", engine.activate_target)

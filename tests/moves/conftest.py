@@ -12,10 +12,8 @@ import pytest
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
 from control_plane.stack import Endpoints
 from data_plane.dsn import libpq, with_database
-from tests.data_plane.conftest import World
 from tests.harness import SILO_TEMPLATE, PgServers, app_dsn, fresh_database, owner_dsn
-
-pytest_plugins = ["tests.data_plane.conftest"]
+from tests.world import World
 
 
 @dataclass
