@@ -205,6 +205,7 @@ def _aborting(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
         plan = plan_of(outputs)
         try:
             result = await asyncio.to_thread(fn, plan)
+            await runtime.current().pause()  # test hook: room to cancel or kill between steps
         except Exception:
             # Source stays authoritative: undo everything, then let the job fail with the reason.
             await compensate(job, outputs)
