@@ -225,7 +225,9 @@ def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = 16 * 1024 * 1024, tim
 # -- fence, catch-up, verification ----------------------------------------------------------
 
 
-def fence_source(plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 3) -> None:
+def fence_source(
+    plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 3, marker: uuid.UUID | None = None
+) -> None:
     """Drain in-flight tenant transactions, then make the source refuse the tenant (I4).
 
     ``fence_tenant`` takes the tenant's advisory lock exclusively: it waits for
@@ -238,7 +240,7 @@ def fence_source(plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 
         try:
             with connect(plan.source.owner_dsn) as src:
                 src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
-                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, plan.move_id))
+                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, marker or plan.move_id))
             return
         except psycopg.errors.LockNotAvailable:
             with connect(plan.source.admin_dsn, autocommit=True) as admin:
@@ -259,12 +261,12 @@ def unfence_source(plan: MovePlan) -> None:
             src.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.epoch))
 
 
-def final_catch_up(plan: MovePlan, *, timeout: float = 30.0) -> float:
+def final_catch_up(plan: MovePlan, *, timeout: float = 30.0, marker: uuid.UUID | None = None) -> float:
     """Wait for the fence's marker on the target; return the seconds waited."""
     start = time.monotonic()
     with connect(plan.target.owner_dsn, autocommit=True) as dst:
         while True:
-            if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (plan.move_id,)).fetchone():
+            if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (marker or plan.move_id,)).fetchone():
                 return time.monotonic() - start
             if time.monotonic() - start > timeout:
                 errors = _subscription_errors(dst, plan.name) if plan.mode == "online" else ""
@@ -388,6 +390,9 @@ def _drop_slot(admin_dsn: str, slot: str, *, like: bool = False) -> int:
 
 def stop_replication(plan: MovePlan) -> None:
     """Drop subscription, publication and every slot of this move (no orphan slot fills a disk)."""
+    from control_plane.moves.verify import drop_tracking  # verify builds on this module
+
+    drop_tracking(plan)
     with connect(plan.target.admin_dsn, autocommit=True) as dst:
         row = dst.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
         if row is not None:
@@ -433,7 +438,7 @@ def abort(plan: MovePlan) -> None:
     if owned is not None and owned[0] == "active":
         raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
     if plan.mode == "online":
-        stop_replication(plan)
+        stop_replication(plan)  # also drops the change-tracking triggers
     unfence_source(plan)
     with connect(plan.source.owner_dsn) as src:
         src.execute(f"DELETE FROM {MARKERS} WHERE marker = %s", (plan.move_id,))
@@ -463,13 +468,17 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
             timed("start_replication", start_replication, plan)
             timed("wait_initial_sync", wait_initial_sync, plan)
             timed("wait_caught_up", wait_caught_up, plan)
-        fenced_at = time.monotonic()
-        timed("fence_source", fence_source, plan)
         if plan.mode == "online":
-            timed("final_catch_up", final_catch_up, plan)
+            from control_plane.moves.verify import verify_incremental
+
+            details = timed("verify_incremental", verify_incremental, plan)
+            fenced_at = details["fenced_at"]
+            timings.update({k: v for k, v in details.items() if k.endswith("_seconds")})
         else:
+            fenced_at = time.monotonic()
+            timed("fence_source", fence_source, plan)
             timed("copy_offline", copy_offline, plan)
-        timed("verify", verify, plan)
+            timed("verify", verify, plan)
     except Exception:
         abort(plan)
         raise

@@ -7,12 +7,12 @@ from typing import Any
 import psycopg
 
 TENANT_TABLES = """
-SELECT c.oid, n.nspname, c.relname
+SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl')
-   AND n.nspname NOT LIKE 'pg_%%' AND NOT c.relispartition
+   AND n.nspname !~ '^pg_' AND NOT c.relispartition
 """
 
 FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid"
@@ -25,7 +25,9 @@ def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
     in reverse) so that composite foreign keys are satisfied at every step.
     """
     rows = conn.execute(TENANT_TABLES).fetchall()
-    names = {oid: f'"{schema}"."{table}"' for oid, schema, table in rows}
+    # quote_ident: quoted only where needed, the same text as regclass::text
+    # with the schema off the search path (what the move triggers record).
+    names = {oid: str(name) for oid, name in rows}
     parents: dict[int, set[int]] = {oid: set() for oid in names}
     for child, parent in conn.execute(FOREIGN_KEYS).fetchall():
         if child in names and parent in names:

@@ -3,9 +3,16 @@
 Steps (``control_plane.moves.engine`` does the database work; every step is a
 DBOS step, checkpointed, and idempotent when replayed after a crash)::
 
-    promotion: provision -> migrate -> plan -> prepare -> replicate -> catch_up -> fence
-               -> final_catch_up -> verify -> activate -> flip -> retire -> stop_replication -> cleanup
+    promotion: provision -> migrate -> plan -> prepare -> replicate -> catch_up -> cutover
+               -> activate -> flip -> retire -> stop_replication -> cleanup
     demotion:                          plan -> prepare -> ... (same) ... -> cleanup
+
+``cutover`` is one step because its snapshots live in open transactions:
+online, it is ``control_plane.moves.verify.verify_incremental`` (bulk checksums
+of two snapshots at one replication position before the fence; inside the
+fence the final catch-up and a check of only the rows changed since); offline,
+it is fence -> binary COPY -> full verification. Either way it leaves the
+source fenced and verified, or aborts the move.
 
 Before ``activate`` (the point of no return) the source is authoritative: a
 cancel, or a failure of any step, aborts the move -- replication objects
@@ -34,6 +41,7 @@ from control_plane.catalog.models import locations, tenants
 from control_plane.fleet.runner import migrate_target_to, pool_revision
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
+from control_plane.moves.verify import verify_incremental
 from control_plane.provisioning.base import SiloLocation, SiloSpec
 from control_plane.workflows import runtime
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
@@ -227,17 +235,18 @@ def _replicate(plan: MovePlan) -> None:
     engine.wait_initial_sync(plan)
 
 
-def _final(plan: MovePlan) -> Any:
+def _cutover(plan: MovePlan) -> dict[str, Any]:
     if plan.mode == "online":
-        return {"waited_seconds": engine.final_catch_up(plan)}
-    return {"copied": engine.copy_offline(plan)}
+        details = verify_incremental(plan)
+        return {k: v for k, v in details.items() if k != "fenced_at"}
+    engine.fence_source(plan)
+    copied = engine.copy_offline(plan)
+    return {"copied": copied, "verified": engine.verify(plan)}
 
 
 prepare = _aborting("prepare", engine.prepare_target)
 replicate = _aborting("replicate", _online_only(_replicate))
-fence = _aborting("fence", engine.fence_source)
-final_catch_up = _aborting("final_catch_up", _final)
-verify = _aborting("verify", engine.verify)
+cutover = _aborting("cutover", _cutover)
 
 
 @DBOS.step(name="tenantctl.move.catch_up", retries_allowed=True, interval_seconds=5.0, max_attempts=4, backoff_rate=4.0)
@@ -365,9 +374,7 @@ COMMON: dict[str, StepBody] = {
     "prepare": prepare,
     "replicate": replicate,
     "catch_up": catch_up,
-    "fence": fence,
-    "final_catch_up": final_catch_up,
-    "verify": verify,
+    "cutover": cutover,
     "activate": activate,
     "flip": flip,
     "retire": retire,

@@ -33,7 +33,7 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-@pytest.mark.parametrize("kill_at", ["migrate", "replicate", "fence", "verify", "flip", "cleanup"])
+@pytest.mark.parametrize("kill_at", ["migrate", "replicate", "catch_up", "cutover", "flip", "cleanup"])
 async def test_worker_killed_during_a_promotion_resumes_and_finishes(
     cp_settings: ControlPlaneSettings, endpoints: Endpoints, pg_servers: PgServers, tmp_path: Path, kill_at: str
 ) -> None:
@@ -56,7 +56,9 @@ async def test_worker_killed_during_a_promotion_resumes_and_finishes(
     client.headers.update(admin_headers(cp_settings))
     try:
         tenant = (
-            await client.post("/v1/tenants", json={"slug": f"crash-{kill_at}", "name": "C", "tier": "free"})
+            await client.post(
+                "/v1/tenants", json={"slug": f"crash-{kill_at.replace('_', '-')}", "name": "C", "tier": "free"}
+            )
         ).json()
         with psycopg.connect(libpq(endpoints.pool_url)) as conn:
             conn.execute(

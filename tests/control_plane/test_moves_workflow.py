@@ -179,7 +179,7 @@ async def test_cancel_before_the_flip_leaves_the_source_untouched(
     before = _ids(wf_endpoints.pool_url, mover["id"])
     job = (await wf_admin.post(f"/v1/tenants/{mover['id']}/promote")).json()["job"]
     deadline = time.monotonic() + 60
-    while (await wf_admin.get(f"/v1/jobs/{job['id']}")).json()["step"] not in ("replicate", "catch_up", "fence"):
+    while (await wf_admin.get(f"/v1/jobs/{job['id']}")).json()["step"] not in ("replicate", "catch_up"):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     cancelled = await wf_admin.post(f"/v1/jobs/{job['id']}/cancel")

@@ -155,3 +155,53 @@ def test_target_that_serves_the_tenant_is_never_overwritten(world: World, empty_
     with pytest.raises(MoveError, match="already serves"):
         engine.prepare_target(_plan(world, empty_silo))
     assert len(rows_of(empty_silo.side.owner_dsn, a.id)["projects"]) == 1
+
+
+@pytest.mark.parametrize("when", ["before-baseline", "after-baseline"])
+def test_incremental_verification_catches_drift(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Drift present at the baseline fails the bulk comparison; drift after it fails the check in the fence.
+
+    (Changes on the target all come from replication apply, which fires the
+    move's ENABLE ALWAYS triggers; that is what makes "after the baseline"
+    complete: only someone disabling those triggers could hide a change.)
+    """
+    from control_plane.moves import verify as verify_mod
+
+    a = world["A"]
+    _seed_bulk(world, a.id, 50)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    engine.wait_initial_sync(plan)
+
+    def corrupt() -> None:
+        with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+            if when == "before-baseline":  # e.g. a faulty initial copy
+                conn.execute("UPDATE projects SET name = 'drifted' WHERE id = (SELECT id FROM projects LIMIT 1)")
+            else:  # a row the source never had, applied after the baseline
+                conn.execute(
+                    "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'phantom')", (a.id, uuid.uuid4())
+                )
+
+    if when == "before-baseline":
+        corrupt()
+    else:
+        original = engine.wait_caught_up
+
+        def corrupt_then_wait(p: MovePlan, **kw: object) -> int:
+            corrupt()
+            return original(p)
+
+        monkeypatch.setattr(engine, "wait_caught_up", corrupt_then_wait)
+    with pytest.raises(VerificationError, match="unchanged_rows" if when == "before-baseline" else "changed_rows"):
+        verify_mod.verify_incremental(plan)
+    engine.abort(plan)
+    assert rows_of(empty_silo.side.owner_dsn, a.id) == {"projects": set(), "tasks": set()}
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tc_track_%'").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (a.id,)
+        ).fetchone() == ("active",)
