@@ -21,10 +21,13 @@ from control_plane.moves.router import router as moves_router
 from control_plane.placement import PlacementPolicy
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
+from control_plane.usage.metrics import CatalogMetrics
+from control_plane.usage.router import router as usage_router
 from control_plane.workflows.jobs import DBOSJobEnqueuer
 from data_plane.auth import TokenVerifier
 from data_plane.dsn import async_url, sync_url
 from data_plane.exceptions import error_response, install_error_handlers
+from data_plane.logs import configure_logging
 
 MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few fields; anything larger is refused
 
@@ -42,7 +45,9 @@ def _route_template(request: Request) -> str:
 
 
 def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
+    configure_logging(settings)
     registry = CollectorRegistry()
+    catalog_metrics = CatalogMetrics(registry)
     requests_total = Counter(
         "tenantctl_admin_requests",
         "Admin API requests.",
@@ -81,6 +86,7 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
     install_error_handlers(app)
     app.include_router(catalog_router)
     app.include_router(moves_router)
+    app.include_router(usage_router)
 
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -100,7 +106,8 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        await catalog_metrics.refresh(request.app.state.catalog.sessions)  # jobs, moves: read at scrape time
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

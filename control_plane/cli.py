@@ -255,8 +255,10 @@ def worker(
     import threading
 
     from control_plane.workflows.executor import Executor
+    from data_plane.logs import configure_logging
 
     settings = load_settings(state_dir)
+    configure_logging(settings)
     stop = threading.Event()
     with cli_errors():
         executor = Executor(

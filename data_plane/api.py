@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel
 
 from data_plane.auth import TokenVerifier
 from data_plane.dependencies import Tenant
 from data_plane.exceptions import ERROR_RESPONSES, install_error_handlers
+from data_plane.limits import Quotas, TenantRateLimiter
+from data_plane.logs import configure_logging
+from data_plane.metering import UsageMeter
 from data_plane.middleware import BodySizeLimit, RequestMetrics
 from data_plane.resources.projects.router import router as projects_router
 from data_plane.resources.tasks.router import router as tasks_router
@@ -32,12 +37,48 @@ class Me(BaseModel):
     placement: Placement
 
 
+class _StateCollector(Collector):
+    """Counters the app's components keep as plain integers, read at scrape time.
+
+    The route cache counts with ``+= 1`` on the hot path (cheaper than a
+    prometheus Counter's lock); this turns them into metrics when scraped.
+    """
+
+    def __init__(self, app: FastAPI, limiter: TenantRateLimiter, meter: UsageMeter) -> None:
+        self._app = app
+        self._limiter = limiter
+        self._meter = meter
+
+    def collect(self) -> Iterator[Metric]:
+        routes: RouteDirectory | None = getattr(self._app.state, "routes", None)
+        engines: EngineRegistry | None = getattr(self._app.state, "engines", None)
+        if routes is not None:
+            yield CounterMetricFamily("tenantctl_route_cache_hits", "Route lookups served from cache", routes.hits)
+            yield CounterMetricFamily(
+                "tenantctl_route_cache_refreshes", "Route lookups read from the catalog", routes.refreshes
+            )
+            yield CounterMetricFamily(
+                "tenantctl_route_cache_invalidations", "Route cache invalidations (NOTIFY)", routes.invalidations
+            )
+            yield GaugeMetricFamily("tenantctl_route_listener_up", "LISTEN connection active", int(routes.listening))
+        if engines is not None:
+            yield GaugeMetricFamily("tenantctl_silo_pools", "Open per-silo connection pools", engines.silo_count)
+        yield CounterMetricFamily("tenantctl_usage_flushes", "Usage flushes written", self._meter.flushes)
+        yield CounterMetricFamily("tenantctl_usage_flush_failures", "Usage flushes failed", self._meter.flush_failures)
+        yield GaugeMetricFamily(
+            "tenantctl_rate_limit_shared", "Rate limits shared across replicas (Redis)", int(self._limiter.shared)
+        )
+
+
 def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretResolver | None = None) -> FastAPI:
     settings = settings or DataPlaneSettings()
     if settings.app_catalog_url is None or settings.app_pool_url is None:
         raise ValueError("the data plane needs TENANTCTL_APP_CATALOG_URL and TENANTCTL_APP_POOL_URL")
     catalog_url, pool_url = settings.app_catalog_url, settings.app_pool_url
     verifier = TokenVerifier(settings, audience=settings.jwt_audience, require_tenant=True)
+    configure_logging(settings)
+    limiter = TenantRateLimiter.from_settings(settings)
+    meter = UsageMeter(catalog_url, interval=settings.usage_flush_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,17 +93,25 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         )
         await routes.start()
         await engines.start()
+        meter.start(routes, engines)
         app.state.routes, app.state.engines = routes, engines
         try:
             yield
         finally:
+            # Flush usage while the engines can still sample rows stored.
+            await meter.close()
+            await limiter.close()
             await engines.close()
             await routes.close()
 
     app = FastAPI(title="tenantctl tenant API", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.settings = settings
     app.state.verifier = verifier
+    app.state.limiter = limiter
+    app.state.quotas = Quotas.from_settings(settings)
+    app.state.meter = meter
     registry = CollectorRegistry()
+    registry.register(_StateCollector(app, limiter, meter))
     install_error_handlers(app)
     app.include_router(projects_router)
     app.include_router(tasks_router)
@@ -82,19 +131,8 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         return {"status": "ok", "route_listener": routes.listening}
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    async def metrics(request: Request) -> Response:
-        routes: RouteDirectory = request.app.state.routes
-        lines = [
-            "# TYPE tenantctl_route_cache_hits counter",
-            f"tenantctl_route_cache_hits_total {routes.hits}",
-            "# TYPE tenantctl_route_cache_refreshes counter",
-            f"tenantctl_route_cache_refreshes_total {routes.refreshes}",
-            "# TYPE tenantctl_route_cache_invalidations counter",
-            f"tenantctl_route_cache_invalidations_total {routes.invalidations}",
-            "",
-        ]
-        body = generate_latest(registry) + "\n".join(lines).encode()
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         # Declare the bearer scheme once for every tenant route (the dependency
@@ -112,6 +150,8 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(RequestMetrics, registry=registry, prefix="tenantctl_api")
+    app.add_middleware(
+        RequestMetrics, registry=registry, prefix="tenantctl_api", meter=meter, access_log=settings.access_log
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

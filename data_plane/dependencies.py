@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from data_plane.auth import TokenVerifier, bearer_token
+from data_plane.limits import Quotas, TenantRateLimiter
 from data_plane.routing import EngineRegistry, RouteDirectory
 from data_plane.session import TenantContext
 
@@ -27,7 +28,20 @@ async def tenant_context(request: Request) -> TenantContext:
     assert principal.tenant_id is not None  # require_tenant=True guarantees it
     route = (await directory.lookup(principal.tenant_id)).require_servable()
     request.state.route = route
+    # After the route: the limit depends on the tier, and a 429 is then
+    # labelled (metrics, access log) with the tenant's tier and placement.
+    limiter: TenantRateLimiter = state.limiter
+    await limiter.check(principal.tenant_id, route.tier)
     return TenantContext(tenant_id=principal.tenant_id, route=route, directory=directory, engines=engines)
 
 
 Tenant = Annotated[TenantContext, Depends(tenant_context)]
+
+
+def quotas(request: Request) -> Quotas:
+    """The tier quotas (only write routes that create rows depend on this)."""
+    value: Quotas = request.app.state.quotas
+    return value
+
+
+TierQuotas = Annotated[Quotas, Depends(quotas)]

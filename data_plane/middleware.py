@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from data_plane.logs import current_request, request_fields
+from data_plane.metering import UsageMeter
+
+access_log = structlog.get_logger("tenantctl.access")
 
 
 class BodySizeLimit:
@@ -63,24 +70,43 @@ async def _send_413(send: Send, max_bytes: int) -> None:
 
 
 class RequestMetrics:
-    """Latency and count by route template, method, status, tier and placement.
+    """Latency and count by route template, method, status, tier and placement;
+    request id, access log and usage metering.
 
     Labels are bounded: the route *template* (never the path with ids) and the
     tenant's tier/placement (never the tenant id -- one series per pool tenant
     would grow without bound).
+
+    One middleware does all per-request bookkeeping: every extra ASGI layer
+    costs the hot path a call frame and a closure per request. The request id
+    comes from ``X-Request-ID`` (if short and printable) or is generated; it is
+    echoed back and carried by every log line of the request.
     """
 
-    def __init__(self, app: ASGIApp, *, registry: CollectorRegistry, prefix: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry,
+        prefix: str,
+        meter: UsageMeter | None = None,
+        access_log: bool = False,
+    ) -> None:
         self.app = app
+        self.meter = meter
+        self.access_log = access_log
         labels = ("route", "method", "status", "tier", "placement")
         self.latency = Histogram(
             f"{prefix}_request_seconds",
-            "Request latency",
+            "Request latency (its _count is the request count)",
             labels,
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.fenced = Counter(f"{prefix}_fenced_responses", "Responses refused while fenced", registry=registry)
+        self.rate_limited = Counter(
+            f"{prefix}_rate_limited_responses", "Requests refused by the rate limiter", ["tier"], registry=registry
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,23 +114,66 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
+        request_id = _request_id(scope)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        token = current_request.set((request_id, state))
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
+            elapsed = time.perf_counter() - start
             route: Any = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            tenant_route: Any = scope.get("state", {}).get("route")
-            tier = getattr(tenant_route, "tier", "none")
-            placement = getattr(tenant_route, "placement", "none")
-            self.latency.labels(template, scope.get("method", ""), str(status), tier, placement).observe(
-                time.perf_counter() - start
-            )
+            tenant_route: Any = state.get("route")
+            if tenant_route is None:
+                tier = placement = "none"
+            else:
+                tier, placement = tenant_route.tier, tenant_route.placement
+            method = scope.get("method", "")
+            self.latency.labels(template, method, str(status), tier, placement).observe(elapsed)
             if status == 503:
                 self.fenced.inc()
+            elif status == 429:
+                self.rate_limited.labels(tier).inc()
+            if tenant_route is not None and self.meter is not None:
+                written = 0
+                if method in _WRITES and 200 <= status < 300:
+                    # One row per successful write unless the handler says otherwise.
+                    written = int(state.get("rows_written", 1))
+                self.meter.record(tenant_route.tenant_id, written)
+            if self.access_log:
+                fields: dict[str, Any] = {}
+                request_fields(request_id, state, fields)
+                access_log.info(
+                    "request",
+                    method=method,
+                    route=template,
+                    path=scope.get("path", ""),
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 3),
+                    **fields,
+                )
+            current_request.reset(token)
+
+
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_MAX_REQUEST_ID = 128
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            # Only short, printable ASCII is echoed and logged: a request id is
+            # caller input and must not forge log lines or headers.
+            text = bytes(value).decode("ascii", "replace")
+            if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable():
+                return text
+            break
+    return secrets.token_hex(8)

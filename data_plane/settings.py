@@ -24,6 +24,11 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
 class InsecureSettingsError(ValueError):
     """A production deployment was configured with a dev-only secret or key."""
 
@@ -44,6 +49,11 @@ class CommonSettings(BaseSettings):
         default=None, description="Enables HS256; only when explicitly configured."
     )
     jwt_leeway_seconds: int = 10
+
+    log_format: LogFormat | None = Field(
+        default=None, description="json | console; default json in production, console otherwise."
+    )
+    log_level: str = "info"
 
     @property
     def dev_key_dir(self) -> Path:
@@ -97,3 +107,20 @@ class DataPlaneSettings(CommonSettings):
     silo_engine_idle_seconds: float = 300.0
     max_body_bytes: int = 64 * 1024
     route_cache_ttl_seconds: float = 30.0
+
+    # Operability (issue 8). Dicts are read from JSON, e.g.
+    # TENANTCTL_RATE_LIMITS='{"free": "10/second", "enterprise": "1000/second"}'.
+    rate_limits: dict[str, str] = Field(
+        default_factory=lambda: {"free": "20/second", "standard": "200/second", "enterprise": "2000/second"},
+        description="Requests per window per tenant, by tier (`limits` notation: '10/second', '600/minute').",
+    )
+    default_rate_limit: str = Field(default="200/second", description="Limit of a tier missing from RATE_LIMITS.")
+    redis_url: str | None = Field(
+        default=None, description="Rate-limit storage shared by all replicas (redis://...); in-memory when unset."
+    )
+    project_quotas: dict[str, int] = Field(
+        default_factory=lambda: {"free": 10, "standard": 1000},
+        description="Maximum projects per tenant, by tier; a tier missing here has no quota.",
+    )
+    usage_flush_seconds: float = Field(default=10.0, gt=0, description="How often metered usage is written.")
+    access_log: bool = Field(default=True, description="One structured log line per request.")

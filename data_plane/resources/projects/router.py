@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from data_plane.dependencies import Tenant
+from data_plane.dependencies import Tenant, TierQuotas
 from data_plane.exceptions import ERROR_RESPONSES
 from data_plane.pagination import DEFAULT_LIMIT, Cursor, Limit, Page, decode_cursor, page_of
 from data_plane.resources.projects import service
@@ -23,8 +23,8 @@ async def list_projects(tenant: Tenant, limit: Limit = DEFAULT_LIMIT, cursor: Cu
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-async def create_project(tenant: Tenant, body: ProjectCreate) -> Project:
-    row = await tenant.run(service.create_project, data=body)
+async def create_project(tenant: Tenant, quotas: TierQuotas, body: ProjectCreate) -> Project:
+    row = await tenant.run(service.create_project, data=body, quota=quotas.projects(tenant.route.tier))
     return Project.model_validate(dict(row))
 
 

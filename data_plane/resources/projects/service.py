@@ -12,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-from data_plane.exceptions import NotFoundError
+from data_plane.exceptions import NotFoundError, QuotaExceededError
 from data_plane.resources.projects.schemas import ProjectCreate, ProjectUpdate
 from data_plane.session import TenantQueries
 
@@ -22,6 +22,20 @@ COLUMNS = "id, name, status, created_at, updated_at"
 INSERT = f"""
 INSERT INTO projects (tenant_id, id, name, status)
 VALUES ({TENANT}, $1, $2, $3) RETURNING {COLUMNS}
+"""
+# A quota'd insert: the tenant's project-creating transactions are serialized
+# by a transaction-scoped advisory lock (taken in a statement of its own, so
+# that the INSERT's snapshot, taken after it, sees every committed project);
+# then the row is inserted only while the count is under the quota.
+QUOTA_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('tenantctl.quota.projects'), "
+    "hashtext(current_setting('app.current_tenant_id', true)))"
+)
+INSERT_UNDER_QUOTA = f"""
+INSERT INTO projects (tenant_id, id, name, status)
+SELECT {TENANT}, $1, $2, $3
+ WHERE (SELECT count(*) FROM projects WHERE tenant_id = {TENANT}) < $4
+RETURNING {COLUMNS}
 """
 GET = f"SELECT {COLUMNS} FROM projects WHERE tenant_id = {TENANT} AND id = $1"
 LIST_FIRST = f"""
@@ -41,9 +55,16 @@ DELETE = f"DELETE FROM projects WHERE tenant_id = {TENANT} AND id = $1 RETURNING
 NOT_FOUND = "project not found"
 
 
-async def create_project(db: TenantQueries, *, data: ProjectCreate) -> asyncpg.Record:
-    row = await db.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
-    assert row is not None
+async def create_project(db: TenantQueries, *, data: ProjectCreate, quota: int | None = None) -> asyncpg.Record:
+    """Insert a project; with a ``quota``, refuse (422 quota_exceeded) once the tenant has that many."""
+    if quota is None:
+        row = await db.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
+        assert row is not None
+        return row
+    await db.fetchval(QUOTA_LOCK)
+    row = await db.fetchrow(INSERT_UNDER_QUOTA, uuid.uuid4(), data.name, data.status.value, quota)
+    if row is None:
+        raise QuotaExceededError(f"the tier's quota of {quota} projects is used up")
     return row
 
 

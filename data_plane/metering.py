@@ -1,0 +1,152 @@
+"""Usage metering: per-tenant counts aggregated in memory, flushed to the catalog.
+
+The request path only increments two integers in a dict (:meth:`UsageMeter.record`,
+called by the ASGI middleware after the response). A background task started in
+the app's lifespan flushes every ``usage_flush_seconds`` and once more on
+shutdown: one ``INSERT ... ON CONFLICT DO UPDATE`` adds this replica's counts to
+the hour bucket of ``tenant_usage`` in the catalog, so any number of replicas
+add up. A failed flush keeps its counts for the next one.
+
+``rows_stored`` is a gauge, sampled (off the request path) for the tenants that
+wrote since the last flush: a tenant transaction on the tenant's own database
+counts its rows through RLS, exactly as a request would see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from data_plane.dsn import libpq
+from data_plane.exceptions import TenantctlError
+from data_plane.routing import EngineRegistry, RouteDirectory
+from data_plane.session import TenantContext, Transaction
+
+log = structlog.get_logger(__name__)
+
+BUCKET_SECONDS = 3600
+FLUSH = """
+INSERT INTO tenant_usage AS u (tenant_id, period_start, requests, rows_written, rows_stored)
+SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[])
+ON CONFLICT (tenant_id, period_start) DO UPDATE
+   SET requests = u.requests + EXCLUDED.requests,
+       rows_written = u.rows_written + EXCLUDED.rows_written,
+       rows_stored = coalesce(EXCLUDED.rows_stored, u.rows_stored),
+       updated_at = now()
+"""
+# Tenant tables the data plane serves. Counted through RLS in a tenant
+# transaction: the application role sees the tenant's rows and no others.
+STORED_TABLES = ("projects", "tasks")
+ROWS_STORED = "SELECT " + " + ".join(f"(SELECT count(*) FROM {t})" for t in STORED_TABLES)
+
+
+def bucket_of(now: float) -> datetime:
+    return datetime.fromtimestamp(now - now % BUCKET_SECONDS, tz=UTC)
+
+
+async def _count_rows(tx: Transaction) -> int:
+    return int(await tx.fetchval(ROWS_STORED))
+
+
+class UsageMeter:
+    """In-memory per-tenant counters of one replica."""
+
+    def __init__(self, catalog_dsn: str, *, interval: float = 10.0) -> None:
+        self._dsn = libpq(catalog_dsn)
+        self._interval = interval
+        # tenant -> [requests, rows_written]; a list is mutated in place, so a
+        # request after the first one of a window allocates nothing.
+        self._counts: dict[uuid.UUID, list[int]] = {}
+        self._bucket = bucket_of(time.time())
+        self._task: asyncio.Task[None] | None = None
+        self._routes: RouteDirectory | None = None
+        self._engines: EngineRegistry | None = None
+        self.flushes = 0
+        self.flush_failures = 0
+
+    def record(self, tenant_id: uuid.UUID, rows_written: int) -> None:
+        """Count one request of ``tenant_id`` (the hot path: no I/O, no await)."""
+        counts = self._counts.get(tenant_id)
+        if counts is None:
+            self._counts[tenant_id] = [1, rows_written]
+        else:
+            counts[0] += 1
+            counts[1] += rows_written
+
+    def start(self, routes: RouteDirectory, engines: EngineRegistry) -> None:
+        self._routes, self._engines = routes, engines
+        self._task = asyncio.create_task(self._flush_forever(), name="usage-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Write the counts gathered since the last flush; True if it was written (or nothing to write)."""
+        now = time.time()
+        counts, bucket = self._counts, self._bucket
+        # Swap first: requests served while this flush awaits count into the next one.
+        self._counts, self._bucket = {}, bucket_of(now)
+        if not counts:
+            return True
+        tenants = list(counts)
+        stored = [await self._rows_stored(t) if counts[t][1] else None for t in tenants]
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=5)
+            try:
+                await conn.execute(
+                    FLUSH,
+                    tenants,
+                    [bucket] * len(tenants),
+                    [counts[t][0] for t in tenants],
+                    [counts[t][1] for t in tenants],
+                    stored,
+                )
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            self.flush_failures += 1
+            log.warning("usage_flush_failed", error=type(exc).__name__, tenants=len(tenants))
+            self._merge_back(counts, bucket)
+            return False
+        self.flushes += 1
+        return True
+
+    def _merge_back(self, counts: dict[uuid.UUID, list[int]], bucket: datetime) -> None:
+        # Counts of an older bucket are credited to the current one rather than
+        # lost: usage may shift by one hour under a catalog outage, never vanish.
+        for tenant_id, (requests, rows) in counts.items():
+            current = self._counts.setdefault(tenant_id, [0, 0])
+            current[0] += requests
+            current[1] += rows
+        del bucket
+
+    async def _rows_stored(self, tenant_id: uuid.UUID) -> int | None:
+        if self._routes is None or self._engines is None:
+            return None
+        try:
+            route = (await self._routes.lookup(tenant_id)).require_servable()
+            ctx = TenantContext(tenant_id=tenant_id, route=route, directory=self._routes, engines=self._engines)
+            return await ctx.run(_count_rows)
+        except (TenantctlError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Suspended, fenced or moving: sample it next time it writes.
+            log.info("usage_rows_stored_skipped", tenant_id=str(tenant_id), reason=type(exc).__name__)
+            return None
+
+    def pending(self) -> Sequence[uuid.UUID]:
+        return list(self._counts)
