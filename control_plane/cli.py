@@ -289,7 +289,8 @@ def doctor(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
         print_json(report)
     else:
         for target in report["targets"]:
-            state = "[green]ok[/green]" if not target["findings"] else f"[red]{len(target['findings'])} finding(s)[/red]"
+            count = len(target["findings"])
+            state = f"[red]{count} finding(s)[/red]" if count else "[green]ok[/green]"
             out.print(f"{target['kind']:5} {target['name']}: {state} ({len(target['tenant_tables'])} tenant tables)")
             for item in target["findings"]:
                 out.print(f"  [red]x[/red] {item['check']}: {item['object']}: {item['message']}")
