@@ -16,7 +16,8 @@ USAGE = sa.text(
     """
 SELECT period_start, requests, rows_written, rows_stored
   FROM tenant_usage
- WHERE tenant_id = :tenant_id AND period_start >= date_trunc('hour', :start) AND period_start < :end
+ WHERE tenant_id = :tenant_id AND period_start >= date_trunc('hour', CAST(:start AS timestamptz), 'UTC')
+   AND period_start < CAST(:end AS timestamptz)
  ORDER BY period_start
 """
 )

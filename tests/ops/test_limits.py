@@ -69,7 +69,9 @@ async def test_project_quota_per_tier(dp_settings: DataPlaneSettings, world: Wor
         assert _count_projects(world, free.id) == 3
         # Control: a tier without a quota keeps creating.
         for i in range(4):
-            assert (await client.post("/v1/projects", json={"name": f"s{i}"}, headers=world["A"].headers)).status_code == 201
+            assert (
+                await client.post("/v1/projects", json={"name": f"s{i}"}, headers=world["A"].headers)
+            ).status_code == 201
         # Deleting one frees room again.
         assert (await client.delete(f"/v1/projects/{free.project_id}", headers=free.headers)).status_code == 204
         assert (await client.post("/v1/projects", json={"name": "again"}, headers=free.headers)).status_code == 201
@@ -81,11 +83,11 @@ async def test_project_quota_holds_under_concurrent_creates(dp_settings: DataPla
     app = dp_app(dp_settings, project_quotas={"free": 4}, pool_size=10, rate_limits={"free": "1000/second"})
     async for client in asgi_client(app):
 
-        async def create(headers: dict[str, str], i: int) -> httpx.Response:
-            return await client.post("/v1/projects", json={"name": f"c{i}"}, headers=headers)
+        async def create(c: httpx.AsyncClient, headers: dict[str, str], i: int) -> httpx.Response:
+            return await c.post("/v1/projects", json={"name": f"c{i}"}, headers=headers)
 
         responses = await asyncio.gather(
-            *(create(free.headers, i) for i in range(12)), *(create(other.headers, i) for i in range(2))
+            *(create(client, free.headers, i) for i in range(12)), *(create(client, other.headers, i) for i in range(2))
         )
     mine = [r.status_code for r in responses[:12]]
     assert mine.count(201) == 3 and mine.count(422) == 9, mine

@@ -1,0 +1,107 @@
+"""Metrics with bounded labels on both APIs; structured logs without secrets or row contents."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import secrets
+
+import httpx
+import structlog
+
+from data_plane.logs import configure_logging
+from data_plane.settings import DataPlaneSettings, LogFormat
+from tests.conftest import asgi_client
+from tests.data_plane.conftest import World
+from tests.ops.conftest import dp_app
+
+
+async def test_tenant_api_metrics_are_labelled_by_template_tier_and_placement(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    a, s = world["A"], world["S"]
+    async for client in asgi_client(dp_app(dp_settings)):
+        assert (await client.get(f"/v1/projects/{a.project_id}", headers=a.headers)).status_code == 200
+        assert (await client.get(f"/v1/projects/{s.project_id}", headers=s.headers)).status_code == 200
+        assert (await client.get("/v1/projects", headers=a.headers)).status_code == 200
+        assert (await client.get("/v1/me", headers={"Authorization": "Bearer nope"})).status_code == 401
+        text = (await client.get("/metrics")).text
+    count = 'tenantctl_api_request_seconds_count{{method="GET",placement="{p}",route="{r}",status="{c}",tier="{t}"}}'
+    assert count.format(p="pool", r="/v1/projects/{project_id}", c="200", t="standard") + " 1.0" in text
+    assert count.format(p="silo", r="/v1/projects/{project_id}", c="200", t="enterprise") + " 1.0" in text
+    assert count.format(p="none", r="/v1/me", c="401", t="none") + " 1.0" in text
+    assert re.search(r"^tenantctl_route_cache_refreshes_total [1-9]", text, re.M)
+    assert re.search(r"^tenantctl_route_cache_hits_total [1-9]", text, re.M)
+    assert "tenantctl_api_fenced_responses_total 0.0" in text
+    # Bounded labels: no tenant id, object id or slug ever becomes a series.
+    for tenant in world.tenants.values():
+        for value in (str(tenant.id), str(tenant.project_id), tenant.slug):
+            assert value not in text
+
+
+async def test_admin_metrics_include_jobs_from_the_catalog(admin: httpx.AsyncClient, world: World) -> None:
+    with world.catalog() as cat:
+        cat.execute(
+            "INSERT INTO jobs (id, kind, tenant_id, status, step, progress, created_by) VALUES "
+            "(gen_random_uuid(), 'promotion', %s, 'running', 'copy', 0.5, 'test'), "
+            "(gen_random_uuid(), 'offboarding', NULL, 'failed', NULL, 0.2, 'test')",
+            (world["A"].id,),
+        )
+    text = (await admin.get("/metrics")).text
+    assert 'tenantctl_jobs{kind="promotion",status="running"} 1.0' in text
+    assert 'tenantctl_jobs{kind="offboarding",status="failed"} 1.0' in text
+    assert 'tenantctl_job_progress{kind="promotion",step="copy"} 0.5' in text
+    assert "tenantctl_moves_in_progress 1.0" in text
+    assert str(world["A"].id) not in text
+
+
+async def test_logs_carry_request_context_and_never_tokens_or_rows(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    a = world["A"]
+    secret_name = f"row-canary-{secrets.token_hex(6)}"
+    app = dp_app(dp_settings, log_format=LogFormat.JSON)
+    stream = io.StringIO()
+    configure_logging(app.state.settings, stream=stream)
+    async for client in asgi_client(app):
+        created = await client.post(
+            "/v1/projects", json={"name": secret_name}, headers={**a.headers, "X-Request-ID": "req-42"}
+        )
+        assert created.status_code == 201 and created.headers["x-request-id"] == "req-42"
+        got = await client.get(f"/v1/projects/{a.project_id}", headers=a.headers)
+        assert got.status_code == 200 and a.canary in got.text  # the canary was served...
+        generated = got.headers["x-request-id"]
+        forged = await client.get("/v1/me", headers={**a.headers, "X-Request-ID": "x\nforged"})
+        assert forged.headers["x-request-id"] != "x\nforged"
+        assert (await client.get("/v1/me", headers={"Authorization": f"Bearer {a.token}x"})).status_code == 401
+    structlog.reset_defaults()  # the stream above is this test's only
+    output = stream.getvalue()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    access = [line for line in lines if line["event"] == "request"]
+    assert len(access) == 4
+    first = access[0]
+    assert first["request_id"] == "req-42" and first["tenant_id"] == str(a.id)
+    assert first["placement"] == "pool" and first["route_epoch"] == 1 and first["status"] == 201
+    assert first["route"] == "/v1/projects" and first["tier"] == "standard"
+    assert access[1]["request_id"] == generated
+    # ...but never logged: no token, no header, no row content.
+    assert a.token not in output and secret_name not in output and a.canary not in output
+    assert "authorization" not in output.lower() and "bearer" not in output.lower()
+
+
+def test_redaction_of_secret_shaped_values() -> None:
+    from data_plane.logs import REDACTED, redact_secrets
+
+    event = redact_secrets(
+        None,
+        "info",
+        {
+            "event": "x",
+            "authorization": "Bearer abc",
+            "detail": "token eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl here",
+            "url": "postgresql://app:hunter2@db/x",
+        },
+    )
+    assert event["authorization"] == REDACTED
+    assert "eyJ" not in event["detail"] and "hunter2" not in event["url"]
