@@ -4,9 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench lint clean
+.PHONY: install system-deps run test bench lint clean
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# redis-server backs the scale-out test (rate limits shared by replicas); as root
+# on Debian it is installed, otherwise say what is missing (the test then fails).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	  else echo "redis-server is missing: install it (Debian: apt-get install redis-server)" >&2; fi; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
