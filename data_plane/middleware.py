@@ -6,15 +6,12 @@ import secrets
 import time
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from data_plane.logs import current_request, request_fields
+from data_plane.logs import access_log, current_request
 from data_plane.metering import UsageMeter
-
-access_log = structlog.get_logger("tenantctl.access")
 
 
 class BodySizeLimit:
@@ -149,16 +146,14 @@ class RequestMetrics:
                     written = int(state.get("rows_written", 1))
                 self.meter.record(tenant_route.tenant_id, written)
             if self.access_log:
-                fields: dict[str, Any] = {}
-                request_fields(request_id, state, fields)
-                access_log.info(
-                    "request",
+                access_log.emit(
                     method=method,
                     route=template,
                     path=scope.get("path", ""),
                     status=status,
                     duration_ms=round(elapsed * 1000, 3),
-                    **fields,
+                    request_id=request_id,
+                    tenant=tenant_route,
                 )
             current_request.reset(token)
 
