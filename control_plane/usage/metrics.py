@@ -1,4 +1,4 @@
-"""Control-plane gauges read from the catalog at scrape time: jobs, moves, usage flushes.
+"""Control-plane gauges read from the catalog at scrape time: tenants, jobs, moves, usage flushes.
 
 Jobs (onboarding, offboarding, promotion and demotion -- the moves) are rows of
 the catalog's ``jobs`` table, updated by whichever worker runs them; reading
@@ -23,6 +23,7 @@ SELECT kind, coalesce(step, '') AS step, count(*) AS n, avg(progress) AS progres
   FROM jobs WHERE status IN ('pending', 'running') GROUP BY kind, coalesce(step, '')
 """
 )
+TENANTS = sa.text("SELECT tier, placement, status, count(*) AS n FROM tenants GROUP BY tier, placement, status")
 USAGE_LAG = sa.text("SELECT extract(epoch FROM now() - max(updated_at)) FROM tenant_usage")
 
 
@@ -49,6 +50,12 @@ class CatalogMetrics:
         self.moves = Gauge(
             "tenantctl_moves_in_progress", "Promotions and demotions pending or running", registry=registry
         )
+        self.tenants = Gauge(
+            "tenantctl_tenants",
+            "Tenants by tier, placement and status",
+            ["tier", "placement", "status"],
+            registry=registry,
+        )
         self.usage_lag = Gauge(
             "tenantctl_usage_last_flush_age_seconds",
             "Seconds since any data plane last flushed usage",
@@ -59,9 +66,10 @@ class CatalogMetrics:
         async with sessions() as session:
             jobs = (await session.execute(JOBS)).all()
             running = (await session.execute(RUNNING)).all()
+            tenants = (await session.execute(TENANTS)).all()
             lag = (await session.execute(USAGE_LAG)).scalar()
         # clear(): a kind/status that has no row any more must not keep its last value.
-        for gauge in (self.jobs, self.unfinished, self.progress, self.oldest):
+        for gauge in (self.jobs, self.unfinished, self.progress, self.oldest, self.tenants):
             gauge.clear()
         for row in jobs:
             self.jobs.labels(row.kind, row.status).set(row.n)
@@ -73,6 +81,8 @@ class CatalogMetrics:
             oldest[row.kind] = max(oldest.get(row.kind, 0.0), float(row.oldest or 0))
             if row.kind in MOVE_KINDS:
                 moves += row.n
+        for row in tenants:
+            self.tenants.labels(row.tier, row.placement, row.status).set(row.n)
         for kind, age in oldest.items():
             self.oldest.labels(kind).set(age)
         self.moves.set(moves)

@@ -53,6 +53,8 @@ async def test_admin_metrics_include_jobs_from_the_catalog(admin: httpx.AsyncCli
     assert 'tenantctl_jobs{kind="offboarding",status="failed"} 1.0' in text
     assert 'tenantctl_job_progress{kind="promotion",step="copy"} 0.5' in text
     assert "tenantctl_moves_in_progress 1.0" in text
+    assert 'tenantctl_tenants{placement="pool",status="active",tier="standard"} 2.0' in text
+    assert 'tenantctl_tenants{placement="silo",status="active",tier="enterprise"} 1.0' in text
     assert str(world["A"].id) not in text
 
 
