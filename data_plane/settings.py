@@ -54,6 +54,9 @@ class CommonSettings(BaseSettings):
         default=None, description="json | console; default json in production, console otherwise."
     )
     log_level: str = "info"
+    metrics_textfile: Path | None = Field(
+        default=None, description="Where batch commands (tenantctl migrate) write their last result for Prometheus."
+    )
 
     @property
     def dev_key_dir(self) -> Path:

@@ -110,6 +110,10 @@ def _run(
                 report = run_fleet(
                     endpoints.catalog_url, endpoints.pool_url, options, selector=target, progress=_Bar(bar)
                 )
+    if settings.metrics_textfile is not None:
+        from control_plane.usage.metrics import write_fleet_metrics
+
+        write_fleet_metrics(report, settings.metrics_textfile)
     if as_json:
         print_json(report.to_json())
     else:

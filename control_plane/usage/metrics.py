@@ -9,9 +9,15 @@ step): never a tenant or job id.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+if TYPE_CHECKING:
+    from control_plane.fleet.runner import FleetReport
 
 MOVE_KINDS = ("promotion", "demotion")
 
@@ -87,3 +93,32 @@ class CatalogMetrics:
             self.oldest.labels(kind).set(age)
         self.moves.set(moves)
         self.usage_lag.set(float(lag) if lag is not None else float("nan"))
+
+
+def write_fleet_metrics(report: FleetReport, path: Path) -> None:
+    """Write a fleet migration run's results for the node_exporter textfile collector.
+
+    ``tenantctl migrate`` is a batch job, not a server: like any Prometheus
+    batch job it leaves its last result in a file that a collector scrapes
+    (written atomically by prometheus_client). Labels: action, target kind and
+    status -- never a tenant.
+    """
+    registry = CollectorRegistry()
+    targets = Gauge(
+        "tenantctl_fleet_migration_targets",
+        "Targets of the last fleet migration run by action, kind and status",
+        ["action", "kind", "status"],
+        registry=registry,
+    )
+    for result in report.results:
+        targets.labels(report.action, result.kind, result.status.value).inc()
+    Gauge("tenantctl_fleet_migration_failed", "1 if the last run failed or was interrupted", registry=registry).set(
+        int(report.failed)
+    )
+    Gauge("tenantctl_fleet_migration_duration_seconds", "Duration of the last run", registry=registry).set(
+        report.duration_s
+    )
+    Gauge(
+        "tenantctl_fleet_migration_last_run_timestamp_seconds", "When the last run ended", registry=registry
+    ).set_to_current_time()
+    write_to_textfile(str(path), registry)
