@@ -32,6 +32,8 @@ from data_plane.session import TenantContext, Transaction
 log = structlog.get_logger(__name__)
 
 BUCKET_SECONDS = 3600
+# A sample is best effort: a slow count must not hold the flush (and its counts) back.
+SAMPLE_TIMEOUT_SECONDS = 2.0
 FLUSH = """
 INSERT INTO tenant_usage AS u (tenant_id, period_start, requests, rows_written, rows_stored)
 SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[])
@@ -89,14 +91,17 @@ class UsageMeter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
+        # The last counts, without sampling rows stored: at shutdown the
+        # engines may hold connections of cancelled requests, and the counts
+        # are what must not be lost.
+        await self.flush(sample=False)
 
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             await self.flush()
 
-    async def flush(self) -> bool:
+    async def flush(self, *, sample: bool = True) -> bool:
         """Write the counts gathered since the last flush; True if it was written (or nothing to write)."""
         now = time.time()
         counts, bucket = self._counts, self._bucket
@@ -105,7 +110,7 @@ class UsageMeter:
         if not counts:
             return True
         tenants = list(counts)
-        stored = [await self._rows_stored(t) if counts[t][1] else None for t in tenants]
+        stored = [await self._rows_stored(t) if sample and counts[t][1] else None for t in tenants]
         try:
             conn = await asyncpg.connect(self._dsn, timeout=5)
             try:
@@ -142,8 +147,15 @@ class UsageMeter:
         try:
             route = (await self._routes.lookup(tenant_id)).require_servable()
             ctx = TenantContext(tenant_id=tenant_id, route=route, directory=self._routes, engines=self._engines)
-            return await ctx.run(_count_rows)
-        except (TenantctlError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return await asyncio.wait_for(ctx.run(_count_rows), timeout=SAMPLE_TIMEOUT_SECONDS)
+        except (
+            TenantctlError,
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
             # Suspended, fenced or moving: sample it next time it writes.
             log.info("usage_rows_stored_skipped", tenant_id=str(tenant_id), reason=type(exc).__name__)
             return None

@@ -204,4 +204,10 @@ async def test_two_replicas_and_a_worker_share_routes_and_limits(
         for url in urls:  # and both serve the tenant's rows from the silo
             listed = await http.get(f"{url}/v1/projects", headers=mover["headers"])
             assert listed.status_code == 200 and [p["name"] for p in listed.json()["data"]] == ["moving"]
+        # The worker finishes the move (cleanup included) before the processes stop:
+        # a subscription left behind would keep the pool's replication slot busy.
+        while (job := (await admin.get(f"/v1/jobs/{job_id}")).json())["status"] in ("pending", "running"):
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.1)
+        assert job["status"] == "succeeded", job
         assert stack["worker"].poll() is None  # the worker process ran it and is still up
