@@ -17,7 +17,8 @@ Every error leaves the API as ``{"error": {"code": ..., "message": ...}}``.
     │   └── QuotaExceededError         422 quota_exceeded
     ├── RateLimitedError               429 rate_limited (Retry-After)
     └── ServiceUnavailableError        503 unavailable (Retry-After)
-        └── TenantFencedError          503 tenant_fenced
+        ├── TenantFencedError          503 tenant_fenced
+        └── SigningKeysUnavailableError 503 jwks_unavailable (the JWKS source failed, not the token)
 
 The control plane extends this tree in ``control_plane.exceptions``.
 """
@@ -152,6 +153,12 @@ class TenantFencedError(ServiceUnavailableError):
     """The tenant is being moved; retry shortly."""
 
     code = "tenant_fenced"
+
+
+class SigningKeysUnavailableError(ServiceUnavailableError):
+    """The token signing keys cannot be fetched; retry shortly."""
+
+    code = "jwks_unavailable"
 
 
 class ErrorBody(BaseModel):

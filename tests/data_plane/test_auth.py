@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
@@ -19,10 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from control_plane import keys
+from data_plane.api import create_app
 from data_plane.auth import TokenVerifier
-from data_plane.exceptions import AuthenticationError
+from data_plane.exceptions import AuthenticationError, SigningKeysUnavailableError
 from data_plane.settings import CommonSettings, DataPlaneSettings, Environment
 from tests.data_plane.conftest import World
+from tests.harness import asgi_client
 
 
 def _claims(settings: CommonSettings, **overrides: Any) -> dict[str, Any]:
@@ -64,7 +68,11 @@ async def test_valid_token_yields_the_tenant(verifier: TokenVerifier, dp_setting
         ({"tenant_id": None}, "missing_claim"),
         ({"exp": None}, "missing_claim"),
         ({"sub": None}, "missing_claim"),
+        ({"iss": None}, "missing_claim"),
+        ({"aud": None}, "missing_claim"),
         ({"tenant_id": "not-a-uuid"}, "invalid_claim"),
+        ({"tenant_id": ""}, "invalid_claim"),
+        ({"tenant_id": "12345678-1234-1234-1234-12345678901"}, "invalid_claim"),  # one digit short
         ({"tenant_id": 12345}, "invalid_claim"),
         ({"sub": ""}, "invalid_claim"),
     ],
@@ -77,6 +85,23 @@ async def test_claim_problems_are_401(
         await verifier.verify(token)
     assert info.value.code == code
     assert info.value.status_code == 401
+
+
+async def test_leeway_accepts_slight_clock_skew_only(verifier: TokenVerifier, dp_settings: DataPlaneSettings) -> None:
+    assert dp_settings.jwt_leeway_seconds == DataPlaneSettings.model_fields["jwt_leeway_seconds"].default
+    now = int(time.time())
+    just_expired = _dev_sign(dp_settings, _claims(dp_settings, exp=now - 5))
+    assert (await verifier.verify(just_expired)).subject == "user-1"  # within the default leeway
+    long_expired = _dev_sign(dp_settings, _claims(dp_settings, exp=now - 60))
+    with pytest.raises(AuthenticationError) as info:
+        await verifier.verify(long_expired)
+    assert info.value.code == "token_expired"
+
+
+def _raw_token(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """A token with an arbitrary header (PyJWT's encoder would refuse some of these)."""
+    parts = [jwt.utils.base64url_encode(json.dumps(part).encode()).decode() for part in (header, claims)]
+    return ".".join([*parts, jwt.utils.base64url_encode(b"x" * 64).decode()])
 
 
 async def test_forged_and_malformed_tokens_are_401(verifier: TokenVerifier, dp_settings: DataPlaneSettings) -> None:
@@ -95,6 +120,11 @@ async def test_forged_and_malformed_tokens_are_401(verifier: TokenVerifier, dp_s
         (tampered, "invalid_signature"),
         ("garbage", "malformed_token"),
         ("a.b.c", "malformed_token"),
+        (_raw_token({"alg": "ES256", "kid": 7}, claims), "malformed_token"),
+        (_raw_token({"alg": "ES256", "kid": ["k1"]}, claims), "malformed_token"),
+        (_raw_token({"alg": "ES256", "crit": "exp"}, claims), "malformed_token"),
+        (_raw_token({"alg": ["ES256"]}, claims), "invalid_algorithm"),
+        (_raw_token({"typ": "JWT"}, claims), "invalid_algorithm"),
     ]:
         with pytest.raises(AuthenticationError) as info:
             await verifier.verify(token)
@@ -125,14 +155,22 @@ async def test_configured_rsa_public_key(dp_settings: DataPlaneSettings) -> None
 
 class _Jwks:
     def __init__(self) -> None:
-        self.keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self.keys: dict[str, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey] = {}
+        self.with_alg = True  # publish each key's "alg" (else PyJWT derives it from "kty")
+        self.body: bytes | None = None  # served instead of the key set when set
+        self.status = 200
         self.fetches = 0
 
     def document(self) -> bytes:
+        if self.body is not None:
+            return self.body
         jwks = []
         for kid, key in self.keys.items():
-            jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-            jwks.append(jwk | {"kid": kid, "alg": "ES256", "use": "sig"})
+            if isinstance(key, rsa.RSAPrivateKey):
+                jwk, alg = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "RS256"
+            else:
+                jwk, alg = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())), "ES256"
+            jwks.append(jwk | {"kid": kid, "use": "sig"} | ({"alg": alg} if self.with_alg else {}))
         return json.dumps({"keys": jwks}).encode()
 
 
@@ -144,7 +182,7 @@ def jwks_server() -> Iterator[tuple[str, _Jwks]]:
         def do_GET(self) -> None:
             state.fetches += 1
             body = state.document()
-            self.send_response(200)
+            self.send_response(state.status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -185,6 +223,136 @@ async def test_jwks_is_cached_and_a_rotated_key_is_fetched_once(
     with pytest.raises(AuthenticationError) as info:
         await verifier.verify(unknown)
     assert info.value.code == "invalid_signature"
+
+
+def _jwks_verifier(settings: DataPlaneSettings, url: str, **kw: Any) -> TokenVerifier:
+    jwks_settings = DataPlaneSettings(**{**settings.model_dump(), "jwks_url": url})
+    return TokenVerifier(jwks_settings, audience=jwks_settings.jwt_audience, require_tenant=True, **kw)
+
+
+@pytest.mark.parametrize("with_alg", [True, False], ids=["jwk-alg", "alg-from-kty"])
+async def test_jwks_header_algorithm_must_match_the_key(
+    dp_settings: DataPlaneSettings, jwks_server: tuple[str, _Jwks], with_alg: bool
+) -> None:
+    url, jwks = jwks_server
+    jwks.with_alg = with_alg
+    ec_key, rsa_key = ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(65537, 2048)
+    jwks.keys |= {"k-ec": ec_key, "k-rsa": rsa_key}
+    verifier = _jwks_verifier(dp_settings, url)
+    claims = _claims(dp_settings)
+    # Controls: each key verifies tokens of its own algorithm.
+    assert (await verifier.verify(jwt.encode(claims, ec_key, "ES256", headers={"kid": "k-ec"}))).subject
+    assert (await verifier.verify(jwt.encode(claims, rsa_key, "RS256", headers={"kid": "k-rsa"}))).subject
+    # A header algorithm that names the other key type is a token problem (it
+    # used to reach the RSA code with an EC key: TypeError, a 500).
+    for token in (
+        jwt.encode(claims, rsa_key, "RS256", headers={"kid": "k-ec"}),
+        jwt.encode(claims, ec_key, "ES256", headers={"kid": "k-rsa"}),
+        _raw_token({"alg": "RS256", "kid": "k-ec"}, claims),
+        _raw_token({"alg": "HS256", "kid": "k-ec"}, claims),  # HS256 is not configured
+    ):
+        with pytest.raises(AuthenticationError) as info:
+            await verifier.verify(token)
+        assert (info.value.status_code, info.value.code) == (401, "invalid_algorithm")
+    no_kid = jwt.encode(claims, ec_key, "ES256")
+    with pytest.raises(AuthenticationError) as info:
+        await verifier.verify(no_kid)
+    assert info.value.code == "invalid_signature"
+
+
+_EC_ENC = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, b'{"keys": []}'),  # PyJWKSetError
+        (200, b"{}"),
+        (200, b'{"keys": [{"kty": "XYZ", "kid": "k1"}]}'),  # no usable key
+        (200, b'{"keys": "k1"}'),
+        (200, json.dumps({"keys": [_EC_ENC | {"kid": "k1", "use": "enc"}]}).encode()),  # no signing key
+        (200, b"<html>maintenance</html>"),  # not JSON
+        (200, b"\xff\xfe"),  # not even text
+        (200, b"[1, 2]"),  # JSON, not an object
+        (500, b"oops"),
+        (302, b""),  # redirects are not followed
+    ],
+    ids=["empty", "no-keys", "unsupported", "keys-not-list", "enc-only", "html", "binary", "array", "500", "302"],
+)
+async def test_broken_key_source_is_503_then_recovers(
+    dp_settings: DataPlaneSettings, jwks_server: tuple[str, _Jwks], status: int, body: bytes
+) -> None:
+    url, jwks = jwks_server
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwks.keys["k1"] = key
+    jwks.status, jwks.body = status, body
+    verifier = _jwks_verifier(dp_settings, url)
+    token = jwt.encode(_claims(dp_settings), key, "ES256", headers={"kid": "k1"})
+    with pytest.raises(SigningKeysUnavailableError) as info:
+        await verifier.verify(token)
+    assert (info.value.status_code, info.value.code) == (503, "jwks_unavailable")
+    assert info.value.headers() == {"Retry-After": "1"}
+    jwks.status, jwks.body = 200, None  # control: once the source is fixed, the same token verifies
+    if status == 200 and b'"enc"' in body:
+        await asyncio.sleep(1.1)  # a set that parsed (cached) is refetched only after the cooldown
+    assert (await verifier.verify(token)).subject == "user-1"
+
+
+async def test_unreachable_key_source_is_503(dp_settings: DataPlaneSettings) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    verifier = _jwks_verifier(dp_settings, f"http://127.0.0.1:{port}/jwks.json")
+    token = jwt.encode(_claims(dp_settings), ec.generate_private_key(ec.SECP256R1()), "ES256", headers={"kid": "k1"})
+    with pytest.raises(SigningKeysUnavailableError):
+        await verifier.verify(token)
+
+
+async def test_withdrawn_key_stops_verifying_after_the_key_set_lifespan(
+    dp_settings: DataPlaneSettings, jwks_server: tuple[str, _Jwks]
+) -> None:
+    url, jwks = jwks_server
+    old, new = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    jwks.keys |= {"old": old, "new": new}
+    lifespan = 1.0
+    verifier = _jwks_verifier(dp_settings, url, jwks_lifespan=lifespan)
+    claims = _claims(dp_settings)
+    seen = jwt.encode(claims, old, "ES256", headers={"kid": "old"})
+    assert (await verifier.verify(seen)).subject == "user-1"
+    del jwks.keys["old"]  # the IdP withdraws the key (e.g. it leaked)
+    await asyncio.sleep(lifespan + 0.2)
+    fresh = jwt.encode(claims | {"jti": "2"}, old, "ES256", headers={"kid": "old"})
+    for token in (seen, fresh):  # neither the verified-token cache nor a per-kid cache keeps it alive
+        with pytest.raises(AuthenticationError) as info:
+            await verifier.verify(token)
+        assert info.value.code == "invalid_signature"
+    # Control: the key still published verifies.
+    assert (await verifier.verify(jwt.encode(claims, new, "ES256", headers={"kid": "new"}))).subject == "user-1"
+
+
+async def test_http_jwks_problems_are_json_401_and_503_never_500(
+    dp_settings: DataPlaneSettings, world: World, jwks_server: tuple[str, _Jwks]
+) -> None:
+    url, jwks = jwks_server
+    ec_key, rsa_key = ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(65537, 2048)
+    jwks.keys |= {"k-ec": ec_key}
+    settings = DataPlaneSettings(**{**dp_settings.model_dump(), "jwks_url": url})
+    claims = _claims(settings, tenant_id=str(world["A"].id))
+    good = jwt.encode(claims, ec_key, "ES256", headers={"kid": "k-ec"})
+    mismatched = jwt.encode(claims, rsa_key, "RS256", headers={"kid": "k-ec"})
+    async for client in asgi_client(create_app(settings)):
+        ok = await client.get("/v1/projects", headers={"Authorization": f"Bearer {good}"})
+        assert ok.status_code == 200  # control
+        refused = await client.get("/v1/projects", headers={"Authorization": f"Bearer {mismatched}"})
+        assert refused.status_code == 401
+        assert refused.json() == {"error": {"code": "invalid_algorithm", "message": refused.json()["error"]["message"]}}
+        jwks.body = b"<html>"
+        unseen = jwt.encode(claims | {"jti": "x"}, ec_key, "ES256", headers={"kid": "k-new"})
+        await asyncio.sleep(1.1)  # past the refresh cooldown, so the unknown kid refetches
+        unavailable = await client.get("/v1/projects", headers={"Authorization": f"Bearer {unseen}"})
+        assert unavailable.status_code == 503
+        assert unavailable.json()["error"]["code"] == "jwks_unavailable"
+        assert unavailable.headers["Retry-After"] == "1"
 
 
 async def test_http_auth_failures_are_401_json(client: httpx.AsyncClient, world: World) -> None:
