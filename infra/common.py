@@ -50,7 +50,8 @@ def kms_key(
     return key
 
 
-def master_password(name: str, *, opts: pulumi.ResourceOptions) -> random.RandomPassword:
+def generated_password(name: str, *, opts: pulumi.ResourceOptions) -> random.RandomPassword:
+    """A 40-character password RDS accepts, kept as a Pulumi secret in the state."""
     return random.RandomPassword(
         name,
         length=40,
@@ -63,7 +64,7 @@ def master_password(name: str, *, opts: pulumi.ResourceOptions) -> random.Random
     )
 
 
-def master_secret(
+def credentials_secret(
     name: str,
     *,
     secret_name_prefix: str,
@@ -78,11 +79,13 @@ def master_secret(
     tags: Mapping[str, str],
     opts: pulumi.ResourceOptions,
 ) -> aws.secretsmanager.Secret:
-    """The master credentials in Secrets Manager, in the RDS rotation format.
+    """One role's credentials in Secrets Manager, in the RDS rotation format.
 
-    A name *prefix* (not a fixed name): a deleted secret keeps its name for
-    the recovery window, so a silo re-provisioned within it could not be
-    created under the same fixed name.
+    The JSON (``engine, host, port, username, password, dbname``) is what
+    ``data_plane.secrets`` reads and what Secrets Manager's RDS rotation
+    functions expect. A name *prefix* (not a fixed name): a deleted secret
+    keeps its name for the recovery window, so a silo re-provisioned within it
+    could not be created under the same fixed name.
     """
     secret = aws.secretsmanager.Secret(
         name,

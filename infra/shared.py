@@ -33,11 +33,11 @@ import pulumi_aws as aws
 from infra.common import (
     PG_PORT,
     PROJECT_TAG,
+    credentials_secret,
     db_ingress,
     engine_family,
+    generated_password,
     kms_key,
-    master_password,
-    master_secret,
     postgres_parameters,
 )
 
@@ -181,7 +181,7 @@ def _database(
         parameters=postgres_parameters(logical_replication=logical_replication),
         tags=tags,
     )
-    password = master_password(f"{name}-master-password", opts=opts)
+    password = generated_password(f"{name}-master-password", opts=opts)
     identifier = f"tenantctl-{config.environment}-{name}"
     instance = aws.rds.Instance(
         f"{name}-db",
@@ -212,7 +212,7 @@ def _database(
         auto_minor_version_upgrade=True,
         tags={**tags, "Name": identifier},
     )
-    secret = master_secret(
+    secret = credentials_secret(
         f"{name}-secret",
         secret_name_prefix=f"tenantctl/{config.environment}/{name}/master-",
         description=f"tenantctl {name}: master credentials",

@@ -2,7 +2,7 @@
 
 Per silo (see README "Deploying on AWS" for what this costs):
 
-* a KMS key of its own (storage, snapshots and the master secret are
+* a KMS key of its own (storage, snapshots and the three secrets are
   encrypted with it, so a tenant's data can be crypto-shredded on its own);
 * an RDS PostgreSQL instance -- or an Aurora PostgreSQL cluster with one
   writer, by ``engine`` -- not publicly accessible, with automated backups,
@@ -12,10 +12,20 @@ Per silo (see README "Deploying on AWS" for what this costs):
 * a subnet group and a security group admitting PostgreSQL only from the
   application's security groups and from the pool (demotion: the pool
   subscribes to the silo); its only egress goes to the pool (promotion: the
-  silo subscribes to the pool), and a matching rule on the pool's security
-  group admits this silo and is removed with it;
-* a generated master password (pulumi-random) stored in Secrets Manager;
-  only the secret's ARN leaves the stack.
+  silo subscribes to the pool). The matching rules on the pool's side -- an
+  ingress admitting this silo and an egress reaching it -- belong to this
+  stack and are removed with it. The egress is needed because the provider
+  deletes AWS's default allow-all egress rule of every security group it
+  creates, so the pool's group starts with none: without it the pool's
+  subscription worker cannot open its connection to the silo and demotions
+  never start copying;
+* three generated passwords (pulumi-random) -- the master (owner) role, the
+  application role and the replication role -- each in its own Secrets
+  Manager secret encrypted with the tenant's key; only the secrets' ARNs
+  leave the stack. The roles themselves are created inside the database by
+  the provisioner (``control_plane.bootstrap.ensure_roles_rds``), with these
+  passwords. The location's ``secret_ref`` is the *application* secret: the
+  data plane never needs, and should never be allowed to read, the master.
 
 :func:`silo_program` is the inline program the Pulumi provisioner runs in
 the stack ``silo-<slug>``; it reads the network and the pool's security
@@ -35,11 +45,11 @@ import pulumi_random as random
 from infra.common import (
     PG_PORT,
     PROJECT_TAG,
+    credentials_secret,
     db_ingress,
     engine_family,
+    generated_password,
     kms_key,
-    master_password,
-    master_secret,
     postgres_parameters,
 )
 
@@ -76,6 +86,8 @@ class SiloDatabaseArgs:
     multi_az: bool = False
     deletion_protection: bool = True
     master_username: str = "tenantctl_owner"
+    app_username: str = "tenantctl_app"
+    replication_username: str = "tenantctl_replicator"
     extra_tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +101,11 @@ class SiloDatabaseArgs:
         if not self.app_security_group_ids:
             raise ValueError("at least one application security group must be admitted")
         engine_family(self.engine, self.engine_version)  # validates the version's shape
+        usernames = (self.master_username, self.app_username, self.replication_username)
+        if len(set(usernames)) != len(usernames):
+            # One role for two jobs would let the data plane log in as the owner
+            # (RLS bypassed) or the replicator (every tenant's rows readable).
+            raise ValueError(f"master, application and replication usernames must differ, got {usernames}")
 
     @property
     def tags(self) -> dict[str, str]:
@@ -106,7 +123,9 @@ class SiloDatabase(pulumi.ComponentResource):
 
     endpoint: pulumi.Output[str]
     port: pulumi.Output[int]
-    secret_arn: pulumi.Output[str]
+    master_secret_arn: pulumi.Output[str]
+    app_secret_arn: pulumi.Output[str]
+    replication_secret_arn: pulumi.Output[str]
     kms_key_arn: pulumi.Output[str]
     security_group_id: pulumi.Output[str]
 
@@ -117,7 +136,7 @@ class SiloDatabase(pulumi.ComponentResource):
 
         key = kms_key(
             f"{name}-kms",
-            description=f"tenantctl silo {args.slug} (tenant {args.tenant_id}): storage, snapshots, secret",
+            description=f"tenantctl silo {args.slug} (tenant {args.tenant_id}): storage, snapshots, secrets",
             alias=f"tenantctl/{args.identifier}",
             tags=tags,
             opts=child,
@@ -169,8 +188,20 @@ class SiloDatabase(pulumi.ComponentResource):
             description=f"silo {args.slug}: logical replication subscriber (promotion)",
             opts=child,
         )
+        aws.vpc.SecurityGroupEgressRule(
+            f"{name}-pool-out",
+            security_group_id=args.pool_security_group_id,
+            referenced_security_group_id=security_group.id,
+            ip_protocol="tcp",
+            from_port=PG_PORT,
+            to_port=PG_PORT,
+            description=f"silo {args.slug}: the pool subscribes to this silo (demotion)",
+            opts=child,
+        )
 
-        password = master_password(f"{name}-master-password", opts=child)
+        password = generated_password(f"{name}-master-password", opts=child)
+        app_password = generated_password(f"{name}-app-password", opts=child)
+        replication_password = generated_password(f"{name}-replication-password", opts=child)
         # Final snapshot names must be unique in the account: a tenant
         # promoted, demoted and promoted again gets a new suffix each time.
         snapshot_suffix = random.RandomId(f"{name}-snapshot-suffix", byte_length=4, opts=child)
@@ -270,31 +301,45 @@ class SiloDatabase(pulumi.ComponentResource):
             )
             host, port = cluster.endpoint, cluster.port
 
-        secret = master_secret(
-            f"{name}-secret",
-            secret_name_prefix=f"tenantctl/silos/{args.identifier}/master-",
-            description=f"tenantctl silo {args.slug}: master credentials",
-            kms_key_arn=key.arn,
-            engine="postgres",
-            username=args.master_username,
-            password=password.result,
-            host=host,
-            port=port,
-            dbname=args.database_name,
-            tags=tags,
-            opts=child,
-        )
+        def secret(kind: str, username: str, secret_password: pulumi.Output[str]) -> aws.secretsmanager.Secret:
+            # The master secret keeps its original resource name so stacks
+            # created before the role secrets existed do not replace it.
+            resource = f"{name}-secret" if kind == "master" else f"{name}-{kind}-secret"
+            return credentials_secret(
+                resource,
+                secret_name_prefix=f"tenantctl/silos/{args.identifier}/{kind}-",
+                description=f"tenantctl silo {args.slug}: {kind} credentials ({username})",
+                kms_key_arn=key.arn,
+                engine="postgres",
+                username=username,
+                password=secret_password,
+                host=host,
+                port=port,
+                dbname=args.database_name,
+                # IAM can scope GetSecretValue by this tag: the data plane gets
+                # `app` only, the control plane's workers `master` and `replication`.
+                tags={**tags, "tenantctl:credential": kind},
+                opts=child,
+            )
+
+        master = secret("master", args.master_username, password.result)
+        app = secret("app", args.app_username, app_password.result)
+        replication = secret("replication", args.replication_username, replication_password.result)
 
         self.endpoint = host
         self.port = port
-        self.secret_arn = secret.arn
+        self.master_secret_arn = master.arn
+        self.app_secret_arn = app.arn
+        self.replication_secret_arn = replication.arn
         self.kms_key_arn = key.arn
         self.security_group_id = security_group.id
         self.register_outputs(
             {
                 "endpoint": self.endpoint,
                 "port": self.port,
-                "secret_arn": self.secret_arn,
+                "master_secret_arn": self.master_secret_arn,
+                "app_secret_arn": self.app_secret_arn,
+                "replication_secret_arn": self.replication_secret_arn,
                 "kms_key_arn": self.kms_key_arn,
                 "security_group_id": self.security_group_id,
             }
@@ -320,6 +365,8 @@ class SiloStackConfig:
     multi_az: bool = False
     deletion_protection: bool = True
     master_username: str = "tenantctl_owner"
+    app_username: str = "tenantctl_app"
+    replication_username: str = "tenantctl_replicator"
 
 
 # Stack outputs of a silo stack (read back by the provisioner).
@@ -330,7 +377,11 @@ SILO_OUTPUTS = (
     "port",
     "database",
     "username",
-    "secret_arn",
+    "app_username",
+    "replication_username",
+    "master_secret_arn",
+    "app_secret_arn",
+    "replication_secret_arn",
     "kms_key_arn",
 )
 
@@ -361,15 +412,21 @@ def silo_program(config: SiloStackConfig) -> Callable[[], None]:
                 multi_az=config.multi_az,
                 deletion_protection=config.deletion_protection,
                 master_username=config.master_username,
+                app_username=config.app_username,
+                replication_username=config.replication_username,
             ),
         )
         pulumi.export("tenant_id", config.tenant_id)
         pulumi.export("identifier", config.identifier)
         pulumi.export("database", config.database_name)
         pulumi.export("username", config.master_username)
+        pulumi.export("app_username", config.app_username)
+        pulumi.export("replication_username", config.replication_username)
         pulumi.export("endpoint", silo.endpoint)
         pulumi.export("port", silo.port)
-        pulumi.export("secret_arn", silo.secret_arn)
+        pulumi.export("master_secret_arn", silo.master_secret_arn)
+        pulumi.export("app_secret_arn", silo.app_secret_arn)
+        pulumi.export("replication_secret_arn", silo.replication_secret_arn)
         pulumi.export("kms_key_arn", silo.kms_key_arn)
 
     return program

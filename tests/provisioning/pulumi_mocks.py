@@ -72,7 +72,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif typ == "aws:ec2/securityGroup:SecurityGroup":
             resource_id = f"sg-{name}"
         elif typ == "random:index/randomPassword:RandomPassword":
-            state |= {"result": "mock-master-password"}
+            # Distinct per resource, so a test can tell whose password went where.
+            state |= {"result": f"mock-{name}"}
         elif typ == "random:index/randomId:RandomId":
             state |= {"hex": "0badf00d"}
         elif typ in NAMED_BY_PULUMI:

@@ -68,7 +68,13 @@ def silo_run() -> tuple[RecordingMocks, dict[str, Any]]:
     def program() -> dict[str, Any]:
         acme = SiloDatabase("silo-acme", silo_args("acme"))
         SiloDatabase("silo-globex", silo_args("globex", tier="premium"))
-        return {"endpoint": acme.endpoint, "port": acme.port, "secret_arn": acme.secret_arn}
+        return {
+            "endpoint": acme.endpoint,
+            "port": acme.port,
+            "master_secret_arn": acme.master_secret_arn,
+            "app_secret_arn": acme.app_secret_arn,
+            "replication_secret_arn": acme.replication_secret_arn,
+        }
 
     outputs, _ = run_program(program, mocks)
     return mocks, outputs
@@ -91,8 +97,9 @@ def test_storage_is_encrypted_with_a_per_tenant_kms_key(
         (db,) = of_silo(mocks, INSTANCE, slug)
         assert db.inputs["storageEncrypted"] is True
         assert db.inputs["kmsKeyId"] == key_arn(f"silo-{slug}-kms")
-        (secret,) = of_silo(mocks, SECRET, slug)
-        assert secret.inputs["kmsKeyId"] == key_arn(f"silo-{slug}-kms")
+        secrets = of_silo(mocks, SECRET, slug)
+        assert len(secrets) == 3  # master, application, replication
+        assert {secret.inputs["kmsKeyId"] for secret in secrets} == {key_arn(f"silo-{slug}-kms")}
     aliases = sorted(r.inputs["name"] for r in mocks.of_type("aws:kms/alias:Alias"))
     assert aliases == ["alias/tenantctl/silo-acme", "alias/tenantctl/silo-globex"]
 
@@ -133,9 +140,11 @@ def test_resources_are_tagged_with_tenant_and_tier(silo_run: tuple[RecordingMock
     mocks, _ = silo_run
     for slug, tier in (("acme", "enterprise"), ("globex", "premium")):
         for typ in (INSTANCE, KEY, SECRET, SG, PARAMS, "aws:rds/subnetGroup:SubnetGroup"):
-            (resource,) = of_silo(mocks, typ, slug)
-            tags = resource.inputs["tags"]
-            assert tags["tenant_id"] == f"tenant-{slug}" and tags["tier"] == tier, (typ, tags)
+            resources = of_silo(mocks, typ, slug)
+            assert resources, typ
+            for resource in resources:
+                tags = resource.inputs["tags"]
+                assert tags["tenant_id"] == f"tenant-{slug}" and tags["tier"] == tier, (typ, tags)
 
 
 def test_security_group_admits_only_the_application_and_the_pool(
@@ -151,39 +160,60 @@ def test_security_group_admits_only_the_application_and_the_pool(
     for rule in [*ingress, *(r.inputs for r in of_silo(mocks, EGRESS, "acme"))]:
         assert (rule["ipProtocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 5432, 5432)
         assert "cidrIpv4" not in rule and "cidrIpv6" not in rule
-    (egress,) = of_silo(mocks, EGRESS, "acme")
-    assert egress.inputs["securityGroupId"] == silo_sg
-    assert egress.inputs["referencedSecurityGroupId"] == "sg-pool"
-    # the pool admits this silo's subscriber, and only through a rule of this silo's stack
-    pool_rules = [r.inputs for r in mocks.of_type(INGRESS) if r.inputs["securityGroupId"] == "sg-pool"]
-    assert sorted(rule["referencedSecurityGroupId"] for rule in pool_rules) == [
-        "sg-silo-acme-sg",
-        "sg-silo-globex-sg",
-    ]
+    egress = {r.inputs["securityGroupId"]: r.inputs for r in of_silo(mocks, EGRESS, "acme")}
+    # promotion: the silo subscribes to the pool; demotion: the pool subscribes to the silo
+    assert set(egress) == {silo_sg, "sg-pool"}
+    assert egress[silo_sg]["referencedSecurityGroupId"] == "sg-pool"
+    assert egress["sg-pool"]["referencedSecurityGroupId"] == silo_sg
+    # the pool's side of both directions is made of rules of this silo's stack only
+    for rule_type in (INGRESS, EGRESS):
+        pool_rules = [r.inputs for r in mocks.of_type(rule_type) if r.inputs["securityGroupId"] == "sg-pool"]
+        assert sorted(rule["referencedSecurityGroupId"] for rule in pool_rules) == [
+            "sg-silo-acme-sg",
+            "sg-silo-globex-sg",
+        ], rule_type
 
 
-def test_master_password_is_generated_and_stored_only_as_a_secret(
+def test_three_passwords_are_generated_and_each_stored_only_in_its_own_secret(
     silo_run: tuple[RecordingMocks, dict[str, Any]],
 ) -> None:
     mocks, outputs = silo_run
-    (password,) = of_silo(mocks, "random:index/randomPassword:RandomPassword", "acme")
-    assert password.inputs["length"] >= 32
-    assert not set('/@" ') & set(password.inputs["overrideSpecial"])
-    assert password.inputs["overrideSpecial"] == PASSWORD_SPECIALS
-    (db,) = of_silo(mocks, INSTANCE, "acme")
-    assert unsecret(db.inputs["password"]) == "mock-master-password"
-    (version,) = of_silo(mocks, SECRET_VERSION, "acme")
-    assert version.inputs["secretId"] == "silo-acme-secret-id"
-    payload = json.loads(unsecret(version.inputs["secretString"]))
-    assert payload == {
-        "engine": "postgres",
-        "host": f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com",
-        "port": 5432,
-        "username": "tenantctl_owner",
-        "password": "mock-master-password",
-        "dbname": "silo_acme",
+    passwords = {r.name: r.inputs for r in of_silo(mocks, "random:index/randomPassword:RandomPassword", "acme")}
+    assert set(passwords) == {
+        "silo-acme-master-password",
+        "silo-acme-app-password",
+        "silo-acme-replication-password",
     }
-    assert "password" not in json.dumps(outputs)
+    for inputs in passwords.values():
+        assert inputs["length"] >= 32
+        assert not set('/@" ') & set(inputs["overrideSpecial"])
+        assert inputs["overrideSpecial"] == PASSWORD_SPECIALS
+    (db,) = of_silo(mocks, INSTANCE, "acme")
+    assert unsecret(db.inputs["password"]) == "mock-silo-acme-master-password"
+
+    secrets = {r.name: r for r in of_silo(mocks, SECRET, "acme")}
+    versions = {r.inputs["secretId"]: r for r in of_silo(mocks, SECRET_VERSION, "acme")}
+    expected = {
+        # resource name -> (secret name prefix, credential tag, username, password)
+        "silo-acme-secret": ("master", "tenantctl_owner", "mock-silo-acme-master-password"),
+        "silo-acme-app-secret": ("app", "tenantctl_app", "mock-silo-acme-app-password"),
+        "silo-acme-replication-secret": ("replication", "tenantctl_replicator", "mock-silo-acme-replication-password"),
+    }
+    assert set(secrets) == set(expected)
+    for resource, (kind, username, password) in expected.items():
+        secret = secrets[resource]
+        assert secret.inputs["namePrefix"] == f"tenantctl/silos/silo-acme/{kind}-"
+        assert secret.inputs["tags"]["tenantctl:credential"] == kind
+        payload = json.loads(unsecret(versions[f"{resource}-id"].inputs["secretString"]))
+        assert payload == {
+            "engine": "postgres",
+            "host": f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com",
+            "port": 5432,
+            "username": username,
+            "password": password,
+            "dbname": "silo_acme",
+        }
+    assert "mock-" not in json.dumps(outputs)
 
 
 def test_component_outputs_are_wired(silo_run: tuple[RecordingMocks, dict[str, Any]]) -> None:
@@ -191,7 +221,9 @@ def test_component_outputs_are_wired(silo_run: tuple[RecordingMocks, dict[str, A
     assert outputs == {
         "endpoint": f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com",
         "port": 5432,
-        "secret_arn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:silo-acme-secret-AbCdEf",
+        "master_secret_arn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:silo-acme-secret-AbCdEf",
+        "app_secret_arn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:silo-acme-app-secret-AbCdEf",
+        "replication_secret_arn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:silo-acme-replication-secret-AbCdEf",
     }
 
 
@@ -225,6 +257,8 @@ def test_aurora_variant_keeps_the_same_guarantees() -> None:
         ({"engine": "mysql"}, "engine must be one of"),
         ({"engine_version": "latest"}, "major version"),
         ({"allocated_storage_gb": 500}, "max_allocated_storage_gb"),
+        ({"app_username": "tenantctl_owner"}, "usernames must differ"),
+        ({"replication_username": "tenantctl_app"}, "usernames must differ"),
     ],
 )
 def test_unsafe_silo_args_are_rejected(overrides: dict[str, Any], message: str) -> None:
@@ -255,7 +289,10 @@ def test_silo_stack_program_reads_the_shared_stack_and_exports_the_location() ->
     assert reference.inputs["name"] == "org/tenantctl-infra/prod"
     assert set(exports) == set(SILO_OUTPUTS)
     assert exports["endpoint"] == f"silo-acme.c0ffee.{REGION}.rds.amazonaws.com"
-    assert exports["secret_arn"].endswith(":secret:silo-acme-secret-AbCdEf")
+    assert exports["master_secret_arn"].endswith(":secret:silo-acme-secret-AbCdEf")
+    assert exports["app_secret_arn"].endswith(":secret:silo-acme-app-secret-AbCdEf")
+    assert exports["replication_secret_arn"].endswith(":secret:silo-acme-replication-secret-AbCdEf")
+    assert (exports["app_username"], exports["replication_username"]) == ("tenantctl_app", "tenantctl_replicator")
     assert exports["kms_key_arn"] == key_arn("silo-acme-kms")
     assert (exports["tenant_id"], exports["database"], exports["username"]) == (
         "tenant-acme",
@@ -267,6 +304,8 @@ def test_silo_stack_program_reads_the_shared_stack_and_exports_the_location() ->
     assert mocks.one("aws:rds/subnetGroup:SubnetGroup").inputs["subnetIds"] == ["subnet-1", "subnet-2"]
     sources = sorted(r.inputs["referencedSecurityGroupId"] for r in mocks.of_type(INGRESS))
     assert sources == ["sg-shared-app", "sg-shared-pool", "sg-silo-acme-sg"]
+    egress = sorted((r.inputs["securityGroupId"], r.inputs["referencedSecurityGroupId"]) for r in mocks.of_type(EGRESS))
+    assert egress == [("sg-shared-pool", "sg-silo-acme-sg"), ("sg-silo-acme-sg", "sg-shared-pool")]
 
 
 def test_shared_stack_with_a_new_vpc() -> None:
@@ -302,7 +341,7 @@ def test_shared_stack_with_a_new_vpc() -> None:
     assert exports["pool_endpoint"] == f"tenantctl-staging-pool.c0ffee.{REGION}.rds.amazonaws.com"
     assert exports["pool_secret_arn"].endswith(":secret:pool-secret-AbCdEf")
     assert exports["catalog_secret_arn"].endswith(":secret:catalog-secret-AbCdEf")
-    assert "mock-master-password" not in json.dumps(exports)
+    assert "mock-" not in json.dumps(exports)
 
 
 def test_shared_stack_reads_typed_config_and_reuses_an_existing_vpc() -> None:
