@@ -1,9 +1,15 @@
 """Which databases a fleet run touches: the pool and the silos recorded in the catalog.
 
 A silo is a target when its ``locations`` row has ``kind = 'silo'``, a DSN and
-status ``'ready'``. Silos still provisioning are migrated by their own
-provisioning/move workflow (``control_plane.fleet.migrate_target_to``) to the
-pool's revision; deleted or failed ones are not the fleet's business.
+status ``'ready'`` -- or status ``'provisioning'`` while the tenant it was
+recorded for is itself still ``'provisioning'`` (an onboarding between its
+``migrate`` and ``activate`` steps). Without the latter, a fleet run in that
+window would move the pool to a new revision and skip the new silo, which then
+turns ready on the old revision and is never seen again (issue 7 item 7).
+The onboarding's own ``migrate`` runs under the interlock
+(``control_plane.fleet.migrate_new_silo``), so the two never interleave.
+A move's new silo needs no such rule: its tenant is ``'moving'``, which makes
+the runner refuse. Deleted or failed silos are not the fleet's business.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ ALL = "all"
 
 _SILOS = """
 SELECT l.name, l.dsn,
-       (SELECT min(t.slug) FROM tenants t WHERE t.location_id = l.id AND t.status <> 'deleted')
-  FROM locations l
- WHERE l.kind = 'silo' AND l.dsn IS NOT NULL AND l.status = 'ready'
+       coalesce((SELECT min(t.slug) FROM tenants t WHERE t.location_id = l.id AND t.status <> 'deleted'), o.slug)
+  FROM locations l LEFT JOIN tenants o ON o.id = l.tenant_id
+ WHERE l.kind = 'silo' AND l.dsn IS NOT NULL
+   AND (l.status = 'ready' OR (l.status = 'provisioning' AND o.status = 'provisioning'))
  ORDER BY l.name
 """
 

@@ -6,8 +6,8 @@ records them, has the pool claim them and activates them in the request.
 Silo: ``provision`` (the configured :class:`SiloProvisioner`; deterministic
 names make a retried call converge) -> ``record_location`` (the catalog knows
 the silo before anything else happens, I5) -> ``migrate`` (to the *pool's*
-current tenant-schema revision, in a separate process: Alembic is
-process-global) -> ``claim`` (the silo serves the tenant at its route epoch)
+current tenant-schema revision, read and applied under the fleet interlock, in
+a separate process: Alembic is process-global) -> ``claim`` (the silo serves the tenant at its route epoch)
 -> ``activate`` (location ready, tenant placed and ``active``, NOTIFY).
 
 A failure leaves the tenant ``provisioning`` with its location recorded; an
@@ -22,19 +22,27 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from dbos import DBOS
 from sqlalchemy.dialects.postgresql import insert
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations
-from control_plane.fleet.runner import migrate_target_to, pool_revision
+from control_plane.exceptions import OperationLockedError
+from control_plane.fleet.runner import migrate_new_silo
 from control_plane.provisioning.base import SiloLocation, SiloSpec
 from control_plane.workflows import runtime, stores
 from control_plane.workflows.kinds import ONBOARDING
 from control_plane.workflows.steps import job_tenant, report_progress, run_job
 
 KIND = ONBOARDING
+# How long the migrate step waits for a running fleet migration before failing
+# the job (a fleet run over hundreds of silos takes minutes, not hours).
+FLEET_WAIT_S = 900.0
+
+log = structlog.get_logger(__name__)
 
 
 def _location_dict(location: SiloLocation) -> dict[str, Any]:
@@ -82,15 +90,42 @@ async def record_location(job: dict[str, Any], outputs: dict[str, Any]) -> str:
 
 @DBOS.step(name="tenantctl.onboarding.migrate")
 async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
+    """Migrate the new silo to the pool's revision, with fleet runs locked out meanwhile.
+
+    Reading the pool's revision and migrating the silo happen under the
+    interlock (``migrate_new_silo``): otherwise a fleet run in between moves
+    the pool on while the silo lands on the old revision. From here until
+    ``activate`` the silo is ``provisioning`` and fleet runs include it (see
+    ``control_plane.fleet.targets``). While a fleet run holds the interlock
+    the step waits for it (up to ``FLEET_WAIT_S``) instead of failing the job.
+    """
     ctx = runtime.current()
-    revision = await asyncio.to_thread(pool_revision, ctx.endpoints.pool_url)
-    await asyncio.to_thread(
-        migrate_target_to,
-        outputs["provision"]["dsn"],
-        revision,
-        app_role=ctx.settings.app_role,
-        name=outputs["provision"]["name"],
+    loc = outputs["provision"]
+
+    async def waiting(_state: RetryCallState) -> None:
+        # Visible on the job (GET /v1/jobs/{id}): why it does not progress.
+        log.info("onboarding_waits_for_fleet_migration", job_id=job["id"])
+        await report_progress(job["id"], KIND, "migrate", 0.0, {"waiting_for": "fleet_migration"})
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(OperationLockedError),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        stop=stop_after_delay(FLEET_WAIT_S),
+        before_sleep=waiting,
+        reraise=True,
     )
+    async for attempt in retrying:
+        with attempt:
+            result = await asyncio.to_thread(
+                migrate_new_silo,
+                loc["dsn"],
+                ctx.endpoints.pool_url,
+                catalog_dsn=ctx.endpoints.catalog_url,
+                app_role=ctx.settings.app_role,
+                replication_role=ctx.settings.replication_role,
+                name=loc["name"],
+            )
+    revision = result.to_revision
     await report_progress(job["id"], KIND, "migrate", 1.0, {"revision": revision})
     return revision
 

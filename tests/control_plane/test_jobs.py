@@ -238,3 +238,37 @@ async def test_a_failed_onboarding_is_recorded_and_the_tenant_can_be_offboarded(
     cleanup = await wait_job(wf_admin, (await wf_admin.delete(f"/v1/tenants/{tenant_id}")).json()["job"]["id"])
     assert cleanup["status"] == "succeeded", cleanup
     assert (await wf_admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "deleted"
+
+
+async def test_onboarding_migrates_its_silo_only_while_no_fleet_migration_runs(
+    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints
+) -> None:
+    """The migrate step reads the pool's revision under the fleet interlock: a running
+    fleet migration makes it wait (not fail, not migrate past the runner)."""
+    import asyncio
+
+    from control_plane.interlock import fleet_migration_lock
+
+    with fleet_migration_lock(wf_endpoints.catalog_url):
+        created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Racy", "tier": "enterprise"})
+        job_id = created.headers["X-Tenantctl-Job"]
+        deadline = time.monotonic() + 60
+        while (job := (await wf_admin.get(f"/v1/jobs/{job_id}")).json())["detail"].get("waiting_for") is None:
+            assert job["status"] in ("pending", "running"), job
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.1)
+        assert (job["status"], job["step"]) == ("running", "migrate"), job
+        assert job["detail"] == {"waiting_for": "fleet_migration"}
+        with psycopg.connect(libpq(wf_endpoints.catalog_url)) as conn:
+            row = conn.execute(
+                "SELECT dsn, status FROM locations WHERE tenant_id = %s", (created.json()["id"],)
+            ).fetchone()
+        assert row is not None and row[1] == "provisioning"
+        silo_dsn = str(row[0])
+        assert schema.current_revision(silo_dsn) is None  # nothing applied behind the runner's back
+
+    job = await wait_job(wf_admin, job_id)
+    assert job["status"] == "succeeded", job
+    assert schema.current_revision(silo_dsn) == schema.current_revision(wf_endpoints.pool_url)
+    offboarded = await wf_admin.delete(f"/v1/tenants/{created.json()['id']}")
+    assert (await wait_job(wf_admin, offboarded.json()["job"]["id"]))["status"] == "succeeded"

@@ -15,7 +15,7 @@ from control_plane.exceptions import IllegalTransitionError, OperationLockedErro
 from control_plane.fleet import FleetOptions, run_fleet
 from control_plane.interlock import fleet_migration_lock, mark_tenant_moving, mark_tenant_moving_async
 from data_plane.dsn import async_url, libpq, sync_url
-from tests.fleet.conftest import BASE, Fleet, revision_of
+from tests.fleet.conftest import BASE, REV2, Fleet, revision_of
 
 
 @pytest.fixture
@@ -102,3 +102,38 @@ async def test_async_mark_moving(fleet: Fleet) -> None:
         assert status == "moving"
     finally:
         await engine.dispose()
+
+
+def test_a_silo_still_onboarding_is_migrated_by_a_fleet_run(fleet: Fleet, scripts: str) -> None:
+    """An onboarding between its migrate and activate steps: the fleet must not skip its silo.
+
+    Otherwise the pool moves on, the silo turns ready on the old revision and no
+    later run ever looks at it (issue 7 item 7).
+    """
+    ready, onboarding, failed_move = fleet.add_silos(3)
+    with psycopg.connect(libpq(fleet.catalog), autocommit=True) as cat:
+        # What onboarding's record_location leaves: a provisioning location owned by a
+        # provisioning tenant that does not point at it yet (activate sets location_id).
+        cat.execute(
+            "UPDATE locations SET status = 'provisioning', tenant_id = t.id FROM tenants t "
+            "WHERE t.slug = %s AND locations.id = t.location_id",
+            (onboarding.slug,),
+        )
+        cat.execute(
+            "UPDATE tenants SET status = 'provisioning', location_id = NULL WHERE slug = %s", (onboarding.slug,)
+        )
+        # Control: a provisioning location whose tenant is active (a move's leftover) stays out.
+        cat.execute(
+            "UPDATE locations SET status = 'provisioning', tenant_id = t.id FROM tenants t "
+            "WHERE t.slug = %s AND locations.id = t.location_id",
+            (failed_move.slug,),
+        )
+        cat.execute("UPDATE tenants SET location_id = NULL WHERE slug = %s", (failed_move.slug,))
+
+    report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(script_location=scripts))
+    by_target = {r.target: r for r in report.results}
+    assert set(by_target) == {"pool", ready.location, onboarding.location}
+    assert by_target[onboarding.location].tenant == onboarding.slug
+    assert revision_of(onboarding.dsn) == REV2
+    assert revision_of(ready.dsn) == REV2
+    assert revision_of(failed_move.dsn) == BASE
