@@ -4,25 +4,32 @@ Exit codes: ``upgrade``/``downgrade`` exit 0 when no target failed, 1 when any
 target failed (or the run was refused or interrupted: 130 on Ctrl-C).
 ``status`` exits 0 when every target is at head, 3 when some target drifted
 (behind, ahead, unversioned, unknown revision) and 1 when some target is
-unreachable. With ``--json`` exactly one JSON document is printed on stdout.
+unreachable. With ``--json`` exactly one JSON document is printed on stdout --
+also when the command is refused or fails before any target ran (interlock
+busy, unknown revision or tenant, catalog unreachable): then it is
+``{"error": {"code": ..., "message": ...}}`` and the exit code is 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
+import psycopg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from control_plane import stack as stack_mod
-from control_plane.cli import JsonFlag, StateDir, cli_errors, console, load_settings, out, print_json
+from control_plane.cli import JsonFlag, StateDir, console, load_settings, out, print_json
 from control_plane.fleet.models import Action, TargetResult, TargetStatus
 from control_plane.fleet.runner import DEFAULT_CONCURRENCY, DEFAULT_LOCK_TIMEOUT_S, FleetOptions, run_fleet
 from control_plane.fleet.scripts import Drift
 from control_plane.fleet.status import StatusReport, status_of
 from control_plane.fleet.targets import ALL, load_targets
+from data_plane.exceptions import TenantctlError
 
 migrate_app: typer.Typer = typer.Typer(
     help="Apply the tenant schema's migrations to the pool and every silo.", no_args_is_help=True
@@ -72,6 +79,28 @@ def _rev(revision: str | None) -> str:
     return revision or "base"
 
 
+@contextlib.contextmanager
+def _refusals(as_json: bool) -> Iterator[None]:
+    """A refusal or a known error: one line on stderr, the JSON error document with
+    ``--json`` (scripts parse stdout whatever happened), exit code 1 -- never a traceback."""
+    try:
+        yield
+    except TenantctlError as exc:
+        raise _refused(exc.code, exc.message, as_json) from None
+    except psycopg.Error as exc:
+        # The catalog is unreachable or refused us (libpq's text names host and
+        # user, never the password).
+        message = f"catalog database error: {str(exc).strip()}"
+        raise _refused("database_unavailable", message, as_json) from None
+
+
+def _refused(code: str, message: str, as_json: bool) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    if as_json:
+        print_json({"error": {"code": code, "message": message}})
+    return typer.Exit(1)
+
+
 def _run(
     action: Action,
     revision: str,
@@ -95,7 +124,7 @@ def _run(
         app_role=settings.app_role,
         replication_role=settings.replication_role,
     )
-    with cli_errors():
+    with _refusals(as_json):
         endpoints = stack_mod.running_endpoints(settings)
         if as_json or not console.is_terminal:
             report = run_fleet(endpoints.catalog_url, endpoints.pool_url, options, selector=target)
@@ -152,7 +181,7 @@ def status(
 ) -> None:
     """Each target's revision and drift from head (behind, ahead, unversioned, unknown)."""
     settings = load_settings(state_dir)
-    with cli_errors():
+    with _refusals(as_json):
         endpoints = stack_mod.running_endpoints(settings)
         targets = load_targets(endpoints.catalog_url, endpoints.pool_url, target)
         report = status_of(targets, script_location=script_location, concurrency=concurrency)

@@ -88,3 +88,46 @@ def test_cli_targets_relative_downgrade_and_human_output(fleet: Fleet, cli: Any)
     assert code == 1 and "unknown revision" in output
     code, _, output = cli("upgrade", "--target", "no-such-tenant")
     assert code == 1 and "no tenant with slug" in output
+
+
+def test_json_refusals_still_print_one_document_and_exit_non_zero(fleet: Fleet, cli: Any) -> None:
+    from control_plane.interlock import fleet_migration_lock
+
+    fleet.add_silos(1)
+    with fleet_migration_lock(fleet.catalog):  # another runner holds the interlock
+        code, doc, output = cli("upgrade", "--json", "--lock-timeout", "0")
+    assert code == 1
+    assert doc["error"]["code"] == "locked" and "interlock" in doc["error"]["message"]
+    assert "Traceback" not in output
+
+    code, doc, _ = cli("upgrade", "no_such_rev", "--json")
+    assert code == 1 and "unknown revision" in doc["error"]["message"]
+    code, doc, _ = cli("status", "--target", "no-such-tenant", "--json")
+    assert code == 1 and doc["error"]["code"] == "not_found"
+
+    # Control: nothing was touched by the refusals, and a real run still works.
+    assert revision_of(fleet.pool) == BASE
+    code, doc, _ = cli("upgrade", "--json")
+    assert code == 0 and doc["summary"]["succeeded"] == 2
+
+
+def test_an_unreachable_catalog_is_a_clear_error_not_a_traceback(fleet: Fleet, scripts: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        "TENANTCTL_CATALOG_URL": f"postgresql://nobody@127.0.0.1:{port}/catalog",
+        "TENANTCTL_POOL_URL": fleet.pool,
+        "TENANTCTL_SILO_SERVER_URL": fleet.servers.silo_admin,
+        "TENANTCTL_STATE_DIR": str(tmp_path / "state"),
+    }
+    for command in (["upgrade"], ["status"]):
+        result = CliRunner().invoke(app, ["migrate", *command, "--json", "--script-location", scripts], env=env)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit)  # handled, no traceback
+        document = json.loads(result.stdout)
+        assert document["error"]["code"] == "database_unavailable"
+        assert "catalog database error" in document["error"]["message"]
+        assert "catalog database error" in result.stderr
