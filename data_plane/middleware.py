@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from data_plane.exceptions import TenantFencedError
 from data_plane.logs import access_log, current_request
 from data_plane.metering import UsageMeter
 
@@ -111,15 +113,22 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
-        request_id = _request_id(scope)
+        request_id = request_id_of(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         token = current_request.set((request_id, state))
+        # The body of a 503, kept to tell a fence (tenant_fenced) from other
+        # unavailability (catalog or tenant database down, no secret resolver).
+        unavailable_body: bytearray | None = None
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, unavailable_body
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if status == 503:
+                    unavailable_body = bytearray()
+            elif unavailable_body is not None and len(unavailable_body) < _MAX_ERROR_BODY:
+                unavailable_body += message.get("body", b"")
             await send(message)
 
         try:
@@ -135,7 +144,7 @@ class RequestMetrics:
                 tier, placement = tenant_route.tier, tenant_route.placement
             method = scope.get("method", "")
             self.latency.labels(template, method, str(status), tier, placement).observe(elapsed)
-            if status == 503:
+            if status == 503 and error_code(unavailable_body) == TenantFencedError.code:
                 self.fenced.inc()
             elif status == 429:
                 self.rate_limited.labels(tier).inc()
@@ -160,9 +169,23 @@ class RequestMetrics:
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_REQUEST_ID = 128
+_MAX_ERROR_BODY = 4096  # §5 error bodies are a code and a one-line message
 
 
-def _request_id(scope: Scope) -> str:
+def error_code(body: bytes | bytearray | None) -> str | None:
+    """``error.code`` of a §5 JSON error body, or None when it is not one."""
+    if not body:
+        return None
+    try:
+        document = json.loads(body)
+        code = document["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request id: the caller's ``X-Request-ID`` if short and printable, else a new one."""
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             # Only short, printable ASCII is echoed and logged: a request id is

@@ -107,3 +107,31 @@ def test_redaction_of_secret_shaped_values() -> None:
     )
     assert event["authorization"] == REDACTED
     assert "eyJ" not in event["detail"] and "hunter2" not in event["url"]
+
+
+async def test_fenced_responses_count_fences_only_not_other_503s(dp_settings: DataPlaneSettings, world: World) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    a, b = world["A"], world["B"]
+    fenced_total = re.compile(r"^tenantctl_api_fenced_responses_total (\S+)$", re.M)
+    app = dp_app(dp_settings)
+    async for client in asgi_client(app):
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))
+        fenced = await client.get("/v1/projects", headers=a.headers)
+        assert fenced.status_code == 503 and fenced.json()["error"]["code"] == "tenant_fenced"
+        match = fenced_total.search((await client.get("/metrics")).text)
+        assert match is not None and float(match.group(1)) == 1.0
+
+        # The route catalog becomes unusable (its connection pool is gone): B's
+        # uncached route cannot be read -- a 503 too, but no fence.
+        await app.state.routes._pool.close()
+        unavailable = await client.get("/v1/projects", headers=b.headers)
+        assert unavailable.status_code == 503
+        assert unavailable.json()["error"]["code"] == "unavailable"
+        text = (await client.get("/metrics")).text
+        match = fenced_total.search(text)
+        assert match is not None and float(match.group(1)) == 1.0
+        assert 'route="/v1/projects",status="503",tier="none"} 1.0' in text  # it was counted as a request
