@@ -27,7 +27,8 @@ from control_plane.workflows.jobs import DBOSJobEnqueuer
 from data_plane.auth import TokenVerifier
 from data_plane.dsn import async_url, sync_url
 from data_plane.exceptions import error_response, install_error_handlers
-from data_plane.logs import configure_logging
+from data_plane.logs import access_log, configure_logging, current_request
+from data_plane.middleware import request_id_of
 
 MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few fields; anything larger is refused
 
@@ -90,16 +91,38 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
 
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Metrics, request id and access log -- the same request-id rules as the tenant API.
+
+        The id (the caller's ``X-Request-ID`` if short and printable, else a new
+        one) is echoed back and carried by every log line of the request: it is
+        set before ``call_next``, whose task copies the context.
+        """
         started = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            response: Response = error_response(413, "payload_too_large", "request body too large")
-        else:
-            response = await call_next(request)
-        route = _route_template(request)
-        requests_total.labels(request.method, route, str(response.status_code)).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - started)
-        return response
+        request_id = request_id_of(request.scope)
+        token = current_request.set((request_id, {}))
+        try:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                response: Response = error_response(413, "payload_too_large", "request body too large")
+            else:
+                response = await call_next(request)
+            response.headers["X-Request-ID"] = request_id
+            route = _route_template(request)
+            elapsed = time.perf_counter() - started
+            requests_total.labels(request.method, route, str(response.status_code)).inc()
+            latency.labels(request.method, route).observe(elapsed)
+            access_log.emit(
+                method=request.method,
+                route=route,
+                path=request.url.path,
+                status=response.status_code,
+                duration_ms=round(elapsed * 1000, 3),
+                request_id=request_id,
+                tenant=None,
+            )
+            return response
+        finally:
+            current_request.reset(token)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

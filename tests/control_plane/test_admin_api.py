@@ -366,3 +366,46 @@ async def test_an_oversized_body_is_413(admin: httpx.AsyncClient) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_admin_requests_carry_a_request_id_in_headers_and_logs(
+    cp_settings: ControlPlaneSettings, endpoints: Endpoints
+) -> None:
+    import io
+    import json
+
+    import structlog
+
+    from control_plane.api import create_app
+    from data_plane.logs import configure_logging
+    from data_plane.settings import LogFormat
+    from tests.conftest import asgi_client
+    from tests.control_plane.conftest import admin_headers
+
+    settings = cp_settings.model_copy(update={"log_format": LogFormat.JSON})
+    app = create_app(settings, endpoints)
+    stream = io.StringIO()
+    configure_logging(settings, stream=stream)
+    try:
+        async for client in asgi_client(app):
+            client.headers.update(admin_headers(settings))
+            created = await client.post(
+                "/v1/tenants",
+                json={"slug": "traced", "name": "Traced", "tier": "free"},
+                headers={"X-Request-ID": "adm-42"},
+            )
+            assert created.status_code == 201 and created.headers["x-request-id"] == "adm-42"
+            missing = await client.get("/v1/tenants/nope")
+            assert missing.status_code == 404
+            generated = missing.headers["x-request-id"]
+            assert generated and generated != "adm-42"
+            forged = await client.get("/v1/tenants", headers={"X-Request-ID": "x\nforged"})
+            assert forged.headers["x-request-id"] != "x\nforged"
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    access = {line["request_id"]: line for line in lines if line["event"] == "request"}
+    assert access["adm-42"]["route"] == "/v1/tenants" and access["adm-42"]["status"] == 201
+    assert access[generated]["route"] == "/v1/tenants/{tenant}" and access[generated]["status"] == 404
+    assert "x\nforged" not in access
+    assert "Bearer" not in stream.getvalue()
