@@ -6,6 +6,9 @@ channel. :class:`RouteDirectory` caches routes per replica; a notification
 evicts one tenant (payload: its id) or everything (payload ``*``). After the
 listener reconnects, the whole cache is dropped, because notifications sent
 while it was away are lost. A TTL bounds staleness should the listener be down.
+A lookup caches what it read only if no invalidation arrived while it was
+reading (a generation counter): otherwise a route read just before a suspension
+committed would be cached *after* the suspension's NOTIFY, and served for a TTL.
 
 :class:`EngineRegistry` holds the pool's connection pool and a bounded LRU of
 small per-silo pools, resolved through a :class:`SecretResolver`.
@@ -36,6 +39,9 @@ from data_plane.exceptions import (
 log = structlog.get_logger(__name__)
 
 CHANNEL = "tenant_routes"
+# Catalog reads per lookup while invalidations keep arriving mid-read; the last
+# read is returned uncached (it is at least as fresh as the request).
+LOOKUP_READS = 3
 ROUTE_QUERY = """
 SELECT tenant_id, slug, tier, status, placement, route_epoch, location_id, location_name,
        app_dsn, secret_ref
@@ -101,6 +107,8 @@ class RouteDirectory:
         self._cache: dict[uuid.UUID, _Cached] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        # Bumped by every invalidation; see lookup().
+        self._generation = 0
         self.hits = 0
         self.refreshes = 0
         self.invalidations = 0
@@ -127,6 +135,7 @@ class RouteDirectory:
 
     def invalidate(self, tenant_id: uuid.UUID | None = None) -> None:
         self.invalidations += 1
+        self._generation += 1
         if tenant_id is None:
             self._cache.clear()
         else:
@@ -138,18 +147,28 @@ class RouteDirectory:
         if cached is not None and not fresh and time.monotonic() - cached.loaded_at < self._ttl:
             self.hits += 1
             return cached.route
-        assert self._pool is not None, "RouteDirectory.start() was not awaited"
-        self.refreshes += 1
-        try:
-            record = await self._pool.fetchrow(ROUTE_QUERY, tenant_id)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise ServiceUnavailableError("route catalog unavailable", retry_after=1) from exc
+        for _ in range(LOOKUP_READS):
+            generation = self._generation
+            record = await self._read(tenant_id)
+            if generation == self._generation:
+                break
+            # A NOTIFY arrived while the catalog was being read: what we read
+            # may predate the change it announces. Read again; never cache it.
         if record is None:
             self._cache.pop(tenant_id, None)
             raise TenantUnknownError("unknown tenant")
         route = Route.from_record(record)
-        self._cache[tenant_id] = _Cached(route=route, loaded_at=time.monotonic())
+        if generation == self._generation:
+            self._cache[tenant_id] = _Cached(route=route, loaded_at=time.monotonic())
         return route
+
+    async def _read(self, tenant_id: uuid.UUID) -> asyncpg.Record | None:
+        assert self._pool is not None, "RouteDirectory.start() was not awaited"
+        self.refreshes += 1
+        try:
+            return await self._pool.fetchrow(ROUTE_QUERY, tenant_id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise ServiceUnavailableError("route catalog unavailable", retry_after=1) from exc
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == "*":
@@ -299,8 +318,7 @@ class EngineRegistry:
                 # The pool hands out a proxy with Connection's whole API.
                 yield cast(asyncpg.Connection, conn)
             return
-        entry = await self._silo(route)
-        entry.borrowed += 1
+        entry = await self._borrow_silo(route)
         try:
             async with entry.pool.acquire() as conn:
                 yield cast(asyncpg.Connection, conn)
@@ -308,36 +326,62 @@ class EngineRegistry:
             entry.borrowed -= 1
             entry.last_used = time.monotonic()
 
-    async def _silo(self, route: Route) -> _SiloPool:
+    async def _borrow_silo(self, route: Route) -> _SiloPool:
+        """The location's engine, already counted as borrowed.
+
+        Counted *before* anything can evict: a new engine is created with
+        ``borrowed = 1``, so the capacity pass that follows its creation can
+        never close the engine about to be returned (were every older engine
+        busy, the newest would be the only candidate).
+        """
         entry = self._silos.get(route.location_id)
         if entry is not None:
             self._silos.move_to_end(route.location_id)
+            entry.borrowed += 1
             return entry
         async with self._lock:
             entry = self._silos.get(route.location_id)
-            if entry is None:
-                dsn = libpq(await self._resolver.dsn_for(route))
-                try:
-                    pool = await self._create_pool(dsn, self._silo_pool_size)
-                except (OSError, asyncpg.PostgresError) as exc:
-                    raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
-                entry = _SiloPool(pool=pool, last_used=time.monotonic())
-                self._silos[route.location_id] = entry
+            if entry is not None:
+                self._silos.move_to_end(route.location_id)
+                entry.borrowed += 1
+                return entry
+            dsn = libpq(await self._resolver.dsn_for(route))
+            try:
+                pool = await self._create_pool(dsn, self._silo_pool_size)
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
+            entry = _SiloPool(pool=pool, last_used=time.monotonic(), borrowed=1)
+            self._silos[route.location_id] = entry
+            try:
                 await self._evict_over_capacity()
+            except BaseException:
+                # Cancelled (or failed) while closing another engine: the
+                # caller never gets this one, so it must not stay borrowed.
+                entry.borrowed -= 1
+                raise
             return entry
 
-    async def _evict_over_capacity(self) -> None:
-        # Least recently used first; an engine with borrowed connections is
-        # never closed under a running request -- it is skipped this round.
+    async def _evict_over_capacity(self) -> int:
+        """Close least recently used idle engines until within the bound (caller holds the lock).
+
+        An engine with borrowed connections is never closed under a running
+        request; if every engine is busy the registry stays over its bound
+        for a while, and a later pass (the next new engine, or the reaper)
+        brings it back.
+        """
+        closed = 0
         for location_id in list(self._silos):
             if len(self._silos) <= self._max_silos:
-                return
+                break
             entry = self._silos[location_id]
             if entry.borrowed == 0:
                 del self._silos[location_id]
                 await entry.pool.close()
+                closed += 1
+        return closed
 
     async def evict_idle(self, *, now: float | None = None) -> int:
+        """Close engines idle for ``idle_seconds`` and any left over the bound; return how many."""
         now = time.monotonic() if now is None else now
         closed = 0
         async with self._lock:
@@ -346,6 +390,7 @@ class EngineRegistry:
                     del self._silos[location_id]
                     await entry.pool.close()
                     closed += 1
+            closed += await self._evict_over_capacity()
         return closed
 
     async def _reap_forever(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import httpx
@@ -166,32 +166,112 @@ async def test_fenced_tenant_is_held_briefly_then_503(client: httpx.AsyncClient,
     assert held_request.status_code == 200
 
 
-async def test_listener_reconnects_and_drops_the_cache(world: World, pg_servers: PgServers) -> None:
-    directory = RouteDirectory(world.endpoints.app_catalog_url)
+def _catalog_admin(world: World, servers: PgServers) -> str:
+    """A superuser DSN of the catalog database (not subject to its connection limit)."""
+    return libpq(with_database(servers.main_admin, database_of(world.endpoints.catalog_url)))
+
+
+async def test_change_made_while_the_listener_was_down_is_seen_after_reconnect(
+    world: World, pg_servers: PgServers
+) -> None:
+    # A TTL far beyond the test: only invalidation can make a change visible.
+    directory = RouteDirectory(world.endpoints.app_catalog_url, ttl=3600)
     await directory.start()
+    catalog_db = database_of(world.endpoints.catalog_url)
+    admin = _catalog_admin(world, pg_servers)
     try:
-        a = world["A"]
-        assert (await directory.lookup(a.id)).status == "active"
-        catalog_db = database_of(world.endpoints.catalog_url)
-        admin = with_database(pg_servers.main_admin, catalog_db)
-        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        a, b = world["A"], world["B"]
+        assert (await directory.lookup(b.id)).status == "active"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            # The outage: the listener is cut off and cannot come back until
+            # the limit is lifted (the directory's pool keeps its connection).
+            conn.execute(f'ALTER DATABASE "{catalog_db}" CONNECTION LIMIT 0')
             killed = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'LISTEN%%'",
-                (catalog_db,),
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND usename = %s AND (query ILIKE 'LISTEN%%' OR query = 'SELECT 1')",
+                (catalog_db, pg_servers.roles.app),
             ).fetchall()
-        assert killed, "the listener connection should exist"
+        assert killed == [(True,)], "exactly the listener connection should have been cut"
+
+        async def down() -> bool:
+            return not directory.listening
+
+        await _eventually(down, timeout=10)
+        # Cached while nobody listens: read before the change below.
+        assert (await directory.lookup(a.id)).status == "active"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("UPDATE tenants SET status = 'suspended' WHERE id = %s", (a.id,))  # its NOTIFY is lost
+            assert not directory.listening  # the change really happened during the outage
+            conn.execute(f'ALTER DATABASE "{catalog_db}" CONNECTION LIMIT -1')
 
         async def relistening() -> bool:
             return directory.listening
 
-        await _eventually(relistening, timeout=10)
-        with world.catalog() as cat:
-            cat.execute("UPDATE tenants SET status = 'suspended' WHERE id = %s", (a.id,))
+        await _eventually(relistening, timeout=15)
+        assert (await directory.lookup(a.id)).status == "suspended"
+        assert (await directory.lookup(b.id)).status == "active"  # control
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{catalog_db}" CONNECTION LIMIT -1')
+        await directory.close()
 
-        async def sees_suspension() -> bool:
-            return (await directory.lookup(a.id)).status == "suspended"
 
-        await _eventually(sees_suspension)
+class _HookedDirectory(RouteDirectory):
+    """Runs ``hook`` between reading a route from the catalog and caching it."""
+
+    hook: Callable[[], Awaitable[None]] | None = None
+
+    async def _read(self, tenant_id: uuid.UUID) -> asyncpg.Record | None:
+        record = await super()._read(tenant_id)
+        if self.hook is not None:
+            await self.hook()
+        return record
+
+
+async def test_notify_during_a_catalog_read_is_not_overwritten_by_the_old_record(world: World) -> None:
+    directory = _HookedDirectory(world.endpoints.app_catalog_url, ttl=3600)
+    await directory.start()
+    try:
+        a, b = world["A"], world["B"]
+        fired: list[int] = []
+
+        async def suspend_a_and_wait_for_its_notify() -> None:
+            if fired:
+                return
+            fired.append(directory.invalidations)
+            with world.catalog() as cat:
+                cat.execute("UPDATE tenants SET status = 'suspended' WHERE id = %s", (a.id,))
+
+            async def heard() -> bool:
+                return directory.invalidations > fired[0]
+
+            await _eventually(heard, timeout=10)
+
+        # The record read below says 'active'; the suspension commits and its
+        # NOTIFY is processed before that record would be cached.
+        directory.hook = suspend_a_and_wait_for_its_notify
+        assert (await directory.lookup(a.id)).status == "suspended"  # read again, not the raced record
+        assert fired, "the hook ran between read and store"
+        directory.hook = None
+        hits = directory.hits
+        assert (await directory.lookup(a.id)).status == "suspended"  # and the cache holds the suspension
+        assert directory.hits == hits + 1
+
+        # Invalidations on every read: the last read is returned but never cached.
+        async def invalidate_someone_else() -> None:
+            directory.invalidate(b.id)
+
+        directory.hook = invalidate_someone_else
+        refreshes = directory.refreshes
+        assert (await directory.lookup(b.id)).status == "active"
+        directory.hook = None
+        assert directory.refreshes > refreshes + 1
+        refreshes, hits = directory.refreshes, directory.hits
+        assert (await directory.lookup(b.id)).status == "active"
+        assert (directory.refreshes, directory.hits) == (refreshes + 1, hits)  # not cached: read again
+        # Control: with nothing racing, a route is cached by the first lookup.
+        assert (await directory.lookup(b.id)).status == "active"
+        assert directory.hits == hits + 1
     finally:
         await directory.close()
 
