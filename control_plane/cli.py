@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +31,7 @@ from control_plane.exceptions import EmbeddedStackError
 from control_plane.settings import ControlPlaneSettings
 from data_plane.dsn import redact
 from data_plane.exceptions import TenantctlError
-from data_plane.settings import DataPlaneSettings
+from data_plane.settings import DataPlaneSettings, describe_invalid
 
 app = typer.Typer(help="Hybrid pool/silo tenant control plane for PostgreSQL.", no_args_is_help=True)
 token_app = typer.Typer(help="Print a dev token.", no_args_is_help=True)
@@ -47,9 +48,14 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document 
 
 
 def load_settings(state_dir: Path | None) -> ControlPlaneSettings:
-    if state_dir is None:
-        return ControlPlaneSettings()
-    return ControlPlaneSettings(state_dir=state_dir)
+    """Settings from the environment; an invalid configuration is a message and exit 1."""
+    try:
+        if state_dir is None:
+            return ControlPlaneSettings()
+        return ControlPlaneSettings(state_dir=state_dir)
+    except ValidationError as exc:
+        console.print(f"[red]error:[/red] invalid configuration: {describe_invalid(exc)}")
+        raise typer.Exit(1) from None
 
 
 def print_json(document: Any) -> None:
@@ -122,7 +128,8 @@ def up(
                 endpoints = stack_mod.external_endpoints(settings)
             console.print("migrating catalog and pool ...")
             stack_mod.migrate_all(endpoints, app_role=settings.app_role)
-            keys.ensure_dev_key(settings)
+            if not settings.is_production:
+                keys.ensure_dev_key(settings)
             api_url = f"http://{settings.host}:{api_port}"
             admin_url = f"http://{settings.host}:{admin_port}"
             tenant_app = create_tenant_app(_data_plane_settings(settings, endpoints))
@@ -139,7 +146,8 @@ def up(
             ).write(stack.state_dir)
             out.print(f"tenant API     {api_url}   (docs: {api_url}/docs)")
             out.print(f"control plane  {admin_url}   (docs: {admin_url}/docs)")
-            out.print(f"admin token    {keys.admin_token(settings, ttl=12 * 3600)}", soft_wrap=True)
+            if not settings.is_production:  # production tokens come from the identity provider
+                out.print(f"admin token    {keys.admin_token(settings, ttl=12 * 3600)}", soft_wrap=True)
             out.print("Ctrl-C stops everything.")
             # The in-process job executor (DBOS); `tenantctl worker` runs more.
             from control_plane.workflows.executor import Executor
@@ -201,6 +209,7 @@ def token_tenant(
     """Print a dev tenant token (aud tenantctl-api) for a tenant slug or id."""
     settings = load_settings(state_dir)
     with cli_errors():
+        keys.refuse_in_production(settings)  # before touching the catalog
         tenant_id = _resolve_tenant_id(settings, tenant)
         sys.stdout.write(keys.tenant_token(settings, tenant_id=tenant_id, subject=subject, ttl=ttl) + "\n")
 
@@ -261,9 +270,7 @@ def worker(
     configure_logging(settings)
     stop = threading.Event()
     with cli_errors():
-        executor = Executor(
-            settings, stack_mod.running_endpoints(settings), name=name or settings.worker_name
-        )
+        executor = Executor(settings, stack_mod.running_endpoints(settings), name=name or settings.worker_name)
         executor.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -282,9 +289,7 @@ def doctor(state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     settings = load_settings(state_dir)
     with cli_errors():
         endpoints = stack_mod.running_endpoints(settings)
-        report = run_doctor(
-            catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role=settings.app_role
-        )
+        report = run_doctor(catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role=settings.app_role)
     if as_json:
         print_json(report)
     else:

@@ -15,6 +15,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from data_plane.exceptions import ForbiddenError
 from data_plane.settings import CommonSettings
 
 
@@ -25,29 +26,32 @@ def ensure_dev_key(settings: CommonSettings) -> None:
         return
     settings.dev_key_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     settings.dev_public_key_path.write_bytes(public)
 
 
-def _sign(settings: CommonSettings, claims: dict[str, object]) -> str:
+def refuse_in_production(settings: CommonSettings) -> None:
+    """Dev tokens are signed with a key anyone with the state dir holds: never in production."""
     if settings.is_production:
-        raise RuntimeError("dev tokens are not minted in production")
+        raise ForbiddenError(
+            "dev tokens are not minted in production (TENANTCTL_ENVIRONMENT=production); "
+            "get a token from your identity provider",
+            code="dev_key_refused",
+        )
+
+
+def _sign(settings: CommonSettings, claims: dict[str, object]) -> str:
+    refuse_in_production(settings)
     ensure_dev_key(settings)
     key = settings.dev_private_key_path.read_bytes()
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "tenantctl-dev"})
 
 
-def tenant_token(
-    settings: CommonSettings, *, tenant_id: uuid.UUID, subject: str = "dev-user", ttl: int = 3600
-) -> str:
+def tenant_token(settings: CommonSettings, *, tenant_id: uuid.UUID, subject: str = "dev-user", ttl: int = 3600) -> str:
     now = int(time.time())
     return _sign(
         settings,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from data_plane.settings import CommonSettings
+from data_plane.settings import CommonSettings, InsecureSettingsError
 
 
 class ProvisionerKind(StrEnum):
@@ -68,3 +69,15 @@ class ControlPlaneSettings(CommonSettings):
     @property
     def embedded(self) -> bool:
         return self.catalog_url is None and self.pool_url is None
+
+    @model_validator(mode="after")
+    def _refuse_embedded_in_production(self) -> Self:
+        # The embedded clusters live in a state directory on one machine, with
+        # dev roles and no backups: a production process must never start or
+        # reuse them because a URL was forgotten.
+        if self.is_production and self.embedded:
+            raise InsecureSettingsError(
+                "production requires TENANTCTL_CATALOG_URL, TENANTCTL_POOL_URL and TENANTCTL_SILO_SERVER_URL; "
+                "the embedded PostgreSQL of `tenantctl up` is for development only"
+            )
+        return self

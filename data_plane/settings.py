@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_HS256_SECRETS = frozenset({"", "secret", "changeme", "change-me", "dev", "tenantctl"})
@@ -30,7 +30,18 @@ class LogFormat(StrEnum):
 
 
 class InsecureSettingsError(ValueError):
-    """A production deployment was configured with a dev-only secret or key."""
+    """A production deployment was configured with a dev-only secret, key or database."""
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """An invalid configuration as one line per problem (for CLIs: a message, not a traceback)."""
+    problems = []
+    for error in exc.errors():
+        cause = error.get("ctx", {}).get("error")
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        text = str(cause) if cause is not None else error["msg"]
+        problems.append(f"{where}: {text}" if where else text)
+    return "; ".join(problems)
 
 
 class CommonSettings(BaseSettings):
@@ -127,3 +138,13 @@ class DataPlaneSettings(CommonSettings):
     )
     usage_flush_seconds: float = Field(default=10.0, gt=0, description="How often metered usage is written.")
     access_log: bool = Field(default=True, description="One structured log line per request.")
+
+    @model_validator(mode="after")
+    def _refuse_embedded_in_production(self) -> Self:
+        # Without URLs a replica would look for a dev stack's state directory.
+        if self.is_production and (self.app_catalog_url is None or self.app_pool_url is None):
+            raise InsecureSettingsError(
+                "production requires TENANTCTL_APP_CATALOG_URL and TENANTCTL_APP_POOL_URL; "
+                "the embedded PostgreSQL of `tenantctl up` is for development only"
+            )
+        return self

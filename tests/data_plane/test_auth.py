@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from control_plane import keys
 from data_plane.api import create_app
 from data_plane.auth import TokenVerifier
-from data_plane.exceptions import AuthenticationError, SigningKeysUnavailableError
+from data_plane.exceptions import AuthenticationError, ForbiddenError, SigningKeysUnavailableError
 from data_plane.settings import CommonSettings, DataPlaneSettings, Environment
 from tests.data_plane.conftest import World
 from tests.harness import asgi_client
@@ -406,5 +406,5 @@ def test_production_refuses_dev_key_and_default_secrets(tmp_path: Path) -> None:
         jwks_url="https://idp/jwks",
     )
     assert ok.is_production
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ForbiddenError, match="not minted in production"):
         keys.admin_token(ok)
