@@ -6,14 +6,22 @@ is scanned for the other tenants' canary strings.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import psycopg
 import pytest
+from fastapi import FastAPI
 
-from data_plane.dsn import libpq
+from data_plane.api import create_app
+from data_plane.dsn import database_of, libpq
+from data_plane.routing import EngineRegistry, RouteDirectory
+from data_plane.session import TenantContext
+from data_plane.settings import DataPlaneSettings
 from tests.data_plane.conftest import World
+from tests.harness import PgServers, asgi_client
 
 NAMES = ("A", "B", "S")
 
@@ -179,3 +187,152 @@ async def test_openapi_documents_error_responses(client: httpx.AsyncClient) -> N
     responses = spec["paths"]["/v1/projects/{project_id}"]["get"]["responses"]
     assert {"401", "403", "404", "422"} <= set(responses)
     assert "ErrorResponse" in spec["components"]["schemas"]
+
+
+@pytest.fixture
+async def one_connection_app(
+    dp_settings: DataPlaneSettings, world: World
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The tenant API with a pool of exactly one connection: every tenant reuses it."""
+    app = create_app(DataPlaneSettings(**{**dp_settings.model_dump(), "pool_size": 1}))
+    async for client in asgi_client(app):
+        yield app, client
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def _tenant_lock_holders(world: World, tenant_id: uuid.UUID) -> list[int]:
+    """Backends inside a tenant transaction of ``tenant_id`` (begin_tenant's shared lock)."""
+    with psycopg.connect(libpq(world.endpoints.pool_url), autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT tenantctl.tenant_lock_holders(%s)", (tenant_id,)).fetchall()]
+
+
+async def _assert_connection_is_clean(app: FastAPI, world: World) -> None:
+    """The single pooled connection carries no transaction and no tenant context."""
+    route = await app.state.routes.lookup(world["B"].id)
+    async with app.state.engines.connection(route) as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)") in (None, "")
+        assert await conn.fetchval("SELECT count(*) FROM projects") == 0  # no context: RLS shows nothing
+
+
+async def test_http_request_cancelled_mid_transaction_leaks_nothing(
+    one_connection_app: tuple[FastAPI, httpx.AsyncClient], world: World
+) -> None:
+    app, client = one_connection_app
+    a, b = world["A"], world["B"]
+    for name in ("A", "B"):  # warm: routes cached, the one connection opened
+        assert (await client.get("/v1/projects", headers=world[name].headers)).status_code == 200
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as locker:
+        # INSERT waits for this lock *after* BEGIN and begin_tenant: the
+        # request is parked inside A's tenant transaction.
+        locker.execute("LOCK TABLE projects IN EXCLUSIVE MODE")
+        request = asyncio.create_task(
+            client.post("/v1/projects", headers=a.headers, json={"name": "cancelled-http-write"})
+        )
+        await _until(lambda: bool(_tenant_lock_holders(world, a.id)), "A's request inside its transaction")
+        request.cancel()  # the client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    # The lock is gone; B's request gets the same (only) connection next.
+    after = await client.get("/v1/projects", headers=b.headers)
+    assert [p["name"] for p in after.json()["data"]] == [f"{b.canary}-project"]
+    assert_no_foreign(world, "B", after)
+    written = await client.post("/v1/projects", headers=b.headers, json={"name": "b-after-cancel"})
+    assert written.status_code == 201
+    assert _tenant_lock_holders(world, a.id) == []
+    await _assert_connection_is_clean(app, world)
+    own = await client.get("/v1/projects", headers=a.headers)  # control: A is served, without the cancelled row
+    assert [p["name"] for p in own.json()["data"]] == [f"{a.canary}-project"]
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        assert pool.execute("SELECT count(*) FROM projects WHERE name = 'cancelled-http-write'").fetchone() == (0,)
+        assert pool.execute("SELECT tenant_id FROM projects WHERE name = 'b-after-cancel'").fetchall() == [(b.id,)]
+
+
+async def test_fused_read_cancelled_mid_statement_leaks_nothing(
+    one_connection_app: tuple[FastAPI, httpx.AsyncClient], world: World
+) -> None:
+    app, client = one_connection_app
+    a, b = world["A"], world["B"]
+    directory: RouteDirectory = app.state.routes
+    engines: EngineRegistry = app.state.engines
+    ctx_a = TenantContext(tenant_id=a.id, route=await directory.lookup(a.id), directory=directory, engines=engines)
+    # The fused statement binds A, then sleeps inside its implicit transaction.
+    read = asyncio.create_task(ctx_a.reads.fetch("SELECT name FROM projects CROSS JOIN pg_sleep(60)"))
+    await _until(lambda: bool(_tenant_lock_holders(world, a.id)), "A's fused read running")
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read
+    ctx_b = TenantContext(tenant_id=b.id, route=await directory.lookup(b.id), directory=directory, engines=engines)
+    rows = await ctx_b.reads.fetch("SELECT name FROM projects")  # the same single connection
+    assert [r["name"] for r in rows] == [f"{b.canary}-project"]
+    response = await client.get("/v1/projects", headers=b.headers)
+    assert [p["name"] for p in response.json()["data"]] == [f"{b.canary}-project"]
+    assert_no_foreign(world, "B", response)
+    assert _tenant_lock_holders(world, a.id) == []
+    await _assert_connection_is_clean(app, world)
+    control = await ctx_a.reads.fetch("SELECT name FROM projects")  # A is served again afterwards
+    assert [r["name"] for r in control] == [f"{a.canary}-project"]
+
+
+async def test_one_connection_interleaved_writes_and_reads(
+    one_connection_app: tuple[FastAPI, httpx.AsyncClient], world: World, pg_servers: PgServers
+) -> None:
+    _, client = one_connection_app
+    seen: dict[str, list[httpx.Response]] = {"A": [], "B": []}
+    created: dict[str, set[str]] = {"A": set(), "B": set()}
+
+    async def call(name: str, method: str, path: str, status: int, body: object = None) -> httpx.Response:
+        response = await client.request(method, path, headers=world[name].headers, json=body)
+        assert response.status_code == status, (name, method, path, response.text)
+        seen[name].append(response)
+        return response
+
+    async def session(name: str) -> None:
+        canary = world[name].canary
+        for i in range(4):
+            project = (await call(name, "POST", "/v1/projects", 201, {"name": f"{canary}-p{i}"})).json()
+            await call(name, "GET", "/v1/projects", 200)
+            renamed = f"{canary}-p{i}-renamed"
+            await call(name, "PATCH", f"/v1/projects/{project['id']}", 200, {"name": renamed, "status": "archived"})
+            created[name].add(renamed)
+            task = (
+                await call(name, "POST", f"/v1/projects/{project['id']}/tasks", 201, {"title": f"{canary}-t{i}"})
+            ).json()
+            await call(name, "GET", f"/v1/projects/{project['id']}", 200)
+            await call(name, "PATCH", f"/v1/tasks/{task['id']}", 200, {"done": True})
+            await call(name, "GET", f"/v1/projects/{project['id']}/tasks", 200)
+            await call(name, "GET", f"/v1/tasks/{task['id']}", 200)
+            await call(name, "GET", "/v1/me", 200)
+
+    # Both tenants' requests alternate on the one pooled connection.
+    await asyncio.gather(session("A"), session("B"))
+    for name in ("A", "B"):
+        assert len(seen[name]) == 4 * 9
+        for response in seen[name]:
+            assert_no_foreign(world, name, response)
+        listing = await client.get("/v1/projects", headers=world[name].headers, params={"limit": "100"})
+        names = {p["name"] for p in listing.json()["data"]}
+        assert names == created[name] | {f"{world[name].canary}-project"}
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+        for name in ("A", "B"):
+            owners = pool.execute(
+                "SELECT DISTINCT tenant_id FROM projects WHERE name LIKE %s", (f"{world[name].canary}%",)
+            ).fetchall()
+            assert owners == [(world[name].id,)]
+            tasks = pool.execute(
+                "SELECT DISTINCT tenant_id FROM tasks WHERE title LIKE %s", (f"{world[name].canary}-t%",)
+            ).fetchall()
+            assert tasks == [(world[name].id,)]
+    with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as admin:
+        connections = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = %s",
+            (database_of(world.endpoints.pool_url), pg_servers.roles.app),
+        ).fetchone()
+    assert connections == (1,)  # really one connection for everything
