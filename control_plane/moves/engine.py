@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import sql
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
 from control_plane.moves.tables import tenant_tables
@@ -41,6 +42,9 @@ log = structlog.get_logger(__name__)
 
 MARKERS = '"tenantctl"."move_markers"'
 POLL_SECONDS = 0.005
+# Citus-like back-off between catch-up attempts (5 s, 20 s, 80 s), then give up.
+CATCH_UP_BACKOFF_SECONDS = (5.0, 20.0, 80.0)
+DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,7 @@ def replication_lag(plan: MovePlan) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0) -> int:
+def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES, timeout: float = 30.0) -> int:
     """Catch-up gate: return the lag once it is small; raise MoveNotReadyError if it stays large.
 
     Never fails open: a caller that gets MoveNotReadyError backs off and tries
@@ -220,6 +224,36 @@ def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = 16 * 1024 * 1024, tim
         if time.monotonic() > deadline:
             raise MoveNotReadyError(f"replication lag still {lag} bytes after {timeout:.0f}s")
         time.sleep(0.1)
+
+
+def catch_up_gate(
+    plan: MovePlan,
+    *,
+    max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES,
+    timeout: float = 30.0,
+    backoff: Sequence[float] = CATCH_UP_BACKOFF_SECONDS,
+) -> int:
+    """:func:`wait_caught_up`, tried again after each pause of ``backoff`` while the lag stays large.
+
+    The gate in front of every fence (the catch-up step and the one inside
+    incremental verification): a lagging target delays the move instead of
+    failing it, and after the last attempt :class:`MoveNotReadyError` is raised
+    -- never a fence with a large backlog (fail closed). Other errors (a missing
+    slot) are not retried.
+    """
+
+    def waiting(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.info("move_catch_up_backoff", move=plan.name, attempt=state.attempt_number, reason=str(error))
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(MoveNotReadyError),
+        stop=stop_after_attempt(len(backoff) + 1),
+        wait=wait_chain(*(wait_fixed(delay) for delay in backoff)) if backoff else wait_fixed(0),
+        before_sleep=waiting,
+        reraise=True,
+    )
+    return retrying(lambda: wait_caught_up(plan, max_lag_bytes=max_lag_bytes, timeout=timeout))
 
 
 # -- fence, catch-up, verification ----------------------------------------------------------
@@ -422,12 +456,23 @@ def replication_objects(plan: MovePlan) -> dict[str, int]:
     return {"publications": publications[0], "subscriptions": subscriptions[0], "slots": slots[0]}
 
 
+def require_retired(side: Side, tenant_id: uuid.UUID) -> None:
+    """Raise unless ``side`` has been retired for the tenant (answers "moved").
+
+    The guard of both destructive steps -- deleting the pool's rows after a
+    promotion, deprovisioning the silo after a demotion: a database that still
+    serves (or is fenced for) the tenant may be authoritative.
+    """
+    with connect(side.owner_dsn) as conn:
+        owned = _ownership(conn, tenant_id)
+    if owned is None or owned[0] != "moved":
+        state = "no ownership record" if owned is None else owned[0]
+        raise MoveError(f"refusing to clean up a source that has not been retired ({state}; it may be authoritative)")
+
+
 def cleanup_source(plan: MovePlan, *, batch: int = 5000) -> int:
     """Delete the tenant's rows from the retired source: the only destructive step."""
-    with connect(plan.source.owner_dsn) as src:
-        owned = _ownership(src, plan.tenant_id)
-    if owned is None or owned[0] != "moved":
-        raise MoveError("refusing to clean up a source that has not been retired (it may be authoritative)")
+    require_retired(plan.source, plan.tenant_id)
     return _delete_tenant_rows(plan.source.owner_dsn, plan.tenant_id, batch=batch)
 
 
@@ -453,6 +498,11 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
     The durable version is the DBOS workflow in ``control_plane.workflows.moves``
     (same steps, each checkpointed); this one serves benchmarks and tests of
     the steps themselves. ``flip`` updates the catalog route (epoch + 1).
+
+    Durations are in seconds; ``fenced_at`` is the ``time.monotonic()`` instant
+    the real fence started (online: the second fence of incremental
+    verification, not the brief baseline fence), so a caller can measure the
+    write pause from the fence itself.
     """
     timings: dict[str, float] = {}
 
@@ -467,7 +517,7 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
         if plan.mode == "online":
             timed("start_replication", start_replication, plan)
             timed("wait_initial_sync", wait_initial_sync, plan)
-            timed("wait_caught_up", wait_caught_up, plan)
+            timed("wait_caught_up", catch_up_gate, plan)
         if plan.mode == "online":
             from control_plane.moves.verify import verify_incremental
 
@@ -485,6 +535,7 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
     timed("activate_target", activate_target, plan)
     timed("flip", flip, plan)
     timings["fenced_seconds"] = time.monotonic() - fenced_at
+    timings["fenced_at"] = fenced_at
     timed("retire_source", retire_source, plan)
     if plan.mode == "online":
         timed("stop_replication", stop_replication, plan)

@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -183,11 +183,22 @@ def _remove(total: Checksum, part: Checksum) -> Checksum:
     return total[0] - part[0], total[1] ^ part[1]
 
 
-def verify_incremental(plan: MovePlan, *, drain_timeout: float = 2.0) -> dict[str, Any]:
+def verify_incremental(
+    plan: MovePlan,
+    *,
+    drain_timeout: float = 2.0,
+    max_lag_bytes: int = engine.DEFAULT_MAX_LAG_BYTES,
+    catch_up_timeout: float = 30.0,
+    backoff: Sequence[float] = engine.CATCH_UP_BACKOFF_SECONDS,
+) -> dict[str, Any]:
     """Baseline before the fence, fence, final catch-up, delta check; returns timings.
 
     Leaves the source *fenced* on success (the caller activates the target and
-    flips the route); on any failure the caller aborts the move.
+    flips the route); on any failure the caller aborts the move. The catch-up
+    gate before the real fence backs off and tries again while the target lags
+    (:func:`engine.catch_up_gate`): a target that fell behind during the bulk
+    checksums delays the fence, it does not abort the move. ``fenced_at`` in
+    the result is the ``time.monotonic()`` instant the real fence started.
     """
     install_tracking(plan)
     baseline_marker = uuid.uuid4()
@@ -205,11 +216,13 @@ def verify_incremental(plan: MovePlan, *, drain_timeout: float = 2.0) -> dict[st
                 bulk_source, bulk_target = s_future.result(), t_future.result()
             timings["bulk_seconds"] = time.monotonic() - start
             timings["rows"] = {table: count for table, (count, _) in bulk_source.items()}
-            engine.wait_caught_up(plan)
+            engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
+            fenced = time.monotonic()  # the write pause starts here, drain included
             engine.fence_source(plan, drain_timeout=drain_timeout)
-            fenced = time.monotonic()
+            drained = time.monotonic()
+            timings["drain_seconds"] = drained - fenced
             engine.final_catch_up(plan)
-            timings["final_catch_up_seconds"] = time.monotonic() - fenced
+            timings["final_catch_up_seconds"] = time.monotonic() - drained
             delta_start = time.monotonic()
             source_keys, target_keys = _keys(plan.source, plan.move_id), _keys(plan.target, plan.move_id)
             mismatches: dict[str, Any] = {}

@@ -11,8 +11,9 @@ import httpx
 import psycopg
 import pytest
 
-from control_plane.exceptions import MoveError, VerificationError
+from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
 from control_plane.moves import engine
+from control_plane.moves import verify as verify_mod
 from control_plane.moves.engine import MovePlan
 from data_plane.dsn import libpq
 from tests.data_plane.conftest import World
@@ -117,7 +118,7 @@ def test_verification_mismatch_aborts_with_source_authoritative(world: World, em
 def test_fence_drains_in_flight_and_terminates_stragglers(world: World, empty_silo: Silo) -> None:
     a = world["A"]
     plan = _plan(world, empty_silo)
-    done = threading.Event()
+    done, fenced = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
     def in_flight() -> None:
@@ -128,7 +129,7 @@ def test_fence_drains_in_flight_and_terminates_stragglers(world: World, empty_si
                     "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'straggler')", (a.id, uuid.uuid4())
                 )
                 done.set()
-                time.sleep(10)  # never commits in time
+                fenced.wait(10)  # never commits in time: only once the fence is up
                 conn.commit()
                 outcome["committed"] = True
         except psycopg.OperationalError as exc:
@@ -140,6 +141,7 @@ def test_fence_drains_in_flight_and_terminates_stragglers(world: World, empty_si
     start = time.monotonic()
     engine.fence_source(plan, drain_timeout=0.3)
     assert time.monotonic() - start < 5
+    fenced.set()  # the straggler now tries to commit, after the fence
     thread.join(15)
     assert "committed" not in outcome  # terminated: the unacknowledged write rolled back
     with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
@@ -167,8 +169,6 @@ def test_incremental_verification_catches_drift(
     move's ENABLE ALWAYS triggers; that is what makes "after the baseline"
     complete: only someone disabling those triggers could hide a change.)
     """
-    from control_plane.moves import verify as verify_mod
-
     a = world["A"]
     _seed_bulk(world, a.id, 50)
     plan = _plan(world, empty_silo)
@@ -205,3 +205,61 @@ def test_incremental_verification_catches_drift(
         assert conn.execute(
             "SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (a.id,)
         ).fetchone() == ("active",)
+
+
+def test_a_lagging_target_delays_the_fence_instead_of_failing_the_move(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up gate right before the real fence backs off and tries again (never fails open).
+
+    The target really lags: its subscription is disabled while the tenant
+    writes, and enabled again a moment later. The first attempt must see the
+    backlog and refuse to fence; a later one fences, and verification passes.
+    """
+    a = world["A"]
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    engine.wait_initial_sync(plan)
+    original = engine.wait_caught_up
+    outcomes: list[str] = []
+
+    def subscription(enabled: bool) -> None:
+        with psycopg.connect(libpq(empty_silo.side.admin_dsn), autocommit=True) as conn:
+            conn.execute(f"ALTER SUBSCRIPTION {plan.name} {'ENABLE' if enabled else 'DISABLE'}")
+
+    def lagging(p: MovePlan, **kw: object) -> int:
+        if not outcomes:  # the gate in front of the real fence, first attempt
+            subscription(False)
+            _seed_bulk(world, a.id, 3000)  # ~1 MB of WAL the target has not seen
+            threading.Timer(1.0, subscription, args=(True,)).start()
+        try:
+            lag = original(p, **kw)  # type: ignore[arg-type]  # kw: the gate's max_lag_bytes and timeout
+        except MoveNotReadyError:
+            outcomes.append("not ready")
+            raise
+        outcomes.append("caught up")
+        return lag
+
+    monkeypatch.setattr(engine, "wait_caught_up", lagging)
+    timings = verify_mod.verify_incremental(plan, max_lag_bytes=64 * 1024, catch_up_timeout=0.3, backoff=[0.5] * 20)
+    assert outcomes[0] == "not ready" and outcomes[-1] == "caught up", outcomes  # delayed, then fenced
+    assert timings["changed_keys"] >= 3000  # the rows written while it lagged were checked inside the fence
+    assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
+    engine.abort(plan)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+
+    # Control: the same gate with no retry left gives up -- and never fences with the backlog.
+    monkeypatch.setattr(engine, "wait_caught_up", original)
+    engine.start_replication(plan)
+    engine.wait_initial_sync(plan)
+    subscription(False)
+    _seed_bulk(world, a.id, 1000)
+    with pytest.raises(MoveNotReadyError, match="replication lag"):
+        engine.catch_up_gate(plan, max_lag_bytes=64 * 1024, timeout=0.3, backoff=[])
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        assert conn.execute(
+            "SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (a.id,)
+        ).fetchone() == ("active",)
+    engine.abort(plan)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
