@@ -6,6 +6,7 @@ TenantctlError
 │   ├── IllegalTransitionError      409 illegal_transition
 │   ├── VersionConflictError        409 version_conflict
 │   ├── OperationLockedError        409 locked (migration vs move interlock)
+│   │   └── MigrationInProgressError 409 migration_in_progress (a fleet migration runs: no move starts)
 │   ├── JobInProgressError          409 job_in_progress (the tenant already has an unfinished job)
 │   ├── JobNotCancellableError      409 job_not_cancellable (finished, or past its point of no return)
 │   └── IdempotencyInFlightError    409 idempotency_in_flight (same key, request still running)
@@ -13,7 +14,8 @@ TenantctlError
 ├── MigrationFailedError            500 migration_failed (one target's schema migration)
 ├── MoveError                       409 move_failed (the source stays authoritative)
 │   ├── MoveNotReadyError           409 move_not_ready (lag or drain: retried later)
-│   └── VerificationError           409 verification_failed (move aborted)
+│   ├── VerificationError           409 verification_failed (move aborted)
+│   └── SchemaRevisionMismatchError 409 schema_revision_mismatch (source ahead of the target's revision)
 ├── ProvisioningError               500 provisioning_failed
 │   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
 │   └── SiloOwnershipError          409 silo_not_owned (silo belongs to another tenant / unmarked)
@@ -42,6 +44,12 @@ class OperationLockedError(ConflictError):
     """Another operation holds the lock on these databases."""
 
     code = "locked"
+
+
+class MigrationInProgressError(OperationLockedError):
+    """A fleet migration holds the interlock; a move cannot start until it finishes."""
+
+    code = "migration_in_progress"
 
 
 class MigrationFailedError(TenantctlError):
@@ -120,3 +128,9 @@ class VerificationError(MoveError):
     """Source and target differ after the final catch-up; the move was aborted."""
 
     code = "verification_failed"
+
+
+class SchemaRevisionMismatchError(MoveError):
+    """The move's source is at a tenant-schema revision the target cannot be brought to; refused."""
+
+    code = "schema_revision_mismatch"

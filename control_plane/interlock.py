@@ -11,7 +11,8 @@ FLEET_MIGRATION_KEY)`` = ``(7302, 1)``, arbitrates between the two:
 * a move marks its tenant ``'moving'`` inside a catalog transaction that first
   takes the same lock **shared at transaction level without waiting**
   (:func:`mark_tenant_moving` / :func:`mark_tenant_moving_async`) and refuses
-  with :class:`~control_plane.exceptions.OperationLockedError` while a runner
+  with :class:`~control_plane.exceptions.MigrationInProgressError` (409
+  ``migration_in_progress``, an :class:`OperationLockedError`) while a runner
   holds it.
 
 Why this closes every race: a move that is marking a tenant holds the shared
@@ -43,7 +44,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from control_plane.exceptions import IllegalTransitionError, OperationLockedError
+from control_plane.exceptions import IllegalTransitionError, MigrationInProgressError, OperationLockedError
 from data_plane.dsn import libpq
 from data_plane.exceptions import NotFoundError
 
@@ -168,7 +169,7 @@ def fleet_migration_excluded(catalog_dsn: str) -> Iterator[None]:
             "SELECT pg_try_advisory_lock_shared(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
         ).fetchone()
         if row is None or not row[0]:
-            raise OperationLockedError(FLEET_RUNNING_MESSAGE)
+            raise MigrationInProgressError(FLEET_RUNNING_MESSAGE)
         try:
             yield
         finally:
@@ -193,7 +194,7 @@ def mark_tenant_moving(conn: Connection | Session, tenant_id: uuid.UUID) -> None
     """
     locked = conn.execute(_TRY_SHARED, {"ns": INTERLOCK_NAMESPACE, "key": FLEET_MIGRATION_KEY})
     if not locked.scalar_one():
-        raise OperationLockedError(FLEET_RUNNING_MESSAGE)
+        raise MigrationInProgressError(FLEET_RUNNING_MESSAGE)
     updated = conn.execute(_MARK_MOVING, {"tenant_id": tenant_id})
     if updated.first() is None:
         status = conn.execute(_TENANT_STATUS, {"tenant_id": tenant_id}).scalar_one_or_none()
@@ -204,7 +205,7 @@ async def mark_tenant_moving_async(conn: AsyncConnection | AsyncSession, tenant_
     """:func:`mark_tenant_moving` for SQLAlchemy's asyncio ``AsyncConnection`` / ``AsyncSession``."""
     locked = await conn.execute(_TRY_SHARED, {"ns": INTERLOCK_NAMESPACE, "key": FLEET_MIGRATION_KEY})
     if not locked.scalar_one():
-        raise OperationLockedError(FLEET_RUNNING_MESSAGE)
+        raise MigrationInProgressError(FLEET_RUNNING_MESSAGE)
     updated = await conn.execute(_MARK_MOVING, {"tenant_id": tenant_id})
     if updated.first() is None:
         status = (await conn.execute(_TENANT_STATUS, {"tenant_id": tenant_id})).scalar_one_or_none()

@@ -55,6 +55,13 @@ class ControlPlaneSettings(CommonSettings):
     move_max_lag_bytes: int = Field(
         default=16 * 1024 * 1024, ge=0, description="Replication lag under which a move may fence."
     )
+    move_catch_up_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="How long one catch-up attempt waits for the lag to fall under the limit."
+    )
+    move_catch_up_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 20.0, 80.0],
+        description="Pauses between catch-up attempts while the lag stays large; then the move is aborted.",
+    )
     offboard_batch_size: int = Field(default=1000, ge=1, description="Rows deleted per transaction.")
     test_step_delay_seconds: float = Field(
         default=0.0,

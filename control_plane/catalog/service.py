@@ -25,7 +25,7 @@ from control_plane.exceptions import VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
 from control_plane.workflows.jobs import JobEnqueuer, JobRecord
-from control_plane.workflows.kinds import OFFBOARDING, ONBOARDING, JobKind
+from control_plane.workflows.kinds import DEMOTION, OFFBOARDING, ONBOARDING, PROMOTION, JobKind
 from control_plane.workflows.stores import claim_tenant
 from data_plane.exceptions import ConflictError, InvalidInputError, NotFoundError
 
@@ -401,9 +401,29 @@ async def _cancel_pending_onboarding(session: AsyncSession, job: JobRecord) -> N
     await tombstone_never_active(session, tenant_id=job.tenant_id, actor=job.created_by, job_id=str(job.id))
 
 
+async def _cancel_pending_move(session: AsyncSession, job: JobRecord) -> None:
+    """A promotion/demotion cancelled before its worker started: nothing moved, the tenant is active again.
+
+    Without this the tenant would stay ``moving`` forever -- refused every
+    further move and blocking every fleet migration.
+    """
+    assert job.tenant_id is not None
+    current = await resolve_tenant(session, job.tenant_id, lock=True)
+    if current.status == Status.MOVING:
+        await transition(
+            session,
+            tenant_id=job.tenant_id,
+            action=Action.FINISH_MOVE,
+            actor=job.created_by,
+            detail={"job_id": str(job.id), "cancelled": True},
+        )
+
+
 PENDING_COMPENSATIONS: dict[str, jobs_mod.PendingCompensation] = {
     OFFBOARDING.name: _restore_after_offboarding,
     ONBOARDING.name: _cancel_pending_onboarding,
+    PROMOTION.name: _cancel_pending_move,
+    DEMOTION.name: _cancel_pending_move,
 }
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
-from control_plane.exceptions import IllegalTransitionError, OperationLockedError
+from control_plane.exceptions import IllegalTransitionError, MigrationInProgressError
 from control_plane.interlock import FLEET_MIGRATION_KEY, FLEET_RUNNING_MESSAGE, INTERLOCK_NAMESPACE
 from control_plane.workflows import jobs as jobs_mod
 from control_plane.workflows.jobs import JobEnqueuer, JobRecord
@@ -31,7 +31,9 @@ async def start_move(
 
     Any active tenant can be promoted whatever its tier (changing the tier moves
     nothing by itself). A tenant already in the target placement, not active
-    (suspended, already moving ...), or a fleet migration in progress: 409.
+    (suspended, already moving ...): 409 ``illegal_transition``; a fleet
+    migration in progress: 409 ``migration_in_progress`` at once (no waiting
+    behind a run that may take minutes; the caller retries when it is over).
     """
     kind = PROMOTION if to == "silo" else DEMOTION
     async with session.begin():
@@ -46,7 +48,7 @@ async def start_move(
             {"ns": INTERLOCK_NAMESPACE, "key": FLEET_MIGRATION_KEY},
         )
         if not locked.scalar_one():
-            raise OperationLockedError(FLEET_RUNNING_MESSAGE)
+            raise MigrationInProgressError(FLEET_RUNNING_MESSAGE)
         view = await service.transition(
             session, tenant_id=current.id, action=Action.START_MOVE, actor=actor, detail={"to": to, "mode": mode}
         )

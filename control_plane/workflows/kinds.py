@@ -73,7 +73,8 @@ PROMOTION = JobKind(
 DEMOTION = JobKind(
     name="demotion",
     workflow_name="tenantctl.demotion",
-    steps=("plan", *_MOVE_STEPS),
+    # migrate: the silo (the source) is brought to the pool's revision first.
+    steps=("migrate", "plan", *_MOVE_STEPS),
     point_of_no_return="activate",
 )
 

@@ -5,50 +5,89 @@ DBOS step, checkpointed, and idempotent when replayed after a crash)::
 
     promotion: provision -> migrate -> plan -> prepare -> replicate -> catch_up -> cutover
                -> activate -> flip -> retire -> stop_replication -> cleanup
-    demotion:                          plan -> prepare -> ... (same) ... -> cleanup
+    demotion:  migrate (the silo, to the pool's revision) -> plan -> prepare -> ... (same) ... -> cleanup
 
 ``cutover`` is one step because its snapshots live in open transactions:
 online, it is ``control_plane.moves.verify.verify_incremental`` (bulk checksums
 of two snapshots at one replication position before the fence; inside the
 fence the final catch-up and a check of only the rows changed since); offline,
 it is fence -> binary COPY -> full verification. Either way it leaves the
-source fenced and verified, or aborts the move.
+source fenced and verified, or fails. ``catch_up`` and the gate inside
+``cutover`` back off and try again while the target lags (never fence with a
+large backlog; the move fails only after the last attempt).
 
 Before ``activate`` (the point of no return) the source is authoritative: a
-cancel, or a failure of any step, aborts the move -- replication objects
-dropped, source unfenced, target emptied (and a silo provisioned for the move
-deprovisioned) -- and the tenant is ``active`` at its old route again. After
-``activate`` the steps only move forward (each retried on transient errors).
-``cleanup`` waits ``move_cleanup_grace_seconds`` and then deletes the source
-rows (promotion) or deprovisions the old silo (demotion): the only destructive
-step, refused unless the source has been retired.
+cancel, or a failure of *any* step, runs :func:`compensate` -- replication
+objects and change triggers dropped, source unfenced, target emptied (and a
+silo provisioned for the move deprovisioned) -- and the tenant is ``active``
+at its old route again; a failed job records why. After ``activate`` the steps
+only move forward (each retried on transient errors). ``cleanup`` waits
+``move_cleanup_grace_seconds`` and then deletes the source rows (promotion) or
+deprovisions the old silo (demotion): the only destructive step, refused
+unless the source has been retired.
+
+Schema revisions: a move never copies between different tenant-schema
+revisions. Promotion migrates its new silo to the pool's revision; demotion
+first migrates the silo (the source) to the pool's revision, and refuses
+(:class:`SchemaRevisionMismatchError`, 409) a silo the pool cannot match by
+upgrading it -- a silo at a newer or unknown revision. Both run while the
+tenant is ``moving``, which keeps fleet migrations out (``control_plane.interlock``).
+
+Test hook: every step ends with ``runtime.pause()`` (a no-op unless
+``test_step_delay_seconds`` is set outside production), which leaves room to
+cancel a job or kill its worker while any given step is the current one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from dbos import DBOS
+from sqlalchemy.dialects.postgresql import insert
 
 from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations, tenants
+from control_plane.exceptions import SchemaRevisionMismatchError, SiloOwnershipError
+from control_plane.fleet.probe import read_revision
 from control_plane.fleet.runner import migrate_target_to, pool_revision
+from control_plane.fleet.scripts import ScriptInfo
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
 from control_plane.moves.verify import verify_incremental
-from control_plane.provisioning.base import SiloLocation, SiloSpec
+from control_plane.provisioning import location_for_cleanup
+from control_plane.provisioning.base import SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.workflows import runtime
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
 from control_plane.workflows.steps import job_tenant, run_job
 from data_plane.dsn import database_of, with_database
 
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
+
+log = structlog.get_logger(__name__)
+
+
+def _move_step(name: str, **options: Any) -> Callable[[StepBody], StepBody]:
+    """A DBOS step (``options``: its retry policy) that ends with the test hook's pause."""
+
+    def wrap(fn: StepBody) -> StepBody:
+        @functools.wraps(fn)
+        async def body(job: dict[str, Any], outputs: dict[str, Any]) -> Any:
+            result = await fn(job, outputs)
+            await runtime.current().pause()  # test hook: room to cancel or kill while this step is current
+            return result
+
+        step: StepBody = DBOS.step(name=name, **options)(body)
+        return step
+
+    return wrap
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -129,15 +168,8 @@ def _plan_json(plan: MovePlan, **extra: Any) -> dict[str, Any]:
     }
 
 
-@DBOS.step(name="tenantctl.promotion.provision")
-async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-    """Provision the silo (idempotent names) and record it in the catalog before anything else (I5)."""
-    ctx = runtime.current()
-    tenant_id = await job_tenant(job)
-    row = await _tenant_row(tenant_id)
-    spec = SiloSpec(tenant_id=tenant_id, slug=row.slug, tier=row.tier)
-    location: SiloLocation = await asyncio.to_thread(ctx.provisioner().provision, spec)
-    values = {
+def _silo_values(location: SiloLocation) -> dict[str, Any]:
+    return {
         "name": location.name,
         "provider": location.provider,
         "database": location.database,
@@ -147,18 +179,85 @@ async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, A
         "stack_name": location.stack_name,
         "detail": dict(location.detail),
     }
-    async with ctx.sessions().begin() as session:
-        existing = await session.scalar(sa.select(locations.c.id).where(locations.c.name == location.name))
-        if existing is None:
-            existing = await session.scalar(
-                sa.insert(locations)
-                .values(kind="silo", tenant_id=tenant_id, status="provisioning", **values)
-                .returning(locations.c.id)
-            )
-    return {**values, "id": str(existing)}
 
 
-@DBOS.step(name="tenantctl.promotion.migrate")
+def _silo_location(tenant_id: uuid.UUID, values: dict[str, Any]) -> SiloLocation:
+    return SiloLocation(
+        name=values["name"],
+        provider=values["provider"],
+        tenant_id=tenant_id,
+        database=values["database"],
+        dsn=values["dsn"],
+        app_dsn=values["app_dsn"],
+        secret_ref=values["secret_ref"],
+        stack_name=values["stack_name"],
+        detail=values["detail"] or {},
+    )
+
+
+async def _record_silo(tenant_id: uuid.UUID, values: dict[str, Any]) -> str:
+    """The silo's location row, ``provisioning`` (a row left by an earlier move of this tenant is reused)."""
+    statement = insert(locations).values(kind="silo", tenant_id=tenant_id, status="provisioning", **values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[locations.c.name],
+        set_={key: statement.excluded[key] for key in values} | {"status": "provisioning", "updated_at": sa.func.now()},
+        where=locations.c.tenant_id == tenant_id,
+    )
+    async with runtime.current().sessions().begin() as session:
+        location_id = await session.scalar(statement.returning(locations.c.id))
+    if location_id is None:
+        raise SiloOwnershipError(f"location {values['name']} belongs to another tenant")
+    return str(location_id)
+
+
+async def _set_location_status(location_id: str, status: str) -> None:
+    async with runtime.current().sessions().begin() as session:
+        await session.execute(
+            sa.update(locations)
+            .where(locations.c.id == uuid.UUID(location_id))
+            .values(status=status, updated_at=sa.func.now())
+        )
+
+
+async def _location_status(location_id: str) -> str | None:
+    async with runtime.current().sessions().begin() as session:
+        status = await session.scalar(sa.select(locations.c.status).where(locations.c.id == uuid.UUID(location_id)))
+    return None if status is None else str(status)
+
+
+async def _drop_unrecorded_silo(provisioner: SiloProvisioner, spec: SiloSpec) -> None:
+    """After a failed ``provision``: drop what it may have created, found by its deterministic name.
+
+    Nothing in the catalog knows that silo yet, so no compensation could find
+    it later (I5). ``deprovision`` still checks that the silo is this
+    tenant's; a refusal (someone else's database of that name, which is
+    likely why provisioning failed) is logged, the provisioning error reported.
+    """
+    try:
+        await asyncio.to_thread(provisioner.deprovision, location_for_cleanup(spec, provider=provisioner.kind))
+    except Exception as exc:  # noqa: BLE001  # the provisioning error is the one the job must report
+        log.warning("move_provision_cleanup_failed", tenant_id=str(spec.tenant_id), error=str(exc))
+
+
+@_move_step("tenantctl.promotion.provision")
+async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    """Provision the silo (idempotent names) and record it in the catalog before anything else (I5)."""
+    ctx = runtime.current()
+    tenant_id = await job_tenant(job)
+    row = await _tenant_row(tenant_id)
+    spec = SiloSpec(tenant_id=tenant_id, slug=row.slug, tier=row.tier)
+    provisioner = ctx.provisioner()
+    try:
+        location: SiloLocation = await asyncio.to_thread(provisioner.provision, spec)
+        values = _silo_values(location)
+        location_id = await _record_silo(tenant_id, values)
+    except Exception:
+        await _drop_unrecorded_silo(provisioner, spec)
+        raise
+    return {**values, "id": location_id}
+
+
+@_move_step("tenantctl.promotion.migrate")
 async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """The new silo gets exactly the pool's revision (Alembic runs in a subprocess)."""
     ctx = runtime.current()
@@ -173,7 +272,49 @@ async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     return {"revision": revision, "status": str(getattr(result, "status", ""))}
 
 
-@DBOS.step(name="tenantctl.promotion.plan")
+def check_upgradable(script: ScriptInfo, *, source: str | None, target: str | None) -> None:
+    """Raise :class:`SchemaRevisionMismatchError` unless upgrading ``source`` reaches ``target``.
+
+    A copy between two revisions would fail half-way or, worse, drop what one
+    side has and the other lacks; the only safe repair a move may make on its
+    own is an upgrade of the source to the target's revision.
+    """
+    if not script.knows(target):
+        raise SchemaRevisionMismatchError(
+            f"the pool is at tenant-schema revision {target!r}, unknown to this code; refusing to move into it"
+        )
+    if not script.knows(source) or script.index(source) > script.index(target):
+        raise SchemaRevisionMismatchError(
+            f"the silo is at tenant-schema revision {source!r} ({script.classify(source).value}), the pool at "
+            f"{target!r}: a demotion never downgrades a silo; migrate the pool first (`tenantctl migrate upgrade`)"
+        )
+
+
+@_move_step("tenantctl.demotion.migrate")
+async def migrate_source(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    """Bring the silo (the source) to the pool's revision before anything is copied, or refuse.
+
+    The tenant is ``moving``, so no fleet migration runs meanwhile (the
+    interlock); the silo keeps serving while it is upgraded, as in a fleet run.
+    """
+    ctx = runtime.current()
+    row = await _tenant_row(await job_tenant(job))
+    silo_dsn = str(row.dsn)
+    target = await asyncio.to_thread(pool_revision, ctx.endpoints.pool_url)
+    source = await asyncio.to_thread(read_revision, silo_dsn)
+    check_upgradable(await asyncio.to_thread(ScriptInfo.load), source=source, target=target)
+    result = await asyncio.to_thread(
+        migrate_target_to,
+        silo_dsn,
+        target,
+        app_role=ctx.settings.app_role,
+        replication_role=ctx.settings.replication_role,
+        name=str(row.name),
+    )
+    return {"from": source, "revision": target, "status": str(getattr(result, "status", ""))}
+
+
+@_move_step("tenantctl.promotion.plan")
 async def plan_promotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     tenant_id = await job_tenant(job)
     row = await _tenant_row(tenant_id)
@@ -188,7 +329,7 @@ async def plan_promotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[s
     return _plan_json(plan, placement="silo")
 
 
-@DBOS.step(name="tenantctl.demotion.plan")
+@_move_step("tenantctl.demotion.plan")
 async def plan_demotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     tenant_id = await job_tenant(job)
     row = await _tenant_row(tenant_id)
@@ -205,22 +346,15 @@ async def plan_demotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[st
     return _plan_json(plan, placement="pool", old_location=_location_json(row))
 
 
-# -- data movement (before the point of no return: failures abort) ------------------------------
+# -- data movement (before the point of no return: a failure is compensated by run_job) ------------
 
 
-def _aborting(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
+def _before_flip(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
     async def body(job: dict[str, Any], outputs: dict[str, Any]) -> Any:
-        plan = plan_of(outputs)
-        try:
-            result = await asyncio.to_thread(fn, plan)
-            await runtime.current().pause()  # test hook: room to cancel or kill between steps
-        except Exception:
-            # Source stays authoritative: undo everything, then let the job fail with the reason.
-            await compensate(job, outputs)
-            raise
+        result = await asyncio.to_thread(fn, plan_of(outputs))
         return result if isinstance(result, dict | int | float | str | type(None)) else None
 
-    return DBOS.step(name=f"tenantctl.move.{name}")(body)
+    return _move_step(f"tenantctl.move.{name}")(body)
 
 
 def _online_only(fn: Callable[[MovePlan], Any]) -> Callable[[MovePlan], Any]:
@@ -235,38 +369,49 @@ def _replicate(plan: MovePlan) -> None:
     engine.wait_initial_sync(plan)
 
 
+def _catch_up(plan: MovePlan) -> int:
+    settings = runtime.current().settings
+    return engine.catch_up_gate(
+        plan,
+        max_lag_bytes=settings.move_max_lag_bytes,
+        timeout=settings.move_catch_up_timeout_seconds,
+        backoff=settings.move_catch_up_backoff_seconds,
+    )
+
+
 def _cutover(plan: MovePlan) -> dict[str, Any]:
     if plan.mode == "online":
-        details = verify_incremental(plan)
+        settings = runtime.current().settings
+        details = verify_incremental(
+            plan,
+            max_lag_bytes=settings.move_max_lag_bytes,
+            catch_up_timeout=settings.move_catch_up_timeout_seconds,
+            backoff=settings.move_catch_up_backoff_seconds,
+        )
         return {k: v for k, v in details.items() if k != "fenced_at"}
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
     return {"copied": copied, "verified": engine.verify(plan)}
 
 
-prepare = _aborting("prepare", engine.prepare_target)
-replicate = _aborting("replicate", _online_only(_replicate))
-cutover = _aborting("cutover", _cutover)
-
-
-@DBOS.step(name="tenantctl.move.catch_up", retries_allowed=True, interval_seconds=5.0, max_attempts=4, backoff_rate=4.0)
-async def catch_up(job: dict[str, Any], outputs: dict[str, Any]) -> int | None:
-    """Fence only with a small backlog: bounded waits, backing off 5 s, 20 s, 80 s (never fail open)."""
-    plan = plan_of(outputs)
-    if plan.mode != "online":
-        return None
-    max_lag = runtime.current().settings.move_max_lag_bytes
-    return await asyncio.to_thread(engine.wait_caught_up, plan, max_lag_bytes=max_lag, timeout=30.0)
+prepare = _before_flip("prepare", engine.prepare_target)
+replicate = _before_flip("replicate", _online_only(_replicate))
+# Fence only with a small backlog: bounded waits, backing off 5 s, 20 s, 80 s by default (never fail open).
+catch_up = _before_flip("catch_up", _online_only(_catch_up))
+cutover = _before_flip("cutover", _cutover)
 
 
 # -- cutover and after (past the point of no return: only forward) ---------------------------------
+
+
+FORWARD_RETRIES: dict[str, Any] = {"retries_allowed": True, "interval_seconds": 1.0, "max_attempts": 5}
 
 
 def _forward(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
     async def body(job: dict[str, Any], outputs: dict[str, Any]) -> None:
         await asyncio.to_thread(fn, plan_of(outputs))
 
-    return DBOS.step(name=f"tenantctl.move.{name}", retries_allowed=True, interval_seconds=1.0, max_attempts=5)(body)
+    return _move_step(f"tenantctl.move.{name}", **FORWARD_RETRIES)(body)
 
 
 activate = _forward("activate", engine.activate_target)
@@ -274,7 +419,7 @@ retire = _forward("retire", engine.retire_source)
 stop_replication = _forward("stop_replication", _online_only(engine.stop_replication))
 
 
-@DBOS.step(name="tenantctl.move.flip", retries_allowed=True, interval_seconds=1.0, max_attempts=5)
+@_move_step("tenantctl.move.flip", **FORWARD_RETRIES)
 async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Route epoch + 1 to the target (the trigger NOTIFYs every replica); tenant active again."""
     plan = plan_of(outputs)
@@ -302,7 +447,7 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     return {"route_epoch": plan.new_epoch}
 
 
-@DBOS.step(name="tenantctl.move.cleanup", retries_allowed=True, interval_seconds=1.0, max_attempts=5)
+@DBOS.step(name="tenantctl.move.cleanup", **FORWARD_RETRIES)
 async def cleanup(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
     plan = plan_of(outputs)
@@ -311,54 +456,49 @@ async def cleanup(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         deleted = await asyncio.to_thread(engine.cleanup_source, plan)
         return {"deleted_rows": deleted}
     old = outputs["plan"]["old_location"]
-    location = SiloLocation(
-        name=old["name"],
-        provider=old["provider"],
-        tenant_id=plan.tenant_id,
-        database=old["database"],
-        dsn=old["dsn"],
-        app_dsn=old["app_dsn"],
-        secret_ref=old["secret_ref"],
-        stack_name=old["stack_name"],
-        detail=old["detail"] or {},
-    )
-    await asyncio.to_thread(ctx.provisioner().deprovision, location)
-    async with ctx.sessions().begin() as session:
-        await session.execute(
-            sa.update(locations).where(locations.c.id == uuid.UUID(old["id"])).values(status="deleted")
-        )
+    await deprovision_retired_silo(plan, old)
     return {"deprovisioned": old["name"]}
+
+
+async def deprovision_retired_silo(plan: MovePlan, old: dict[str, Any]) -> None:
+    """Deprovision a demoted tenant's old silo -- only once it has been retired (answers "moved").
+
+    The same guard as the promotion's row cleanup: a silo that still serves, or
+    is fenced for, the tenant may be authoritative and is never dropped. The
+    check runs before the location is marked ``deleting``; a replay that finds
+    ``deleting`` (the database perhaps already gone) skips it and finishes.
+    """
+    status = await _location_status(old["id"])
+    if status not in ("deleting", "deleted"):
+        await asyncio.to_thread(engine.require_retired, plan.source, plan.tenant_id)
+        await _set_location_status(old["id"], "deleting")
+    provisioner = runtime.current().provisioner()
+    await asyncio.to_thread(provisioner.deprovision, _silo_location(plan.tenant_id, old))
+    await _set_location_status(old["id"], "deleted")
 
 
 # -- cancel / failure before the point of no return -----------------------------------------------
 
 
-@DBOS.step(name="tenantctl.move.compensate")
+@DBOS.step(name="tenantctl.move.compensate", retries_allowed=True, interval_seconds=1.0, max_attempts=3)
 async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
-    """Source authoritative and untouched; nothing of the move left behind; tenant active."""
-    ctx = runtime.current()
+    """Source authoritative and untouched; nothing of the move left behind; tenant active.
+
+    Runs for a cancel and for a failure before ``activate``. Idempotent: a
+    replay after the silo was (being) deprovisioned does not touch it again.
+    """
     tenant_id = await job_tenant(job)
-    if "plan" in outputs:
-        await asyncio.to_thread(engine.abort, plan_of(outputs))
     provisioned = outputs.get("provision")
+    silo_status = None if provisioned is None else await _location_status(provisioned["id"])
+    if "plan" in outputs and silo_status not in ("deleting", "deleted"):
+        # Publication, subscription, slots and change triggers dropped; source unfenced; target emptied.
+        await asyncio.to_thread(engine.abort, plan_of(outputs))
     if provisioned is not None:
-        location = SiloLocation(
-            name=provisioned["name"],
-            provider=provisioned["provider"],
-            tenant_id=tenant_id,
-            database=provisioned["database"],
-            dsn=provisioned["dsn"],
-            app_dsn=provisioned["app_dsn"],
-            secret_ref=provisioned["secret_ref"],
-            stack_name=provisioned["stack_name"],
-            detail=provisioned["detail"] or {},
-        )
-        await asyncio.to_thread(ctx.provisioner().deprovision, location)
-        async with ctx.sessions().begin() as session:
-            await session.execute(
-                sa.update(locations).where(locations.c.id == uuid.UUID(provisioned["id"])).values(status="deleted")
-            )
-    async with ctx.sessions().begin() as session:
+        await _set_location_status(provisioned["id"], "deleting")
+        provisioner = runtime.current().provisioner()
+        await asyncio.to_thread(provisioner.deprovision, _silo_location(tenant_id, provisioned))
+        await _set_location_status(provisioned["id"], "deleted")
+    async with runtime.current().sessions().begin() as session:
         current = await service.resolve_tenant(session, tenant_id, lock=True)
         if current.status == "moving":
             await service.transition(
@@ -386,9 +526,10 @@ COMMON: dict[str, StepBody] = {
 @DBOS.workflow(name=PROMOTION.workflow_name)
 async def promotion_workflow(job_id: str) -> str:
     bodies = {"provision": provision, "migrate": migrate, "plan": plan_promotion, **COMMON}
-    return await run_job(job_id, PROMOTION, bodies, compensate)
+    return await run_job(job_id, PROMOTION, bodies, compensate, compensate_failures=True)
 
 
 @DBOS.workflow(name=DEMOTION.workflow_name)
 async def demotion_workflow(job_id: str) -> str:
-    return await run_job(job_id, DEMOTION, {"plan": plan_demotion, **COMMON}, compensate)
+    bodies = {"migrate": migrate_source, "plan": plan_demotion, **COMMON}
+    return await run_job(job_id, DEMOTION, bodies, compensate, compensate_failures=True)

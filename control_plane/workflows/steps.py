@@ -71,31 +71,61 @@ async def run_job(
     kind: JobKind,
     bodies: Mapping[str, Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]],
     compensate: Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]],
+    *,
+    compensate_failures: bool = False,
 ) -> str:
     """Run ``kind.steps`` in order; each body must itself be a DBOS step.
 
-    Returns the final job status. A failing step fails the job (its message
-    recorded on the row) and leaves every recorded resource for an operator
-    (or the offboarding job) to clean up; a cancel before the point of no
-    return runs ``compensate`` (also a DBOS step) and ends ``cancelled``.
+    Returns the final job status. A cancel before the point of no return runs
+    ``compensate`` (also a DBOS step) and ends ``cancelled``. A failing step
+    fails the job with its message recorded on the row; by default it leaves
+    every recorded resource for an operator (or the offboarding job) to clean
+    up. With ``compensate_failures`` (moves), a step failing *before* the
+    point of no return is compensated first, exactly like a cancel -- a move
+    that failed in provisioning or catch-up must not leave its tenant
+    ``moving`` (which also blocks fleet migrations) or its replication slot
+    filling the source's disk.
     """
     job = await start_job(job_id, kind.name)
     if job is None:
         return "skipped"
     outputs: dict[str, Any] = {}
+    step: str | None = None
+    cancelling = False
     try:
         for step in kind.steps:
             if await enter_step(job_id, kind.name, step):
+                cancelling = True
                 await compensate(job, outputs)
                 await finish_job(job_id, kind.name, "cancelled", None)
                 return "cancelled"
             outputs[step] = await bodies[step](job, outputs)
     except Exception as exc:  # noqa: BLE001  # any step failure must end on the job row, not vanish
-        log.warning("job_failed", job_id=job_id, kind=kind.name, error_type=type(exc).__name__)
-        await finish_job(job_id, kind.name, "failed", f"{type(exc).__name__}: {exc}")
+        log.warning("job_failed", job_id=job_id, kind=kind.name, step=step, error_type=type(exc).__name__)
+        error = f"{type(exc).__name__}: {exc}"
+        if cancelling:
+            error = f"cancel requested, but its compensation failed: {error}"
+        elif compensate_failures and kind.cancellable_at(step):
+            error = await _compensate_failure(job, outputs, compensate, error)
+        await finish_job(job_id, kind.name, "failed", error)
         return "failed"
     await finish_job(job_id, kind.name, "succeeded", None)
     return "succeeded"
+
+
+async def _compensate_failure(
+    job: dict[str, Any],
+    outputs: dict[str, Any],
+    compensate: Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]],
+    error: str,
+) -> str:
+    """Undo a failed job before its point of no return; the job's error says whether that worked."""
+    try:
+        await compensate(job, outputs)
+    except Exception as exc:  # noqa: BLE001  # both failures belong on the job row for the operator
+        log.error("job_compensation_failed", job_id=job["id"], error_type=type(exc).__name__)
+        return f"{error}; compensation FAILED, resources left for an operator: {type(exc).__name__}: {exc}"
+    return f"{error} (compensated: what the job had done was undone)"
 
 
 async def job_tenant(job: dict[str, Any]) -> uuid.UUID:
