@@ -1,12 +1,20 @@
 """Promotion of a 1M-row tenant under a steady 200 writes/s through the tenant API.
 
-Reports the write pause (per-write latency around the cutover: max and p99,
-and the gap from the fence to the first acknowledged write after the flip),
-total move time, the initial copy's rows/s against a raw binary COPY pipe
-between the same two servers measured in the same run, and lost writes (every
-acknowledged write must be in the silo afterwards). Goals (issue 6): pause
-<= 100 ms, copy >= 0.7x the raw pipe, zero lost writes. Verification is full
-(counts and checksums of every row) and runs inside the fence.
+Reports the write pause -- from the real fence (``fenced_at`` returned by
+``engine.run_steps``: the second, real fence of incremental verification, drain
+included, not the brief baseline fence before it) to the first acknowledged
+write after the flip, with the max and p99 latency of the writes in flight in
+that window -- plus per-write latency over the whole run, total move time, the
+initial copy's rows/s against a raw binary COPY pipe between the same two
+servers measured in the same run, and lost writes (every acknowledged write
+must be in the silo afterwards). Goals (issue 6): pause <= 100 ms, copy >= 0.7x
+the raw pipe, zero lost writes.
+
+Verification is never weakened for the pause: counts and checksums of every
+row are compared in bulk before the fence (two snapshots at one replication
+position), and inside the fence only the rows changed since
+(``control_plane.moves.verify``). ``BENCH_MOVE_PROJECTS`` (default 500000, as
+many tasks again) sets the tenant's size, e.g. a few thousand for a smoke run.
 """
 
 from __future__ import annotations
@@ -118,6 +126,31 @@ async def _writer(port: int, token: str, stop: threading.Event, log: list[dict[s
     await asyncio.gather(*tasks)
 
 
+def _percentile(values: list[float], fraction: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[int(fraction * (len(ordered) - 1))] if ordered else None
+
+
+def _pause(log: list[dict[str, Any]], fenced_at: float, first_after_flip: float | None) -> dict[str, Any]:
+    """The write pause: from the real fence to the first acknowledged write after the flip.
+
+    The writes "in" the pause are those in flight at any moment of that window
+    (sent before it ends, answered after it starts); their latencies are what
+    the tenant's users felt.
+    """
+    if first_after_flip is None:
+        return {"gap_ms": None, "p99": None, "max": None, "writes": 0, "non_2xx": 0}
+    inside = [e for e in log if e["sent"] <= first_after_flip and e["acked"] >= fenced_at]
+    latencies = [(e["acked"] - e["sent"]) * 1000 for e in inside if e["status"] == 201]
+    return {
+        "gap_ms": round((first_after_flip - fenced_at) * 1000, 1),
+        "p99": _percentile(latencies, 0.99),
+        "max": max(latencies) if latencies else None,
+        "writes": len(inside),
+        "non_2xx": sum(1 for e in inside if e["status"] != 201),
+    }
+
+
 def run() -> dict[str, Any]:
     roles = Roles()
     with embedded_stack() as (stack, endpoints):
@@ -186,16 +219,14 @@ def run() -> dict[str, Any]:
             time.sleep(2.0)
             stop.set()
             thread.join()
-        fence_started = move_started + sum(
-            v for k, v in timings.items() if k in ("prepare_target", "start_replication", "wait_initial_sync", "wait_caught_up")
-        )
+        fence_started = timings.pop("fenced_at")
         acked = [e for e in log if e["status"] == 201]
         with psycopg.connect(libpq(silo_owner)) as conn:
             present = {str(r[0]) for r in conn.execute("SELECT id FROM projects WHERE tenant_id = %s", (tenant_id,))}
         lost = [e["id"] for e in acked if e["id"] not in present]
         latencies = sorted((e["acked"] - e["sent"]) * 1000 for e in acked)
         after_flip = [e["acked"] for e in acked if flip_at and e["acked"] >= flip_at[0]]
-        gap_ms = (min(after_flip) - fence_started) * 1000 if after_flip else None
+        pause = _pause(log, fence_started, min(after_flip) if after_flip else None)
         copy_rows = 2 * PROJECTS
         copy_seconds = timings["start_replication"] + timings["wait_initial_sync"]
     copy_rps = copy_rows / copy_seconds
@@ -205,19 +236,36 @@ def run() -> dict[str, Any]:
         "benchmark": "promotion of a 1M-row tenant under 200 writes/s",
         "rows": copy_rows,
         "writes": {"sent": len(log), "acknowledged": len(acked), "non_2xx": len(log) - len(acked), "lost": len(lost)},
-        "write_latency_ms": {"p50": latencies[len(latencies) // 2] if latencies else None, "p99": p99, "max": pause_max},
-        "fence_to_first_write_after_flip_ms": gap_ms,
+        "write_latency_ms": {
+            "p50": latencies[len(latencies) // 2] if latencies else None,
+            "p99": p99,
+            "max": pause_max,
+        },
+        "fence_to_first_write_after_flip_ms": pause["gap_ms"],
+        "write_latency_in_pause_ms": {"p99": pause["p99"], "max": pause["max"], "writes": pause["writes"]},
+        "non_2xx_in_pause": pause["non_2xx"],
         "fenced_seconds": round(timings["fenced_seconds"], 3),
-        "steps_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "steps_seconds": {k: round(v, 3) for k, v in timings.items()},  # durations only: fenced_at was popped
         "move_seconds": round(move_seconds, 2),
-        "copy": {"rows_per_second": round(copy_rps), "raw_pipe": raw, "ratio": round(copy_rps / raw["rows_per_second"], 3)},
+        "copy": {
+            "rows_per_second": round(copy_rps),
+            "raw_pipe": raw,
+            "ratio": round(copy_rps / raw["rows_per_second"], 3),
+        },
         "goals": {"pause_ms_max": 100, "copy_ratio_min": 0.7, "lost": 0},
     }
     result["goals_met"] = bool(
-        pause_max is not None and pause_max <= 100 and result["copy"]["ratio"] >= 0.7 and not lost  # type: ignore[index]
+        pause_max is not None
+        and pause_max <= 100
+        and pause["gap_ms"] is not None
+        and pause["gap_ms"] <= 100  # the pause itself: 503s answered quickly still count as no write
+        and result["copy"]["ratio"] >= 0.7  # type: ignore[index]
+        and not lost
     )
+    gap = "n/a" if pause["gap_ms"] is None else f"{pause['gap_ms']:.0f} ms"
     result["summary"] = (
-        f"pause max {pause_max:.0f} ms p99 {p99:.0f} ms, fenced {timings['fenced_seconds'] * 1000:.0f} ms, "
+        f"pause max {pause_max:.0f} ms p99 {p99:.0f} ms, fence to first write after flip {gap}, "
+        f"fenced {timings['fenced_seconds'] * 1000:.0f} ms, "
         f"copy {copy_rps:.0f} rows/s ({result['copy']['ratio']}x raw pipe), lost {len(lost)}, "  # type: ignore[index]
         f"move {move_seconds:.1f} s"
     )
