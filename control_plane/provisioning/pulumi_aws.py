@@ -23,11 +23,18 @@ which reads the network and the pool's security group from the shared stack
   a crash before outputs existed, the ``tenant_id`` tags in its state -- must
   name the same tenant; otherwise :class:`SiloOwnershipError`.
 * **No passwords** leave the stack: the location has owner/app DSNs without
-  passwords and ``secret_ref`` = the Secrets Manager ARN of the master secret.
-
-Open: the application and replication roles inside an RDS silo are not
-created here (the control plane must reach the private instance with the
-master secret to run ``control_plane.bootstrap`` on it; see README).
+  passwords; ``secret_ref`` is the Secrets Manager ARN of the *application*
+  secret (all the data plane needs), and ``detail`` records the ARNs of the
+  master and replication secrets (for the control plane's workers only).
+* **Roles.** After ``up`` the provisioner reads the three secrets, connects
+  to the new instance as the master and runs
+  :func:`control_plane.bootstrap.ensure_roles_rds` and
+  :func:`~control_plane.bootstrap.grant_database_access`, so the application
+  and replication roles exist with the secrets' passwords when the location
+  is returned. This needs the worker inside the VPC with the shared stack's
+  ``app`` security group: otherwise a :class:`ProvisioningError` says so.
+  That phase has its own bounded retry, so a database hiccup does not re-run
+  ``pulumi up``; a retried ``provision`` repeats both, converging.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import structlog
 from pulumi import automation as auto
 from pydantic import Field
@@ -51,10 +59,19 @@ from sqlalchemy.engine import URL
 
 from control_plane import bootstrap
 from control_plane.exceptions import ProvisionerUnavailableError, ProvisioningError, SiloOwnershipError
+from control_plane.provisioning import local
 from control_plane.provisioning.base import SiloLocation, SiloSpec
+from control_plane.provisioning.credentials import MASTER_SECRET, REPLICATION_SECRET
 from control_plane.provisioning.naming import silo_database_name, silo_resource_identifier, silo_stack_name
 from control_plane.provisioning.retry import RetryPolicy, call_with_retry
 from data_plane.dsn import libpq
+from data_plane.secrets import (
+    AwsSecretsManagerStore,
+    SecretMismatchError,
+    SecretStore,
+    SecretUnavailableError,
+    dsn_with_secret,
+)
 from infra.silo import Engine, SiloStackConfig, silo_program
 
 log = structlog.get_logger(__name__)
@@ -63,6 +80,8 @@ T = TypeVar("T")
 PROVIDER = "pulumi-aws"
 # An RDS instance takes 10-20 minutes to create; back off on that scale.
 DEFAULT_RETRY = RetryPolicy(attempts=3, initial_wait_s=30.0, max_wait_s=120.0)
+# A private endpoint the worker cannot route to hangs until this expires.
+CONNECT_TIMEOUT_S = 10
 
 INSTALL_PULUMI = (
     "install it with `curl -fsSL https://get.pulumi.com | sh` (or `brew install pulumi/tap/pulumi`), "
@@ -201,13 +220,34 @@ def tenant_ids_in_state(deployment: Mapping[str, Any]) -> set[str]:
 
 
 def dsn_for(*, user: str, host: str, port: int, database: str) -> str:
-    """A libpq URL without password (credentials are resolved from ``secret_ref``)."""
-    return libpq(
-        URL.create("postgresql", username=user, host=host, port=port, database=database, query={"sslmode": "require"})
-    )
+    """A libpq URL without password (credentials are resolved from ``secret_ref``).
+
+    A host that is a directory (a Unix socket, as libpq understands it) goes
+    into the query string, where libpq expects it; libpq ignores ``sslmode``
+    on a socket.
+    """
+    query = {"sslmode": "require"}
+    if host.startswith("/"):
+        query = {"host": host, "port": str(port), **query}
+        return libpq(URL.create("postgresql", username=user, database=database, query=query))
+    return libpq(URL.create("postgresql", username=user, host=host, port=port, database=database, query=query))
 
 
 StackOpener = Callable[[str, auto.PulumiFn, bool], AbstractContextManager[auto.Stack | None]]
+# Sets up the roles inside a freshly provisioned silo; returns what it found.
+DatabasePreparer = Callable[[SiloLocation], bootstrap.RdsRoleState]
+
+# Stack outputs a location is built from.
+REQUIRED_OUTPUTS = (
+    "tenant_id",
+    "endpoint",
+    "port",
+    "database",
+    "master_secret_arn",
+    "app_secret_arn",
+    "replication_secret_arn",
+)
+_AUTH_FAILED = re.compile(r"authentication failed|password", re.IGNORECASE)
 
 
 class PulumiAwsProvisioner:
@@ -216,6 +256,9 @@ class PulumiAwsProvisioner:
     ``open_stack`` is the seam for tests: given the fully qualified stack
     name, the program and whether to create a missing stack, it yields the
     stack (or None when it does not exist and ``create`` is False).
+    ``secrets`` reads the silo's Secrets Manager secrets (default: boto3, in
+    the provisioner's region); ``prepare_database`` replaces the role
+    bootstrap (tests of the orchestration that have no database).
     """
 
     kind = PROVIDER
@@ -229,6 +272,8 @@ class PulumiAwsProvisioner:
         open_stack: StackOpener | None = None,
         env: Mapping[str, str] | None = None,
         home: Path | None = None,
+        secrets: SecretStore | None = None,
+        prepare_database: DatabasePreparer | None = None,
     ) -> None:
         self.settings = settings
         self.roles = roles or bootstrap.Roles()
@@ -236,6 +281,8 @@ class PulumiAwsProvisioner:
         self._open_stack = open_stack or self._local_workspace_stack
         self._env = env
         self._home = home
+        self._secrets = secrets
+        self._prepare_database = prepare_database or self.bootstrap_roles
 
     # -- public interface ---------------------------------------------------
 
@@ -265,6 +312,8 @@ class PulumiAwsProvisioner:
             multi_az=s.multi_az,
             deletion_protection=s.deletion_protection if deletion_protection is None else deletion_protection,
             master_username=self.roles.owner,
+            app_username=self.roles.app,
+            replication_username=self.roles.replication,
         )
 
     def provision(self, spec: SiloSpec) -> SiloLocation:
@@ -283,8 +332,85 @@ class PulumiAwsProvisioner:
 
         outputs = self._retrying("provision", run, stack=stack_name)
         location = self._location(spec, config, stack_name, ready, outputs)
-        log.info("silo.provisioned", provider=PROVIDER, tenant_id=str(spec.tenant_id), stack=stack_name)
+        state = self._prepare_database(location)
+        # Recorded with the location: whether moves can copy on this server
+        # as they do locally (see bootstrap.ensure_roles_rds).
+        location = dataclasses.replace(
+            location,
+            detail={
+                **location.detail,
+                "rls_bypass": {"owner": state.owner_bypasses_rls, "replication": state.replication_bypasses_rls},
+            },
+        )
+        log.info(
+            "silo.provisioned",
+            provider=PROVIDER,
+            tenant_id=str(spec.tenant_id),
+            stack=stack_name,
+            owner_bypasses_rls=state.owner_bypasses_rls,
+            replication_bypasses_rls=state.replication_bypasses_rls,
+        )
         return location
+
+    def bootstrap_roles(self, location: SiloLocation) -> bootstrap.RdsRoleState:
+        """Create the application and replication roles in the silo, as its master.
+
+        Reads the master, application and replication secrets (ARNs in the
+        location), refuses secrets of other users than the location's roles,
+        then runs :func:`bootstrap.ensure_roles_rds` and
+        :func:`bootstrap.grant_database_access`. Idempotent.
+        """
+        if location.dsn is None or location.database is None or location.secret_ref is None:
+            raise ProvisioningError(f"location {location.name!r} lacks the DSN, database or secret to bootstrap")
+        dsn, database, app_ref = location.dsn, location.database, location.secret_ref
+        master_ref, replication_ref = (
+            str(location.detail.get(key) or "") for key in (MASTER_SECRET, REPLICATION_SECRET)
+        )
+        if not master_ref or not replication_ref:
+            raise ProvisioningError(f"location {location.name!r} records no master or replication secret")
+        store = self._secret_store()
+
+        def run() -> bootstrap.RdsRoleState:
+            app, replication = store.get(app_ref), store.get(replication_ref)
+            for secret, role in ((app, self.roles.app), (replication, self.roles.replication)):
+                if secret.username != role:
+                    raise SecretMismatchError(
+                        f"a secret of silo {location.name!r} is for {secret.username!r}, not {role!r}"
+                    )
+            master_dsn = dsn_with_secret(dsn, store.get(master_ref))
+            passwords = {"app": app.password, "replication": replication.password}
+            state = bootstrap.ensure_roles_rds(master_dsn, self.roles, passwords, connect_timeout=CONNECT_TIMEOUT_S)
+            bootstrap.grant_database_access(master_dsn, database, self.roles, connect_timeout=CONNECT_TIMEOUT_S)
+            return state
+
+        endpoint = _endpoint(dsn)
+        try:
+            return call_with_retry(
+                run, operation="bootstrap_roles", policy=self.retry, is_transient=local.is_transient, silo=location.name
+            )
+        except (SecretUnavailableError, SecretMismatchError) as exc:
+            raise ProvisioningError(f"cannot read the credentials of silo {location.name!r}: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None and not _AUTH_FAILED.search(str(exc)):
+                raise ProvisioningError(
+                    f"silo database {endpoint} is not reachable from this worker ({_tail(str(exc), 300)}). "
+                    "Run the control plane's workers inside the VPC with the shared stack's application "
+                    "security group (output app_security_group_id) attached: the silo admits PostgreSQL "
+                    "from that group and the pool only."
+                ) from exc
+            raise ProvisioningError(
+                f"silo database {endpoint} refused the master credentials ({_tail(str(exc), 300)}); "
+                "check the master secret matches the instance's master password"
+            ) from exc
+        except psycopg.Error as exc:
+            raise ProvisioningError(
+                f"creating the roles in silo database {endpoint} failed: {type(exc).__name__}: {_tail(str(exc), 500)}"
+            ) from exc
+
+    def _secret_store(self) -> SecretStore:
+        if self._secrets is None:
+            self._secrets = AwsSecretsManagerStore(default_region=self.check_available().region)
+        return self._secrets
 
     def deprovision(self, location: SiloLocation) -> None:
         """Destroy the silo's stack (a final snapshot is kept) and remove it.
@@ -328,7 +454,7 @@ class PulumiAwsProvisioner:
                     "stack": stack_name,
                     "exists": True,
                     "endpoint": outputs.get("endpoint"),
-                    "secret_ref": outputs.get("secret_arn"),
+                    "secret_ref": outputs.get("app_secret_arn"),
                     "tenant_id": outputs.get("tenant_id"),
                     "owned_by_tenant": outputs.get("tenant_id") == str(location.tenant_id),
                 }
@@ -372,7 +498,7 @@ class PulumiAwsProvisioner:
         ready: Preflight,
         outputs: Mapping[str, Any],
     ) -> SiloLocation:
-        missing = [key for key in ("tenant_id", "endpoint", "port", "database", "secret_arn") if key not in outputs]
+        missing = [key for key in REQUIRED_OUTPUTS if key not in outputs]
         if missing:
             raise ProvisioningError(f"stack {stack_name!r} did not export {', '.join(missing)}")
         if str(outputs["tenant_id"]) != str(spec.tenant_id):
@@ -387,13 +513,16 @@ class PulumiAwsProvisioner:
             database=database,
             dsn=dsn_for(user=str(outputs.get("username") or self.roles.owner), host=host, port=port, database=database),
             app_dsn=dsn_for(user=self.roles.app, host=host, port=port, database=database),
-            secret_ref=str(outputs["secret_arn"]),
+            # The application's secret only: the data plane resolves this one.
+            secret_ref=str(outputs["app_secret_arn"]),
             stack_name=stack_name,
             detail={
                 "slug": spec.slug,
                 "tier": spec.tier,
                 "region": ready.region,
                 "kms_key_arn": outputs.get("kms_key_arn"),
+                MASTER_SECRET: str(outputs[MASTER_SECRET]),
+                REPLICATION_SECRET: str(outputs[REPLICATION_SECRET]),
                 # What deprovision replays (with deletion protection off), so a
                 # settings change since provisioning cannot resize a silo on its way out.
                 "stack_config": dataclasses.asdict(config),
@@ -484,6 +613,11 @@ class PulumiAwsProvisioner:
                 yield None
                 return
             yield stack
+
+
+def _endpoint(dsn: str) -> str:
+    parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    return f"{parts.get('host', '?')}:{parts.get('port', 5432)}"
 
 
 def _tail(text: str, limit: int = 1500) -> str:

@@ -10,7 +10,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import json
+import socket
 import stat
 import uuid
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ import structlog
 from pulumi import automation as auto
 from pulumi.automation._cmd import CommandResult
 
+from control_plane.bootstrap import RdsRoleState
 from control_plane.exceptions import ProvisionerUnavailableError, ProvisioningError, SiloOwnershipError
 from control_plane.provisioning import (
     LocalProvisioner,
@@ -36,13 +41,33 @@ from control_plane.provisioning import (
 )
 from control_plane.provisioning.pulumi_aws import PulumiAwsProvisioner, PulumiAwsSettings, tenant_ids_in_state
 from control_plane.settings import ControlPlaneSettings, ProvisionerKind
+from data_plane.dsn import libpq
+from data_plane.routing import EngineRegistry, Route
+from data_plane.secrets import AwsSecretsResolver, SecretMismatchError, StaticSecretStore, dsn_with_secret
+from tests.provisioning.conftest import RdsSilo, role_state, scram_verifier_matches
 
 FAST = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=0.02)
 SHARED = "acme/tenantctl-infra/prod"
 TENANT = uuid.UUID("0b7e3c1a-5f0e-4c55-9a57-6f3c2d9d1e01")
 OTHER = uuid.UUID("9d2f5b6e-1c4a-4e2b-8f3d-2a1b0c9d8e7f")
 SPEC = SiloSpec(tenant_id=TENANT, slug="acme", tier="enterprise")
-SECRET_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tenantctl/silos/silo-acme/master-AbCdEf"
+MASTER_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tenantctl/silos/silo-acme/master-AbCdEf"
+APP_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tenantctl/silos/silo-acme/app-GhIjKl"
+REPLICATION_ARN = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:tenantctl/silos/silo-acme/replication-MnOpQr"
+UP_OUTPUTS: dict[str, Any] = {
+    "tenant_id": str(TENANT),
+    "identifier": "silo-acme",
+    "endpoint": "silo-acme.c0ffee.eu-west-1.rds.amazonaws.com",
+    "port": 5432,
+    "database": "silo_acme",
+    "username": "tenantctl_owner",
+    "app_username": "tenantctl_app",
+    "replication_username": "tenantctl_replicator",
+    "master_secret_arn": MASTER_ARN,
+    "app_secret_arn": APP_ARN,
+    "replication_secret_arn": REPLICATION_ARN,
+    "kms_key_arn": "arn:aws:kms:eu-west-1:123456789012:key/k",
+}
 
 
 @pytest.fixture
@@ -199,8 +224,10 @@ class FakeStack:
         outputs: dict[str, Any] | None = None,
         resources: list[dict[str, Any]] | None = None,
         up_errors: list[BaseException] | None = None,
+        up_outputs: dict[str, Any] | None = None,
     ) -> None:
         self._outputs = dict(outputs or {})
+        self.up_outputs = dict(UP_OUTPUTS if up_outputs is None else up_outputs)
         self.resources = list(resources or [])
         self.up_errors = list(up_errors or [])
         self.calls: list[str] = []
@@ -220,16 +247,7 @@ class FakeStack:
         self.calls.append("up")
         if self.up_errors:
             raise self.up_errors.pop(0)
-        self._outputs = {
-            "tenant_id": str(TENANT),
-            "identifier": "silo-acme",
-            "endpoint": "silo-acme.c0ffee.eu-west-1.rds.amazonaws.com",
-            "port": 5432,
-            "database": "silo_acme",
-            "username": "tenantctl_owner",
-            "secret_arn": SECRET_ARN,
-            "kms_key_arn": "arn:aws:kms:eu-west-1:123456789012:key/k",
-        }
+        self._outputs = dict(self.up_outputs)
         self.resources = [{"type": "aws:rds/instance:Instance", "inputs": {"tags": {"tenant_id": str(TENANT)}}}]
         return SimpleNamespace(outputs=self.outputs())
 
@@ -241,10 +259,12 @@ class FakeStack:
 class Seam:
     """Plays the backend: stacks by name; records which program configs were used."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, up_outputs: dict[str, Any] | None = None) -> None:
+        self.up_outputs = up_outputs
         self.stacks: dict[str, FakeStack] = {}
         self.opened: list[tuple[str, bool]] = []
         self.configs: list[Any] = []
+        self.prepared: list[SiloLocation] = []
 
         def recording_program(config: Any) -> Any:
             self.configs.append(config)
@@ -256,7 +276,7 @@ class Seam:
     def open(self, name: str, program: Any, create: bool) -> Iterator[FakeStack | None]:
         self.opened.append((name, create))
         if name not in self.stacks and create:
-            self.stacks[name] = FakeStack()
+            self.stacks[name] = FakeStack(up_outputs=self.up_outputs)
         yield self.stacks.get(name)
 
 
@@ -266,8 +286,21 @@ def seam(aws_env: Path, fake_pulumi_on_path: Path, monkeypatch: pytest.MonkeyPat
     return Seam(monkeypatch)
 
 
+ROLES_STATE = RdsRoleState(
+    master="tenantctl_owner", owner_bypasses_rls=False, replication_bypasses_rls=False, replication_is_rds_member=True
+)
+
+
 def make(seam: Seam, **settings: Any) -> PulumiAwsProvisioner:
-    return PulumiAwsProvisioner(PulumiAwsSettings(**settings), retry=FAST, open_stack=seam.open)
+    """The orchestration alone: role bootstrap (tested with a database elsewhere) is recorded, not run."""
+
+    def prepare_database(location: SiloLocation) -> RdsRoleState:
+        seam.prepared.append(location)
+        return ROLES_STATE
+
+    return PulumiAwsProvisioner(
+        PulumiAwsSettings(**settings), retry=FAST, open_stack=seam.open, prepare_database=prepare_database
+    )
 
 
 def test_provision_twice_converges_on_one_stack_and_one_location(seam: Seam) -> None:
@@ -278,7 +311,13 @@ def test_provision_twice_converges_on_one_stack_and_one_location(seam: Seam) -> 
     assert list(seam.stacks) == ["silo-acme"] and seam.stacks["silo-acme"].calls == ["up", "up"]
     assert seam.stacks["silo-acme"].config == {"aws:region": "eu-west-1"}
     assert first.provider == "pulumi-aws" and first.stack_name == "silo-acme"
-    assert first.secret_ref == SECRET_ARN and first.database == "silo_acme"
+    # the application's secret is the reference; the control plane's two are in the detail
+    assert first.secret_ref == APP_ARN and first.database == "silo_acme"
+    assert first.detail["master_secret_arn"] == MASTER_ARN
+    assert first.detail["replication_secret_arn"] == REPLICATION_ARN
+    assert first.detail["rls_bypass"] == {"owner": False, "replication": False}
+    # the roles were set up after every up, before the location was returned
+    assert [loc.secret_ref for loc in seam.prepared] == [APP_ARN, APP_ARN]
     for dsn, role in ((first.dsn, "tenantctl_owner"), (first.app_dsn, "tenantctl_app")):
         assert dsn is not None
         parts = psycopg.conninfo.conninfo_to_dict(dsn)
@@ -288,6 +327,7 @@ def test_provision_twice_converges_on_one_stack_and_one_location(seam: Seam) -> 
     config = seam.configs[0]
     assert (config.tenant_id, config.identifier, config.shared_stack) == (str(TENANT), "silo-acme", SHARED)
     assert config.deletion_protection is True
+    assert (config.app_username, config.replication_username) == ("tenantctl_app", "tenantctl_replicator")
     assert first.detail["stack_config"]["instance_class"] == "db.t4g.medium"
 
 
@@ -315,7 +355,7 @@ def test_after_a_crash_mid_update_state_tags_decide_ownership(seam: Seam) -> Non
     seam.stacks["silo-acme"] = FakeStack(
         resources=[{"type": "aws:kms/key:Key", "inputs": {"tags": {"tenant_id": str(TENANT)}}}]
     )
-    assert make(seam).provision(SPEC).secret_ref == SECRET_ARN
+    assert make(seam).provision(SPEC).secret_ref == APP_ARN
 
 
 def test_locked_stack_is_retried_and_logged(seam: Seam) -> None:
@@ -325,7 +365,7 @@ def test_locked_stack_is_retried_and_logged(seam: Seam) -> None:
     seam.stacks["silo-acme"] = FakeStack(up_errors=[locked])
     with structlog.testing.capture_logs() as logs:
         location = make(seam).provision(SPEC)
-    assert location.secret_ref == SECRET_ARN
+    assert location.secret_ref == APP_ARN
     assert seam.stacks["silo-acme"].calls == ["up", "up"]
     assert [e["attempt"] for e in logs if e["event"] == "provisioning.retry"] == [1]
 
@@ -459,3 +499,152 @@ def test_an_unrecorded_silo_stack_can_be_cleaned_up_from_the_spec_alone(seam: Se
     provisioner.deprovision(location_for_cleanup(SPEC, provider=provisioner.kind))
     assert seam.stacks["silo-acme"].calls == ["up", "up", "destroy", "remove:silo-acme"]
     assert seam.configs[-1].deletion_protection is False
+
+
+# -- role bootstrap after `up`, on the real silo server posing as RDS ----------------------
+
+
+def _secret(username: str, password: str, database: str) -> str:
+    return json.dumps(
+        {
+            "engine": "postgres",
+            "host": "ignored",
+            "port": 5432,
+            "username": username,
+            "password": password,
+            "dbname": database,
+        }
+    )
+
+
+def _rds_secrets(rds_silo: RdsSilo, **overrides: str) -> dict[str, str]:
+    roles, db = rds_silo.roles, rds_silo.database
+    return {
+        MASTER_ARN: _secret(roles.owner, "master-pw", db),
+        APP_ARN: _secret(roles.app, "app-pw-from-secrets-manager", db),
+        REPLICATION_ARN: _secret(roles.replication, "replication-pw-from-secrets-manager", db),
+    } | overrides
+
+
+def _rds_outputs(rds_silo: RdsSilo, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    server = psycopg.conninfo.conninfo_to_dict(libpq(rds_silo.admin))
+    return UP_OUTPUTS | {
+        "endpoint": host or str(server["host"]),
+        "port": port or int(server.get("port") or 5432),
+        "database": rds_silo.database,
+        "username": rds_silo.roles.owner,
+        "app_username": rds_silo.roles.app,
+        "replication_username": rds_silo.roles.replication,
+    }
+
+
+def _rds_provisioner(
+    monkeypatch: pytest.MonkeyPatch, rds_silo: RdsSilo, outputs: dict[str, Any], secrets: dict[str, str]
+) -> tuple[PulumiAwsProvisioner, Seam]:
+    with_static_keys(monkeypatch)
+    seam = Seam(monkeypatch, up_outputs=outputs)
+    provisioner = PulumiAwsProvisioner(
+        PulumiAwsSettings(),
+        roles=rds_silo.roles,
+        retry=FAST,
+        open_stack=seam.open,
+        secrets=StaticSecretStore(secrets),
+    )
+    return provisioner, seam
+
+
+@pytest.fixture
+def socket_server(rds_silo: RdsSilo) -> RdsSilo:
+    host = str(psycopg.conninfo.conninfo_to_dict(libpq(rds_silo.admin)).get("host", ""))
+    if not host.startswith("/"):
+        # The location's DSNs require TLS, as RDS does; libpq skips TLS only on sockets.
+        pytest.skip("needs the embedded (socket) test server: silo DSNs carry sslmode=require")
+    return rds_silo
+
+
+async def test_provision_creates_the_roles_and_the_silo_is_reachable_through_the_app_secret(
+    aws_env: Path, fake_pulumi_on_path: Path, monkeypatch: pytest.MonkeyPatch, socket_server: RdsSilo
+) -> None:
+    rds = socket_server
+    secrets = _rds_secrets(rds)
+    provisioner, seam = _rds_provisioner(monkeypatch, rds, _rds_outputs(rds), secrets)
+    location = await asyncio.to_thread(provisioner.provision, SPEC)
+
+    assert location.secret_ref == APP_ARN and location.detail["master_secret_arn"] == MASTER_ARN
+    assert location.detail["rls_bypass"] == {"owner": False, "replication": False}
+    for role, ref in ((rds.roles.app, APP_ARN), (rds.roles.replication, REPLICATION_ARN)):
+        state = role_state(rds.admin, role)
+        assert state is not None and state["login"] is True
+        assert scram_verifier_matches(str(state["password"]), json.loads(secrets[ref])["password"])
+
+    # The data plane's path: route -> application secret -> a connection as the application role.
+    resolver = AwsSecretsResolver(StaticSecretStore(secrets))
+    route = Route(
+        tenant_id=TENANT,
+        slug="acme",
+        tier="enterprise",
+        status="active",
+        placement="silo",
+        epoch=2,
+        location_id=uuid.uuid4(),
+        location_name=location.name,
+        app_dsn=location.app_dsn,
+        secret_ref=location.secret_ref,
+    )
+    registry = EngineRegistry(libpq(rds.admin), resolver=resolver, silo_pool_size=1)
+    await registry.start()
+    try:
+        async with registry.connection(route) as conn:
+            assert await conn.fetchval("SELECT current_user") == rds.roles.app
+            assert await conn.fetchval("SELECT has_database_privilege(current_user, current_database(), 'CONNECT')")
+    finally:
+        await registry.close()
+    # ... and never with the master's: a route pointing at it is refused
+    with pytest.raises(SecretMismatchError):
+        await resolver.dsn_for(dataclasses.replace(route, secret_ref=MASTER_ARN))
+    # The control plane's path: owner DSN + master secret.
+    assert location.dsn is not None
+    master_dsn = dsn_with_secret(location.dsn, StaticSecretStore(secrets).get(MASTER_ARN))
+    with psycopg.connect(libpq(master_dsn)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (rds.roles.owner,)
+
+    # provisioning again converges on the same location and roles
+    assert await asyncio.to_thread(provisioner.provision, SPEC) == location
+    assert seam.stacks["silo-acme"].calls == ["up", "up"]
+
+
+def test_an_unreachable_silo_database_is_a_clear_provisioning_error(
+    aws_env: Path, fake_pulumi_on_path: Path, monkeypatch: pytest.MonkeyPatch, rds_silo: RdsSilo
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    outputs = _rds_outputs(rds_silo, host="127.0.0.1", port=closed_port)
+    provisioner, seam = _rds_provisioner(monkeypatch, rds_silo, outputs, _rds_secrets(rds_silo))
+    with structlog.testing.capture_logs() as logs, pytest.raises(ProvisioningError) as info:
+        provisioner.provision(SPEC)
+    message = info.value.message
+    assert f"silo database 127.0.0.1:{closed_port} is not reachable from this worker" in message
+    assert "app_security_group_id" in message and "VPC" in message
+    assert "pw" not in message  # no credential in the error
+    # the database phase was retried on its own (bounded); `pulumi up` ran once
+    assert [e["attempt"] for e in logs if e["event"] == "provisioning.retry"] == [1, 2]
+    assert seam.stacks["silo-acme"].calls == ["up"]
+    assert role_state(rds_silo.admin, rds_silo.roles.app) is None
+
+
+def test_missing_or_foreign_secrets_fail_provisioning_before_any_role_is_made(
+    aws_env: Path, fake_pulumi_on_path: Path, monkeypatch: pytest.MonkeyPatch, rds_silo: RdsSilo
+) -> None:
+    secrets = _rds_secrets(rds_silo)
+    del secrets[MASTER_ARN]
+    provisioner, _ = _rds_provisioner(monkeypatch, rds_silo, _rds_outputs(rds_silo), secrets)
+    with pytest.raises(ProvisioningError, match=f"cannot read the credentials.*{MASTER_ARN}.*does not exist"):
+        provisioner.provision(SPEC)
+    # an application "secret" that is really the master's
+    foreign = _rds_secrets(rds_silo, **{APP_ARN: _secret(rds_silo.roles.owner, "master-pw", rds_silo.database)})
+    provisioner, _ = _rds_provisioner(monkeypatch, rds_silo, _rds_outputs(rds_silo), foreign)
+    with pytest.raises(ProvisioningError, match="is for 'rds_master_"):
+        provisioner.provision(SPEC)
+    assert role_state(rds_silo.admin, rds_silo.roles.app) is None
+    assert role_state(rds_silo.admin, rds_silo.roles.replication) is None

@@ -213,7 +213,7 @@ async def test_a_secret_of_another_user_is_refused(aws: Aws) -> None:
     # e.g. the master secret recorded as an application location's reference
     aws.respond(APP_ARN, secret_json(username="tenantctl_owner"))
     resolver = AwsSecretsResolver(store_for(aws))
-    with pytest.raises(SecretMismatchError, match="'tenantctl_owner'.*'tenantctl_app'"):
+    with pytest.raises(SecretMismatchError, match=r"'tenantctl_owner'.*'tenantctl_app'"):
         await resolver.dsn_for(route())
     assert SecretMismatchError.status_code == 500  # logged, never shown to the client
 
