@@ -6,6 +6,9 @@
   that records what the provisioner asks Pulumi to do, so ownership checks,
   retries and the deprovision order are asserted without a cloud. The Pulumi
   program itself is covered by ``test_infra.py`` on Pulumi's mocks.
+* Role bootstrap after ``up``: the same seam, with outputs pointing at the real
+  silo server posing as RDS (``conftest.rds_silo``) and the secrets in a
+  ``StaticSecretStore``; the data plane then connects through the resolver.
 """
 
 from __future__ import annotations
