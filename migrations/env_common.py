@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import MetaData, engine_from_config, pool
 
 
-def run(target_metadata: MetaData | None) -> None:
+def only_modelled(_obj: Any, _name: str | None, _type: str, reflected: bool, compare_to: Any) -> bool:
+    """Autogenerate: never propose dropping what the metadata does not model.
+
+    The tenant stream models nothing and the catalog models only what the
+    control plane queries (DBOS, usage ... are created by migrations alone):
+    without this filter ``alembic revision --autogenerate`` would drop them.
+    """
+    return not (reflected and compare_to is None)
+
+
+def run(target_metadata: MetaData) -> None:
     config = context.config
+    options: dict[str, Any] = {"target_metadata": target_metadata, "include_object": only_modelled}
     if context.is_offline_mode():
         context.configure(
             url=config.get_main_option("sqlalchemy.url"),
-            target_metadata=target_metadata,
             literal_binds=True,
             transactional_ddl=True,
+            **options,
         )
         with context.begin_transaction():
             context.run_migrations()
@@ -21,7 +34,7 @@ def run(target_metadata: MetaData | None) -> None:
 
     connectable = config.attributes.get("connection")
     if connectable is not None:
-        context.configure(connection=connectable, target_metadata=target_metadata)
+        context.configure(connection=connectable, **options)
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -32,7 +45,7 @@ def run(target_metadata: MetaData | None) -> None:
     with engine.connect() as connection:
         # One transaction for the whole run: a migration that fails halfway
         # leaves the database at its previous revision (transactional DDL).
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(connection=connection, **options)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

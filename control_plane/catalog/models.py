@@ -3,13 +3,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-NAMING_CONVENTION = {
+
+def _check_name(constraint: sa.Constraint, table: sa.Table) -> str:
+    """The ``<name>`` of ``ck_<table>_<name>``; an explicit name already spelled in full is kept.
+
+    Every revision so far names its CHECK constraints in full (``ck_tenants_status``):
+    with the plain ``%(constraint_name)s`` token they would become
+    ``ck_tenants_ck_tenants_status`` once the migration environment uses this
+    convention, so a fresh database would no longer match the ones migrated before.
+    """
+    name = constraint.name
+    if not isinstance(name, str) or not name:
+        raise sa.exc.InvalidRequestError(f"a CHECK constraint on {table.name} needs a name (ck_<table>_<name>)")
+    prefix = f"ck_{table.name}_"
+    return name.removeprefix(prefix)
+
+
+# The token's name contains "constraint_name" on purpose: SQLAlchemy applies a
+# convention to *explicitly named* constraints only when its template mentions
+# that token (a plain template would keep a short explicit name unprefixed).
+NAMING_CONVENTION: dict[str, Any] = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name_in_full)s",
+    "constraint_name_in_full": _check_name,
     "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
