@@ -6,9 +6,10 @@ Each check names a way systems like this one have leaked data (PITFALLS):
 * no policy covering every command, or a policy not in the index-friendly,
   fail-closed form (a bare ``current_setting()`` per row, an ``OR`` branch);
 * the application role being superuser/BYPASSRLS or owning anything (an owner
-  can disable RLS);
-* TRUNCATE or REFERENCES granted (neither is subject to RLS), or any grant to
-  PUBLIC;
+  can disable RLS), or a member of a role that is or does (``SET ROLE`` would
+  then lift every policy);
+* TRUNCATE or REFERENCES granted (neither is subject to RLS; REFERENCES also
+  column by column), or any grant to PUBLIC;
 * no index leading with ``tenant_id``; a unique or foreign key that does not
   lead with ``tenant_id`` (a constraint error is an oracle on other tenants);
 * a view over tenant tables without ``security_invoker`` or a materialized view
@@ -62,7 +63,27 @@ SELECT grantee, privilege_type FROM information_schema.role_table_grants
    AND (grantee = 'PUBLIC' OR (grantee = %s AND privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')))
 """
 
+COLUMN_REFERENCES = """
+SELECT a.attname FROM pg_attribute a, aclexplode(a.attacl) acl
+ WHERE a.attrelid = %s AND NOT a.attisdropped AND acl.privilege_type = 'REFERENCES'
+   AND acl.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s)
+"""
+
 ROLE = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
+
+# Every role the app role can SET ROLE to (directly or through other roles),
+# with what makes it dangerous here.
+MEMBER_OF = """
+WITH RECURSIVE granted(oid) AS (
+    SELECT m.roleid FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %(r)s
+    UNION
+    SELECT m.roleid FROM pg_auth_members m JOIN granted g ON m.member = g.oid
+)
+SELECT r.rolname, r.rolsuper, r.rolbypassrls,
+       EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid) AS owns
+  FROM granted g JOIN pg_roles r ON r.oid = g.oid
+ ORDER BY r.rolname
+"""
 
 OWNED = """
 WITH r AS (SELECT oid FROM pg_roles WHERE rolname = %(r)s)
@@ -139,6 +160,20 @@ def _check_table(conn: psycopg.Connection[Any], report: TargetReport, row: tuple
         finding("fk_oracle", "foreign key does not lead with tenant_id", constraint)
     for grantee, privilege in conn.execute(GRANTS, (schema, table, app_role)).fetchall():
         finding("grant", f"{privilege} granted to {grantee}")
+    for (column,) in conn.execute(COLUMN_REFERENCES, (oid, app_role)).fetchall():
+        finding("grant", f"REFERENCES on column {column} granted to {app_role}")
+
+
+def _check_memberships(conn: psycopg.Connection[Any], report: TargetReport, app_role: str) -> None:
+    for granted, superuser, bypassrls, owns in conn.execute(MEMBER_OF, {"r": app_role}).fetchall():
+        if superuser or bypassrls:
+            report.findings.append(
+                Finding("app_role", granted, f"{app_role} is a member of {granted}, which is SUPERUSER or BYPASSRLS")
+            )
+        if owns:
+            report.findings.append(
+                Finding("app_role", granted, f"{app_role} is a member of {granted}, which owns relations here")
+            )
 
 
 def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetReport:
@@ -165,6 +200,7 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
             report.findings.append(Finding("app_role", app_role, "application role does not exist"))
         elif role[0] or role[1]:
             report.findings.append(Finding("app_role", app_role, "application role is SUPERUSER or BYPASSRLS"))
+        _check_memberships(conn, report, app_role)
         for (owned,) in conn.execute(OWNED, {"r": app_role}).fetchall():
             report.findings.append(Finding("app_owns", owned, "application role owns an object"))
         rows = conn.execute(TENANT_TABLES, {"internal": list(INTERNAL_SCHEMAS)}).fetchall()

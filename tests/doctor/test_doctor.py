@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -14,12 +15,20 @@ from control_plane.doctor import audit_database, run_doctor
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
 from data_plane.dsn import database_of, libpq, with_database
+from migrations.helpers import POLICY_NAME, TENANT_PREDICATE
 from tests.harness import PgServers
+from tests.world import World
 
 
-def _checks(endpoints: Endpoints) -> set[tuple[str, str]]:
-    report = audit_database(name="pool", kind="pool", dsn=endpoints.pool_url, app_role="tenantctl_app")
+def _checks(endpoints: Endpoints, app_role: str = "tenantctl_app") -> set[tuple[str, str]]:
+    report = audit_database(name="pool", kind="pool", dsn=endpoints.pool_url, app_role=app_role)
     return {(f.check, f.object) for f in report.findings}
+
+
+def _ddl(endpoints: Endpoints, *statements: str) -> None:
+    with psycopg.connect(libpq(endpoints.pool_url)) as conn:
+        for statement in statements:
+            conn.execute(statement)
 
 
 def test_a_freshly_migrated_pool_is_clean(endpoints: Endpoints) -> None:
@@ -65,6 +74,120 @@ def test_app_role_posture_is_checked(endpoints: Endpoints, pg_servers: PgServers
         with psycopg.connect(libpq(admin), autocommit=True) as conn:
             conn.execute("DROP TABLE owned_by_app")
     assert _checks(endpoints) == set()  # control
+
+
+def test_silos_are_audited_too(world: World) -> None:
+    endpoints = world.endpoints
+    silo = world["S"]
+    clean = run_doctor(catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role="tenantctl_app")
+    assert clean["ok"], clean
+    targets = {t["kind"]: t for t in clean["targets"]}
+    assert set(targets) == {"pool", "silo"}
+    assert set(targets["silo"]["tenant_tables"]) == {"public.projects", "public.tasks"}
+
+    with psycopg.connect(libpq(silo.owner_dsn)) as conn:
+        conn.execute("ALTER TABLE tasks NO FORCE ROW LEVEL SECURITY")
+        conn.execute("GRANT TRUNCATE ON projects TO tenantctl_app")
+    dirty = run_doctor(catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role="tenantctl_app")
+    assert not dirty["ok"]
+    by_kind = {t["kind"]: {(f["check"], f["object"]) for f in t["findings"]} for t in dirty["targets"]}
+    assert by_kind["silo"] == {("rls_forced", "public.tasks"), ("grant", "public.projects")}
+    assert by_kind["pool"] == set()  # control: the pool is untouched and still clean
+    assert dirty["findings"] == 2
+
+
+@pytest.fixture
+def probe_roles(pg_servers: PgServers) -> Iterator[Callable[[str], str]]:
+    """Creates throw-away roles (cluster-wide objects, so never the real app role) and drops them."""
+    created: list[str] = []
+
+    def make(attributes: str) -> str:
+        name = f"doctor_probe_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {name} NOLOGIN {attributes}")
+        created.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as conn:
+        for name in reversed(created):
+            conn.execute(f"DROP ROLE {name}")
+
+
+@pytest.mark.parametrize("attribute", ["SUPERUSER", "BYPASSRLS"])
+def test_app_role_superuser_or_bypassrls_is_reported(
+    endpoints: Endpoints, probe_roles: Callable[[str], str], attribute: str
+) -> None:
+    plain = probe_roles("NOSUPERUSER NOBYPASSRLS")
+    assert _checks(endpoints, app_role=plain) == set()  # control: an ordinary role passes
+    privileged = probe_roles(attribute)
+    assert _checks(endpoints, app_role=privileged) == {("app_role", privileged)}
+
+
+def test_membership_in_a_privileged_or_owning_role_is_reported(
+    endpoints: Endpoints, pg_servers: PgServers, probe_roles: Callable[[str], str]
+) -> None:
+    member, harmless = probe_roles(""), probe_roles("")
+    with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as conn:
+        conn.execute(f"GRANT {harmless} TO {member}")
+    assert _checks(endpoints, app_role=member) == set()  # control: membership as such is fine
+    bypass = probe_roles("BYPASSRLS")
+    with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as conn:
+        conn.execute(f"GRANT {bypass} TO {harmless}")  # indirect: member -> harmless -> bypass
+        conn.execute(f"GRANT {pg_servers.roles.owner} TO {member}")
+    try:
+        assert _checks(endpoints, app_role=member) == {("app_role", bypass), ("app_role", pg_servers.roles.owner)}
+    finally:
+        with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as conn:
+            conn.execute(f"REVOKE {pg_servers.roles.owner} FROM {member}")
+
+
+def _tenant_table(name: str) -> list[str]:
+    return [
+        f"CREATE TABLE {name} (tenant_id uuid NOT NULL, id uuid NOT NULL, body text)",
+        f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY",
+        f"CREATE POLICY {POLICY_NAME} ON {name} USING ({TENANT_PREDICATE}) WITH CHECK ({TENANT_PREDICATE})",
+    ]
+
+
+def test_missing_tenant_leading_index_is_reported(endpoints: Endpoints) -> None:
+    _ddl(endpoints, *_tenant_table("notes"), "CREATE INDEX notes_body_tenant ON notes (body, tenant_id)")
+    assert _checks(endpoints) == {("tenant_index", "public.notes")}  # tenant_id second does not count
+    _ddl(endpoints, "CREATE INDEX notes_tenant_id ON notes (tenant_id, id)")
+    assert _checks(endpoints) == set()  # control: the same table with a tenant_id-leading index
+
+
+def test_foreign_key_not_leading_with_tenant_id_is_reported(endpoints: Endpoints) -> None:
+    _ddl(
+        endpoints,
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_project_ok FOREIGN KEY (tenant_id, project_id) "
+        "REFERENCES projects (tenant_id, id)",
+    )
+    assert _checks(endpoints) == set()  # control: a composite key leading with tenant_id
+    _ddl(
+        endpoints,
+        "ALTER TABLE projects ADD CONSTRAINT projects_id_tenant_key UNIQUE (id, tenant_id)",
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_project_oracle FOREIGN KEY (project_id, tenant_id) "
+        "REFERENCES projects (id, tenant_id)",
+    )
+    assert _checks(endpoints) == {("unique_oracle", "projects_id_tenant_key"), ("fk_oracle", "tasks_project_oracle")}
+
+
+@pytest.mark.parametrize(
+    "grant",
+    ["GRANT REFERENCES ON projects TO tenantctl_app", "GRANT REFERENCES (id) ON projects TO tenantctl_app"],
+    ids=["table", "column"],
+)
+def test_references_grant_is_reported(endpoints: Endpoints, grant: str) -> None:
+    _ddl(
+        endpoints,
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON projects TO tenantctl_app",
+        "GRANT SELECT (id) ON projects TO tenantctl_app",
+    )
+    assert _checks(endpoints) == set()  # control: the grants the app needs, table and column level
+    _ddl(endpoints, grant)
+    assert _checks(endpoints) == {("grant", "public.projects")}
 
 
 @pytest.fixture
