@@ -23,6 +23,7 @@ from data_plane.middleware import BodySizeLimit, RequestMetrics
 from data_plane.resources.projects.router import router as projects_router
 from data_plane.resources.tasks.router import router as tasks_router
 from data_plane.routing import EngineRegistry, RouteDirectory, SecretResolver
+from data_plane.secrets import AwsSecretsResolver
 from data_plane.settings import DataPlaneSettings
 
 
@@ -78,6 +79,8 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
     verifier = TokenVerifier(settings, audience=settings.jwt_audience, require_tenant=True)
     configure_logging(settings)
     limiter = TenantRateLimiter.from_settings(settings)
+    if resolver is None and settings.credentials_source == "aws":
+        resolver = AwsSecretsResolver()
     meter = UsageMeter(catalog_url, interval=settings.usage_flush_seconds)
 
     @asynccontextmanager

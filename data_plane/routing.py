@@ -345,11 +345,7 @@ class EngineRegistry:
                 self._silos.move_to_end(route.location_id)
                 entry.borrowed += 1
                 return entry
-            dsn = libpq(await self._resolver.dsn_for(route))
-            try:
-                pool = await self._create_pool(dsn, self._silo_pool_size)
-            except (OSError, asyncpg.PostgresError) as exc:
-                raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
+            pool = await self._open_silo_pool(route)
             entry = _SiloPool(pool=pool, last_used=time.monotonic(), borrowed=1)
             self._silos[route.location_id] = entry
             try:
@@ -360,6 +356,26 @@ class EngineRegistry:
                 entry.borrowed -= 1
                 raise
             return entry
+
+    async def _open_silo_pool(self, route: Route) -> asyncpg.Pool:
+        """A new pool for the route's location; a refused password re-reads the secret once.
+
+        Secrets rotate: a cached secret older than the rotation is refused by the
+        server, and only a fresh read of the secret can heal that.
+        """
+        for attempt in (1, 2):
+            dsn = libpq(await self._resolver.dsn_for(route))
+            try:
+                return await self._create_pool(dsn, self._silo_pool_size)
+            except asyncpg.InvalidPasswordError as exc:
+                invalidate = getattr(self._resolver, "invalidate", None)
+                if attempt == 2 or invalidate is None:
+                    raise ServiceUnavailableError("tenant database refused its credentials", retry_after=5) from exc
+                log.warning("silo refused its credentials; re-reading the secret", location=route.location_name)
+                invalidate(route)
+            except (OSError, asyncpg.PostgresError) as exc:
+                raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
+        raise AssertionError("unreachable")
 
     async def _evict_over_capacity(self) -> int:
         """Close least recently used idle engines until within the bound (caller holds the lock).

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_HS256_SECRETS = frozenset({"", "secret", "changeme", "change-me", "dev", "tenantctl"})
+
+
+CredentialsSource = Literal["catalog", "aws"]
 
 
 class Environment(StrEnum):
@@ -121,6 +124,11 @@ class DataPlaneSettings(CommonSettings):
     silo_engine_idle_seconds: float = 300.0
     max_body_bytes: int = 64 * 1024
     route_cache_ttl_seconds: float = 30.0
+    credentials_source: CredentialsSource = Field(
+        default="catalog",
+        description="How silo credentials are found: 'catalog' (the location's DSN as stored: local silos) or "
+        "'aws' (AWS Secrets Manager behind each location's secret_ref: RDS silos; needs the 'aws' extra).",
+    )
 
     # Operability (issue 8). Dicts are read from JSON, e.g.
     # TENANTCTL_RATE_LIMITS='{"free": "10/second", "enterprise": "1000/second"}'.
