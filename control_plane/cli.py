@@ -242,9 +242,11 @@ def _resolve_tenant_id(settings: ControlPlaneSettings, tenant: str) -> uuid.UUID
 
 
 # Sub-apps register last: they reuse the helpers above (importing them first would be circular).
-if __name__ == "__main__":
+if __name__ in ("__main__", "__mp_main__"):
     # `python -m control_plane.cli`: a sub-app importing control_plane.cli must get
     # this module, not a second copy whose own sub-app imports find them half-built.
+    # Multiprocessing workers (fleet migrations of `up`'s in-process jobs)
+    # re-import the main module as `__mp_main__`: the same applies there.
     sys.modules.setdefault("control_plane.cli", sys.modules[__name__])
 from control_plane.catalog.cli import tenants_app  # noqa: E402
 from control_plane.fleet.cli import migrate_app  # noqa: E402

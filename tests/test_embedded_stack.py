@@ -1,4 +1,4 @@
-"""The embedded stack: start, reuse, crash recovery, `tenantctl up` and Ctrl-C."""
+"""The embedded stack: start, reuse, crash recovery, `tenantctl up` (its in-process executor) and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import psutil
 import psycopg
 import pytest
 
+from control_plane import keys
 from control_plane.dev import EmbeddedCluster, EmbeddedStack
 from control_plane.exceptions import StackAlreadyRunningError
+from control_plane.settings import ControlPlaneSettings
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,23 @@ def test_second_holder_of_the_state_dir_is_refused(tmp_path: Path) -> None:
         pass
 
 
+def _in_process_executor_runs_an_onboarding(state: Path, admin_port: int) -> None:
+    """`up` runs a job executor in-process: a silo tenant's onboarding job finishes."""
+    token = keys.admin_token(ControlPlaneSettings(state_dir=state, environment="dev"))
+    with httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", headers={"Authorization": f"Bearer {token}"}) as admin:
+        created = admin.post("/v1/tenants", json={"slug": "bigco", "name": "Big Co", "tier": "enterprise"})
+        assert created.status_code == 201, created.text
+        assert created.json()["status"] == "provisioning"
+        job_id = created.headers["X-Tenantctl-Job"]
+        deadline = time.monotonic() + 90
+        while (job := admin.get(f"/v1/jobs/{job_id}").json())["status"] in ("pending", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", (job["step"], job["error"])
+        tenant = admin.get("/v1/tenants/bigco").json()
+    assert tenant["status"] == "active" and tenant["placement"]["kind"] == "silo"
+
+
 def test_tenantctl_up_serves_both_apis_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     state = tmp_path / "state"
     api_port, admin_port = _free_port(), _free_port()
@@ -113,6 +132,8 @@ def test_tenantctl_up_serves_both_apis_and_ctrl_c_stops_everything(tmp_path: Pat
         with psycopg.connect(document["dsn"]["pool"]["owner"]) as conn:
             assert conn.execute("SELECT version_num FROM alembic_version").fetchone() is not None
 
+        _in_process_executor_runs_an_onboarding(state, admin_port)
+
         second = subprocess.run(
             [*cmd, "--api-port", str(_free_port()), "--admin-port", str(_free_port())],
             env=env,
@@ -131,6 +152,8 @@ def test_tenantctl_up_serves_both_apis_and_ctrl_c_stops_everything(tmp_path: Pat
             proc.communicate()
     assert "admin token" in output
     assert proc.returncode == 0, output
-    assert _postgres_processes(state.resolve() / "pg" / "main") == []
-    assert _postgres_processes(state.resolve() / "pg" / "silos") == []
+    for cluster in ("main", "silos"):
+        # pg_ctl -w returns once the pid file is gone; the postmaster exits a moment later.
+        _, alive = psutil.wait_procs(_postgres_processes(state.resolve() / "pg" / cluster), timeout=10)
+        assert alive == [], cluster
     assert not (state / "stack.json").exists()
