@@ -260,10 +260,13 @@ async def list_jobs(
     kind: str | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 50,
+    cursor: str | None = None,
 ) -> dict[str, Any]:
-    """Most recent jobs first."""
-    records = await service.list_jobs(session=session, tenant_id=tenant_id, kind=kind, status=status, limit=limit)
-    return {"data": [job_json(job) for job in records], "next_cursor": None}
+    """Most recent jobs first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    records, next_cursor = await service.list_jobs(
+        session=session, tenant_id=tenant_id, kind=kind, status=status, limit=limit, cursor=cursor
+    )
+    return {"data": [job_json(job) for job in records], "next_cursor": next_cursor}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])

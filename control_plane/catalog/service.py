@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.lifecycle import Action, Status, check_editable, next_status
-from control_plane.catalog.models import audit_log, locations, tenants
+from control_plane.catalog.models import audit_log, jobs, locations, tenants
 from control_plane.exceptions import VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
@@ -432,6 +432,12 @@ async def get_job(*, session: AsyncSession, job_id: uuid.UUID) -> JobRecord:
         return await jobs_mod.get_job(session, job_id)
 
 
+def encode_job_cursor(job: JobRecord) -> str:
+    """The position after ``job`` in the newest-first job list (same format as tenant cursors)."""
+    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 async def list_jobs(
     *,
     session: AsyncSession,
@@ -439,11 +445,29 @@ async def list_jobs(
     kind: str | None = None,
     status: str | None = None,
     limit: int = 50,
-) -> list[JobRecord]:
+    cursor: str | None = None,
+) -> tuple[list[JobRecord], str | None]:
+    """One page, newest first, ordered by (created_at, id) descending; ``next_cursor`` is None on the last page.
+
+    Keyset pagination: a job created while an operator pages through the list
+    appears on no page rather than shifting every later page by one.
+    """
+    limit = max(1, min(limit, MAX_PAGE))
+    query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+    if tenant_id is not None:
+        query = query.where(jobs.c.tenant_id == tenant_id)
+    if kind is not None:
+        query = query.where(jobs.c.kind == kind)
+    if status is not None:
+        query = query.where(jobs.c.status == status)
+    if cursor is not None:
+        before_at, before_id = decode_cursor(cursor)
+        query = query.where(sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(before_at, before_id))
     async with session.begin():
-        return await jobs_mod.list_jobs(
-            session, tenant_id=tenant_id, kind=kind, status=status, limit=max(1, min(limit, MAX_PAGE))
-        )
+        rows = (await session.execute(query)).all()
+    records = [JobRecord.from_row(row) for row in rows[:limit]]
+    next_cursor = encode_job_cursor(records[-1]) if len(rows) > limit else None
+    return records, next_cursor
 
 
 async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID, actor: str) -> JobRecord:

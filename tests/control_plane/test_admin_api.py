@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
@@ -409,3 +410,57 @@ async def test_admin_requests_carry_a_request_id_in_headers_and_logs(
     assert access[generated]["route"] == "/v1/tenants/{tenant}" and access[generated]["status"] == 404
     assert "x\nforged" not in access
     assert "Bearer" not in stream.getvalue()
+
+
+async def test_jobs_list_filters_and_keyset_cursor_pagination(admin: httpx.AsyncClient, endpoints: Endpoints) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    tenant_ids = [(await create(admin, f"j{i:02d}")).json()["id"] for i in range(5)]
+    offboardings = [(await admin.delete(f"/v1/tenants/{t}")).json()["job"]["id"] for t in tenant_ids]
+    with psycopg.connect(libpq(endpoints.catalog_url)) as conn:
+        # Two jobs with the same created_at: the id breaks the tie, no page loses or repeats one.
+        tied = [
+            str(row[0])
+            for row in conn.execute(
+                "INSERT INTO jobs (id, kind, tenant_id, status, created_by, created_at) "
+                "SELECT gen_random_uuid(), 'promotion', NULL, 'failed', 'test', '2026-01-01T00:00:00Z' "
+                "FROM generate_series(1, 2) RETURNING id"
+            ).fetchall()
+        ]
+    expected = {*offboardings, *tied}
+
+    async def pages(params: dict[str, str | int], *, between: Any = None) -> list[list[dict[str, Any]]]:
+        result, cursor = [], None
+        while True:
+            response = await admin.get("/v1/jobs", params={**params, **({"cursor": cursor} if cursor else {})})
+            assert response.status_code == 200, response.text
+            result.append(response.json()["data"])
+            cursor = response.json()["next_cursor"]
+            if cursor is None:
+                return result
+            if between is not None:
+                await between()
+                between = None
+
+    async def a_new_job_arrives() -> None:
+        await admin.delete(f"/v1/tenants/{(await create(admin, 'late')).json()['id']}")
+
+    paged = await pages({"limit": 3}, between=a_new_job_arrives)
+    assert [len(page) for page in paged] == [3, 3, 1]
+    seen = [job["id"] for page in paged for job in page]
+    assert len(seen) == len(set(seen)) and set(seen) == expected  # the late job shifted nothing
+    created = [job["created_at"] for page in paged for job in page]
+    assert created == sorted(created, reverse=True)  # newest first
+    assert seen[-2:] == sorted(tied, reverse=True)
+
+    assert len(await pages({"limit": 200})) == 1
+    mine = (await admin.get("/v1/jobs", params={"tenant_id": tenant_ids[2]})).json()
+    assert [job["id"] for job in mine["data"]] == [offboardings[2]] and mine["next_cursor"] is None
+    failed = (await admin.get("/v1/jobs", params={"status": "failed", "kind": "promotion"})).json()["data"]
+    assert {job["id"] for job in failed} == set(tied)
+    assert (await admin.get("/v1/jobs", params={"kind": "offboarding", "status": "failed"})).json()["data"] == []
+    assert (await admin.get("/v1/jobs", params={"status": "weird"})).status_code == 422
+    assert (await admin.get("/v1/jobs", params={"cursor": "!!"})).status_code == 422
+    assert (await admin.get("/v1/jobs", params={"limit": 0})).status_code == 422
