@@ -178,7 +178,12 @@ async def update_tenant(
     response: Response,
     if_match: Annotated[str | None, Header(alias="If-Match")] = None,
 ) -> Any:
-    """Change name and/or tier. With ``If-Match`` or ``version``: 409 ``version_conflict`` when stale."""
+    """Change name and/or tier. With ``If-Match`` or ``version``: 409 ``version_conflict`` when stale.
+
+    A PATCH restating the current values answers the tenant as it is: no version
+    bump and no audit entry -- the audit log records changes of state, and this
+    one changed nothing (a stale version is still refused).
+    """
     header_version = _parse_if_match(if_match)
     if header_version is not None and body.version is not None and header_version != body.version:
         raise InvalidInputError("If-Match and version disagree")

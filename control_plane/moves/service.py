@@ -49,9 +49,8 @@ async def start_move(
         )
         if not locked.scalar_one():
             raise MigrationInProgressError(FLEET_RUNNING_MESSAGE)
-        view = await service.transition(
-            session, tenant_id=current.id, action=Action.START_MOVE, actor=actor, detail={"to": to, "mode": mode}
-        )
+        # The job first, so the audit entry of the transition can name it (the
+        # log is append-only: it cannot be added afterwards). One transaction.
         job = await jobs_mod.create_job(
             session,
             enqueuer=enqueuer,
@@ -59,5 +58,12 @@ async def start_move(
             tenant_id=current.id,
             actor=actor,
             params={"previous_status": current.status, "mode": mode},
+        )
+        view = await service.transition(
+            session,
+            tenant_id=current.id,
+            action=Action.START_MOVE,
+            actor=actor,
+            detail={"placement": to, "mode": mode, "job_id": str(job.id), "kind": kind.name},
         )
         return view, job

@@ -464,3 +464,100 @@ async def test_jobs_list_filters_and_keyset_cursor_pagination(admin: httpx.Async
     assert (await admin.get("/v1/jobs", params={"status": "weird"})).status_code == 422
     assert (await admin.get("/v1/jobs", params={"cursor": "!!"})).status_code == 422
     assert (await admin.get("/v1/jobs", params={"limit": 0})).status_code == 422
+
+
+def _audit_details(catalog_url: str, tenant_id: str, action: str) -> list[tuple[str, dict[str, Any]]]:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    with psycopg.connect(libpq(catalog_url)) as conn:
+        rows = conn.execute(
+            "SELECT actor, detail FROM audit_log WHERE tenant_id = %s AND action = %s ORDER BY id", (tenant_id, action)
+        ).fetchall()
+    return [(str(actor), dict(detail)) for actor, detail in rows]
+
+
+async def test_promote_and_demote_are_audited_with_their_job(admin: httpx.AsyncClient, endpoints: Endpoints) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    pool_tenant = (await create(admin, "grows")).json()["id"]
+    promoted = await admin.post(f"/v1/tenants/{pool_tenant}/promote", json={"mode": "offline"})
+    assert promoted.status_code == 202, promoted.text
+    job = promoted.json()["job"]
+    assert _audit_details(endpoints.catalog_url, pool_tenant, "tenant.start_move") == [
+        (
+            "alice",
+            {
+                "from": "active",
+                "to": "moving",
+                "placement": "silo",
+                "mode": "offline",
+                "job_id": job["id"],
+                "kind": "promotion",
+            },
+        )
+    ]
+
+    # An active silo tenant (recorded directly: no executor runs in this test).
+    with psycopg.connect(libpq(endpoints.catalog_url)) as conn:
+        silo_tenant = str(
+            conn.execute(
+                "WITH l AS (INSERT INTO locations (name, kind, provider, dsn) "
+                "VALUES ('silo-shrinks', 'silo', 'local', 'postgresql://x@127.0.0.1:1/x') RETURNING id) "
+                "INSERT INTO tenants (slug, name, tier, status, placement, location_id) "
+                "SELECT 'shrinks', 'Shrinks', 'enterprise', 'active', 'silo', id FROM l RETURNING id"
+            ).fetchone()[0]  # type: ignore[index]
+        )
+    demoted = await admin.post(f"/v1/tenants/{silo_tenant}/demote")
+    assert demoted.status_code == 202, demoted.text
+    details = _audit_details(endpoints.catalog_url, silo_tenant, "tenant.start_move")
+    assert [(actor, d["job_id"], d["kind"], d["placement"]) for actor, d in details] == [
+        ("alice", demoted.json()["job"]["id"], "demotion", "pool")
+    ]
+    # Control: a refused move (already in the pool) writes nothing.
+    assert (await admin.post(f"/v1/tenants/{silo_tenant}/promote")).status_code == 409
+    assert len(_audit_details(endpoints.catalog_url, silo_tenant, "tenant.start_move")) == 1
+
+
+async def test_a_patch_that_changes_nothing_is_not_audited_and_keeps_the_version(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    """Documented choice (PATCH /v1/tenants/{id}): the audit log records changes of state;
+    a PATCH restating the current values changes nothing, so it bumps no version and
+    writes no entry (a stale If-Match is still refused)."""
+    created = (await create(admin, "steady")).json()
+    same = await admin.patch(f"/v1/tenants/{created['id']}", json={"name": created["name"], "tier": created["tier"]})
+    assert same.status_code == 200 and same.json()["version"] == created["version"]
+    assert ("alice", "tenant.update") not in audit_entries(endpoints.catalog_url, created["id"])
+    stale = await admin.patch(
+        f"/v1/tenants/{created['id']}", json={"name": created["name"], "version": created["version"] + 1}
+    )
+    assert stale.status_code == 409
+    # Control: a real change is audited.
+    assert (await admin.patch(f"/v1/tenants/{created['id']}", json={"name": "Moved On"})).status_code == 200
+    assert audit_entries(endpoints.catalog_url, created["id"])[-1] == ("alice", "tenant.update")
+
+
+def test_the_database_refuses_to_rewrite_or_erase_the_audit_log(endpoints: Endpoints) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    # As the owner role, which owns the table: only the trigger stands in the way.
+    with psycopg.connect(libpq(endpoints.catalog_url), autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO audit_log (actor, action, detail) VALUES ('test', 'probe', '{}') RETURNING id"
+        ).fetchone()
+        assert row is not None  # control: appending works
+        for statement in (
+            "UPDATE audit_log SET actor = 'forged' WHERE id = %s",
+            "DELETE FROM audit_log WHERE id = %s",
+        ):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(statement, (row[0],))
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("TRUNCATE audit_log")
+        assert conn.execute("SELECT actor FROM audit_log WHERE id = %s", (row[0],)).fetchone() == ("test",)
