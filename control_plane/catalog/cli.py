@@ -5,26 +5,38 @@ published in ``<state_dir>/stack.json``, or ``TENANTCTL_ADMIN_URL``) with a
 dev admin token minted from the state directory's key -- so every change
 goes through the same validation, state machine, idempotency and audit as an
 API call (the audit actor is ``tenantctl-cli``). Human tables by default;
-``--json`` prints one JSON document.
+``--json`` prints one JSON document -- on failure too: then it is
+``{"error": {"code": ..., "message": ...}}`` (the admin API's code when it
+refused) and the exit code is 1.
+
+``create`` sends an ``Idempotency-Key`` derived from what it creates (slug,
+name, tier) unless ``--idempotency-key`` names one: re-running the same
+command after a timeout or a crash replays the first answer (the same tenant,
+the same onboarding job) instead of failing with "slug taken".
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import sys
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from control_plane import keys
 from control_plane.dev import StackInfo
 from control_plane.settings import ControlPlaneSettings
+from data_plane.exceptions import TenantctlError
+from data_plane.settings import describe_invalid
 
 tenants_app: typer.Typer = typer.Typer(help="Manage tenants through the admin API.", no_args_is_help=True)
 
@@ -40,7 +52,10 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document 
 
 
 def load_settings(state_dir: Path | None) -> ControlPlaneSettings:
-    return ControlPlaneSettings() if state_dir is None else ControlPlaneSettings(state_dir=state_dir)
+    try:
+        return ControlPlaneSettings() if state_dir is None else ControlPlaneSettings(state_dir=state_dir)
+    except ValidationError as exc:
+        raise CliFailure(f"invalid configuration: {describe_invalid(exc)}", code="invalid_configuration") from None
 
 
 def print_json(document: Any) -> None:
@@ -52,9 +67,40 @@ TenantArg = Annotated[str, typer.Argument(help="Tenant slug or id.")]
 WaitFlag = Annotated[bool, typer.Option("--wait", help="Wait until the job finishes.")]
 
 
-def _fail(message: str) -> typer.Exit:
+class CliFailure(Exception):
+    """A command failed for a reason it can state (raised inside :func:`_reported`)."""
+
+    def __init__(self, message: str, *, code: str = "error") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _fail(message: str, code: str = "error") -> CliFailure:
+    return CliFailure(message, code=code)
+
+
+@contextlib.contextmanager
+def _reported(as_json: bool) -> Iterator[None]:
+    """A failure: one line on stderr, with ``--json`` the error document on stdout, exit 1."""
+    try:
+        yield
+    except CliFailure as exc:
+        raise _exit(exc.code, exc.message, as_json) from None
+    except TenantctlError as exc:  # e.g. dev tokens refused in production
+        raise _exit(exc.code, exc.message, as_json) from None
+
+
+def _exit(code: str, message: str, as_json: bool) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
+    if as_json:
+        print_json({"error": {"code": code, "message": message}})
     return typer.Exit(1)
+
+
+def create_idempotency_key(slug: str, name: str, tier: str) -> str:
+    """The same tenant requested again gets the same key (so the same answer)."""
+    digest = hashlib.sha256(json.dumps([slug, name, tier]).encode()).hexdigest()
+    return f"tenantctl-cli-create-{digest[:40]}"
 
 
 def _admin_url(settings: ControlPlaneSettings) -> str:
@@ -64,7 +110,8 @@ def _admin_url(settings: ControlPlaneSettings) -> str:
     if info is None:
         raise _fail(
             f"no tenantctl stack is running from {settings.state_dir.resolve()}; "
-            "start one with `tenantctl up`, or set TENANTCTL_ADMIN_URL"
+            "start one with `tenantctl up`, or set TENANTCTL_ADMIN_URL",
+            "no_stack",
         )
     return info.admin_url
 
@@ -79,7 +126,7 @@ def _send(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
     try:
         return client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach the admin API at {client.base_url}: {exc}") from None
+        raise _fail(f"cannot reach the admin API at {client.base_url}: {exc}", "admin_api_unreachable") from None
 
 
 def _checked(response: httpx.Response) -> Any:
@@ -87,9 +134,10 @@ def _checked(response: httpx.Response) -> Any:
         try:
             error = response.json()["error"]
             message = f"{error['message']} ({error['code']}, HTTP {response.status_code})"
+            code = str(error["code"])
         except (ValueError, KeyError, TypeError):
-            message = f"HTTP {response.status_code}"
-        raise _fail(message)
+            message, code = f"HTTP {response.status_code}", "http_error"
+        raise _fail(message, code)
     return response.json()
 
 
@@ -155,7 +203,7 @@ def list_tenants(
     """List tenants (every page)."""
     params = {k: v for k, v in (("status", status), ("tier", tier), ("placement", placement)) if v}
     tenants: list[dict[str, Any]] = []
-    with _client(state_dir) as client:
+    with _reported(as_json), _client(state_dir) as client:
         cursor: str | None = None
         while True:
             page = _call(
@@ -177,7 +225,7 @@ def list_tenants(
 @tenants_app.command("show")
 def show(tenant: TenantArg, state_dir: StateDir = None, as_json: JsonFlag = False) -> None:
     """Show one tenant."""
-    with _client(state_dir) as client:
+    with _reported(as_json), _client(state_dir) as client:
         document = _call(client, "GET", f"/v1/tenants/{tenant}")
     if as_json:
         print_json(document)
@@ -191,25 +239,28 @@ def create(
     name: Annotated[str | None, typer.Option(help="Display name (default: the slug).")] = None,
     tier: Annotated[str, typer.Option(help="Tier; the placement policy maps it to pool or silo.")] = "free",
     wait: WaitFlag = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="Key of this request (default: derived from slug, name and tier)."),
+    ] = None,
     state_dir: StateDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Onboard a tenant (a silo tenant's onboarding job runs in the background; --wait waits)."""
-    with _client(state_dir) as client:
-        response = _send(
-            client,
-            "POST",
-            "/v1/tenants",
-            json={"slug": slug, "name": name or slug, "tier": tier},
-            headers={"Idempotency-Key": str(uuid.uuid4())},
-        )
+    """Onboard a tenant (a silo tenant's onboarding job runs in the background; --wait waits).
+
+    Safe to re-run: the same command replays the first answer (see the module doc).
+    """
+    body = {"slug": slug, "name": name or slug, "tier": tier}
+    key = idempotency_key or create_idempotency_key(body["slug"], body["name"], body["tier"])
+    with _reported(as_json), _client(state_dir) as client:
+        response = _send(client, "POST", "/v1/tenants", json=body, headers={"Idempotency-Key": key})
         document = _checked(response)
         job_id = response.headers.get("X-Tenantctl-Job")
         if wait and job_id:
             job = _wait(client, _call(client, "GET", f"/v1/jobs/{job_id}"))
             document = _call(client, "GET", f"/v1/tenants/{document['id']}")
             if job["status"] != "succeeded":
-                raise _fail(f"onboarding job {job_id} {job['status']}: {job['error'] or ''}")
+                raise _fail(f"onboarding job {job_id} {job['status']}: {job['error'] or ''}", "job_failed")
     if as_json:
         print_json({**document, **({"job_id": job_id} if job_id else {})})
     else:
@@ -219,7 +270,7 @@ def create(
 
 
 def _transition(verb: str, tenant: str, state_dir: Any, as_json: bool) -> None:
-    with _client(state_dir) as client:
+    with _reported(as_json), _client(state_dir) as client:
         document = _call(client, "POST", f"/v1/tenants/{tenant}/{verb}")
     if as_json:
         print_json(document)
@@ -250,7 +301,7 @@ def offboard(
     """Export the tenant's rows, delete them (or drop its silo), then tombstone it."""
     if not yes and not typer.confirm(f"offboard {tenant}? its data will be exported, then deleted"):
         raise typer.Exit(1)
-    with _client(state_dir) as client:
+    with _reported(as_json), _client(state_dir) as client:
         job = _call(client, "DELETE", f"/v1/tenants/{tenant}")["job"]
         if wait:
             job = _wait(client, job)
@@ -258,13 +309,14 @@ def offboard(
 
 
 def _move(verb: str, tenant: str, body: dict[str, Any], wait: bool, state_dir: Any, as_json: bool) -> None:
-    with _client(state_dir) as client:
+    with _reported(as_json), _client(state_dir) as client:
         response = _send(client, "POST", f"/v1/tenants/{tenant}/{verb}", json=body)
         if response.status_code in (404, 405):
             # Tell "no such tenant" apart from "this server has no such verb yet".
             _call(client, "GET", f"/v1/tenants/{tenant}")
             if f"/v1/tenants/{{tenant}}/{verb}" not in _call(client, "GET", "/openapi.json")["paths"]:
-                raise _fail(f"`{verb}` is not available yet on this control plane (it arrives with moves)")
+                message = f"`{verb}` is not available yet on this control plane (it arrives with moves)"
+                raise _fail(message, "unsupported")
         job = _checked(response)["job"]
         if wait:
             job = _wait(client, job)

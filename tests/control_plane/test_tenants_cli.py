@@ -86,3 +86,48 @@ def test_tenants_cli_round_trip(admin_url: str, wf_settings: ControlPlaneSetting
     job = doc(run("offboard", slug, "--yes", "--wait", "--json"))["job"]
     assert job["status"] == "succeeded"
     assert doc(run("show", slug, "--json"))["status"] == "deleted"
+
+
+def test_create_is_idempotent_across_reruns_and_failures_print_a_json_error(
+    admin_url: str, wf_settings: ControlPlaneSettings, tmp_path: Any
+) -> None:
+    runner = CliRunner()
+    env = {
+        "TENANTCTL_ADMIN_URL": admin_url,
+        "TENANTCTL_STATE_DIR": str(wf_settings.state_dir),
+        "TENANTCTL_ENVIRONMENT": "test",
+    }
+
+    def invoke(*args: str, environment: dict[str, str] = env) -> tuple[int, Any]:
+        result = runner.invoke(cli_app, ["tenants", *args], env=environment)
+        text = result.stdout
+        start = text.index("{") if text.startswith("{") else text.index("\n{") + 1
+        return result.exit_code, json.JSONDecoder().raw_decode(text[start:])[0]
+
+    slug = f"rerun-{uuid.uuid4().hex[:8]}"
+    code, first = invoke("create", slug, "--tier", "enterprise", "--json")
+    assert code == 0 and first["status"] == "provisioning" and first["job_id"]
+    # The operator's terminal died; the same command again is the same request.
+    code, again = invoke("create", slug, "--tier", "enterprise", "--json")
+    assert code == 0, again
+    assert (again["id"], again["job_id"]) == (first["id"], first["job_id"])
+    code, listed = invoke("list", "--json")
+    assert [t["slug"] for t in listed["data"]].count(slug) == 1
+
+    # Control: a different request under the same slug is still refused, as JSON.
+    code, other = invoke("create", slug, "--name", "Someone Else", "--json")
+    assert code == 1 and other["error"]["code"] == "slug_taken"
+    # An explicit key: re-runs replay; reused for another request, the API's 422, as JSON.
+    key = f"key-{slug}"
+    code, keyed = invoke("create", f"{slug}-k", "--idempotency-key", key, "--json")
+    assert code == 0 and keyed["status"] == "active"
+    code, replayed = invoke("create", f"{slug}-k", "--idempotency-key", key, "--json")
+    assert code == 0 and replayed["id"] == keyed["id"]
+    code, clash = invoke("create", f"{slug}-k2", "--idempotency-key", key, "--json")
+    assert code == 1 and clash["error"]["code"] == "idempotency_key_reused"
+
+    code, missing = invoke("show", "no-such-tenant", "--json")
+    assert code == 1 and missing["error"]["code"] == "not_found"
+    no_stack = {"TENANTCTL_STATE_DIR": str(tmp_path / "nothing"), "TENANTCTL_ENVIRONMENT": "test"}
+    code, unreachable = invoke("list", "--json", environment=no_stack)
+    assert code == 1 and unreachable["error"]["code"] == "no_stack"
