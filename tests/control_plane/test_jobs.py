@@ -24,7 +24,7 @@ from control_plane.stack import Endpoints
 from control_plane.workflows import export
 from data_plane.dsn import libpq
 from tests.control_plane.conftest import audit_entries, ownership
-from tests.harness import POOL_TEMPLATE, PgServers, fresh_database, owner_dsn
+from tests.harness import POOL_TEMPLATE, SILO_TEMPLATE, PgServers, fresh_database, owner_dsn
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,9 @@ def test_import_refuses_a_tampered_export(tmp_path: Path) -> None:
         export.import_tenant("postgresql://unused@/x", directory)
 
 
-async def test_onboarding_and_offboarding_a_silo_tenant(wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints) -> None:
+async def test_onboarding_and_offboarding_a_silo_tenant(
+    wf_admin: httpx.AsyncClient, wf_settings: ControlPlaneSettings, wf_endpoints: Endpoints, pg_servers: PgServers
+) -> None:
     created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Big", "tier": "enterprise"})
     assert created.status_code == 201, created.text
     tenant = created.json()
@@ -155,6 +157,9 @@ async def test_onboarding_and_offboarding_a_silo_tenant(wf_admin: httpx.AsyncCli
     assert route == ("active", "silo")
     assert ownership(silo_dsn, tenant["id"]) == ("active", 1)
     assert schema.current_revision(silo_dsn) == schema.current_revision(wf_endpoints.pool_url)
+    seed(silo_dsn, tenant["id"], projects=2, tasks_per_project=3)
+    before = snapshot(silo_dsn, tenant["id"])
+    revision = schema.current_revision(silo_dsn)
 
     gone = await wf_admin.delete(f"/v1/tenants/{tenant['id']}")
     job = await wait_job(wf_admin, gone.json()["job"]["id"])
@@ -164,6 +169,17 @@ async def test_onboarding_and_offboarding_a_silo_tenant(wf_admin: httpx.AsyncCli
         assert conn.execute("SELECT status FROM locations WHERE name = %s", (location,)).fetchone() == ("deleted",)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(libpq(silo_dsn)).close()
+
+    # The silo is gone, its rows are not: the export is complete and re-importable.
+    directory = export.export_dir_for(wf_settings.export_dir, uuid.UUID(tenant["id"]))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["format"] == "tenantctl-export/1"
+    assert [(t["name"], t["rows"]) for t in manifest["tables"]] == [("projects", 2), ("tasks", 6)]
+    assert manifest["schema_revision"] == revision
+    with fresh_database(pg_servers.silo_admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_import") as db:
+        target = owner_dsn(pg_servers.silo_admin, db, pg_servers.roles)
+        assert export.import_tenant(target, directory) == {"projects": 2, "tasks": 6}
+        assert snapshot(target, tenant["id"]) == before
 
 
 async def test_a_finished_job_cannot_be_cancelled_and_unknown_jobs_are_404(wf_admin: httpx.AsyncClient) -> None:
