@@ -109,6 +109,10 @@ class RouteDirectory:
         self._listening = asyncio.Event()
         # Bumped by every invalidation; see lookup().
         self._generation = 0
+        # Requests holding for a tenant's route to change (a fenced tenant):
+        # woken by its invalidation, so the flip's NOTIFY ends their wait.
+        self._changes: dict[uuid.UUID, asyncio.Event] = {}
+        self._reads: dict[tuple[uuid.UUID, int], asyncio.Future[asyncpg.Record | None]] = {}
         self.hits = 0
         self.refreshes = 0
         self.invalidations = 0
@@ -138,8 +142,22 @@ class RouteDirectory:
         self._generation += 1
         if tenant_id is None:
             self._cache.clear()
+            changed, self._changes = list(self._changes.values()), {}
         else:
             self._cache.pop(tenant_id, None)
+            event = self._changes.pop(tenant_id, None)
+            changed = [] if event is None else [event]
+        for event in changed:
+            event.set()
+
+    async def wait_for_change(self, tenant_id: uuid.UUID, *, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the tenant's route to be invalidated; True if it was."""
+        event = self._changes.setdefault(tenant_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def lookup(self, tenant_id: uuid.UUID, *, fresh: bool = False) -> Route:
         """The tenant's route (any status); TenantUnknownError if the catalog has none."""
@@ -149,7 +167,7 @@ class RouteDirectory:
             return cached.route
         for _ in range(LOOKUP_READS):
             generation = self._generation
-            record = await self._read(tenant_id)
+            record = await self._shared_read(tenant_id, generation, join=not fresh)
             if generation == self._generation:
                 break
             # A NOTIFY arrived while the catalog was being read: what we read
@@ -161,6 +179,26 @@ class RouteDirectory:
         if generation == self._generation:
             self._cache[tenant_id] = _Cached(route=route, loaded_at=time.monotonic())
         return route
+
+    async def _shared_read(self, tenant_id: uuid.UUID, generation: int, *, join: bool) -> asyncpg.Record | None:
+        """One catalog read shared by the cache misses of a tenant within one generation.
+
+        After a route flip every request held for that tenant misses at once;
+        without sharing each would read the catalog (a burst of identical
+        queries queued on a small pool, lengthening the move's write pause).
+        A read begun in the current generation is as fresh as a miss needs:
+        any invalidation since would have bumped the generation. A ``fresh``
+        lookup never joins (it wants a read that starts after it asked), but
+        later misses may join its read.
+        """
+        key = (tenant_id, generation)
+        task = self._reads.get(key) if join else None
+        if task is None:
+            task = asyncio.ensure_future(self._read(tenant_id))
+            self._reads[key] = task
+            task.add_done_callback(lambda done: self._reads.pop(key, None) if self._reads.get(key) is done else None)
+        # Shielded: a cancelled request must not cancel the read others wait on.
+        return await asyncio.shield(task)
 
     async def _read(self, tenant_id: uuid.UUID) -> asyncpg.Record | None:
         assert self._pool is not None, "RouteDirectory.start() was not awaited"

@@ -28,7 +28,6 @@ a retry: at that point nothing has run, so a write is never applied twice.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
@@ -50,6 +49,7 @@ NOT_SERVED_HERE = "TC001"
 FENCED = "TC002"
 STALE_EPOCH = "TC003"
 FENCE_HOLD_SECONDS = 2.0
+FENCE_POLL_MAX_SECONDS = 0.05
 
 current_tenant: ContextVar[uuid.UUID | None] = ContextVar("current_tenant", default=None)
 
@@ -161,8 +161,17 @@ class TenantContext:
                 elif state == FENCED:
                     if time.monotonic() + delay > deadline:
                         raise TenantFencedError("tenant is being moved", retry_after=1) from exc
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.2)
+                    # The cutover ends with the route's flip, whose NOTIFY wakes
+                    # this wait at once; the poll is the fallback (no NOTIFY for
+                    # an aborted move: the source is simply unfenced).
+                    await self.directory.wait_for_change(self.tenant_id, seconds=delay)
+                    delay = min(delay * 2, FENCE_POLL_MAX_SECONDS)
+                    # The cached route is as fresh as the last NOTIFY: if the
+                    # flip invalidated it, this reads the catalog (one read
+                    # shared by every held request); if not, the source still
+                    # owns the tenant, or answers "moved" (then a fresh read).
+                    self.route = (await self.directory.lookup(self.tenant_id)).require_servable()
+                    continue
                 else:
                     raise
                 self.route = (await self.directory.lookup(self.tenant_id, fresh=True)).require_servable()

@@ -274,6 +274,12 @@ def fence_source(
         try:
             with connect(plan.source.owner_dsn) as src:
                 src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
+                # The marker's commit must reach the WAL on disk now, and with it
+                # every write before it: a logical walsender only sends flushed
+                # WAL, and under synchronous_commit=off the WAL writer flushes
+                # every wal_writer_delay -- measured as 0.4 s of final catch-up
+                # spent with the tenant fenced. 'local': no wait for standbys.
+                src.execute("SELECT set_config('synchronous_commit', 'local', true)")
                 src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, marker or plan.move_id))
             return
         except psycopg.errors.LockNotAvailable:

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from control_plane.exceptions import VerificationError
 from control_plane.moves import engine
-from control_plane.moves.engine import MovePlan, Side
+from control_plane.moves.engine import MovePlan
 from control_plane.moves.tables import tenant_tables
 
 CHANGES = '"tenantctl"."move_changes"'
@@ -149,17 +149,17 @@ def _checksums(conn: psycopg.Connection[Any], tables: list[str], tenant_id: uuid
     return result
 
 
-def _keys(side: Side, move_id: uuid.UUID) -> dict[str, set[str]]:
-    with engine.connect(side.owner_dsn, autocommit=True) as conn:
-        rows = conn.execute(f"SELECT tbl, pk::text FROM {CHANGES} WHERE move_id = %s", (move_id,)).fetchall()
+def _keys(conn: psycopg.Connection[Any], move_id: uuid.UUID) -> dict[str, set[str]]:
+    rows = conn.execute(f"SELECT tbl, pk::text FROM {CHANGES} WHERE move_id = %s", (move_id,)).fetchall()
     keys: dict[str, set[str]] = {}
     for table, pk in rows:
         keys.setdefault(str(table), set()).add(str(pk))
     return keys
 
 
-def _checksum_of_keys(conn: psycopg.Connection[Any], table: str, keys: set[str]) -> Checksum:
-    columns = _pk(conn, table)
+def _checksum_of_keys(
+    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
+) -> Checksum:
     pick = sql.SQL(", ").join(
         sql.SQL("(k ->> {name})::{type} AS {alias}").format(
             name=sql.Literal(name), type=sql.SQL(kind), alias=sql.Identifier(f"k{i}")
@@ -177,6 +177,23 @@ def _checksum_of_keys(conn: psycopg.Connection[Any], table: str, keys: set[str])
     row = conn.execute(statement, (json.dumps([json.loads(k) for k in keys]),)).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def _side_delta(
+    snapshot: psycopg.Connection[Any],
+    now: psycopg.Connection[Any],
+    pks: dict[str, list[tuple[str, str]]],
+    keys: dict[str, set[str]],
+) -> dict[str, tuple[Checksum, Checksum]]:
+    """Per table: (checksum of the keys' rows in the pinned snapshot, and in the final state)."""
+    return {
+        table: (
+            _checksum_of_keys(snapshot, table, pks[table], table_keys),
+            _checksum_of_keys(now, table, pks[table], table_keys),
+        )
+        for table, table_keys in keys.items()
+        if table_keys
+    }
 
 
 def _remove(total: Checksum, part: Checksum) -> Checksum:
@@ -216,40 +233,49 @@ def verify_incremental(
                 bulk_source, bulk_target = s_future.result(), t_future.result()
             timings["bulk_seconds"] = time.monotonic() - start
             timings["rows"] = {table: count for table, (count, _) in bulk_source.items()}
-            engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
-            fenced = time.monotonic()  # the write pause starts here, drain included
-            engine.fence_source(plan, drain_timeout=drain_timeout)
-            drained = time.monotonic()
-            timings["drain_seconds"] = drained - fenced
-            engine.final_catch_up(plan)
-            timings["final_catch_up_seconds"] = time.monotonic() - drained
-            delta_start = time.monotonic()
-            source_keys, target_keys = _keys(plan.source, plan.move_id), _keys(plan.target, plan.move_id)
-            mismatches: dict[str, Any] = {}
+            pks = {table: _pk(source_snapshot, table) for table in tables}
+            # Everything the fenced part needs is opened now, outside the pause:
+            # a new connection costs a backend start, several milliseconds each.
             with (
                 engine.connect(plan.source.owner_dsn) as source_now,
                 engine.connect(plan.target.owner_dsn) as target_now,
+                ThreadPoolExecutor(max_workers=2) as pool,
             ):
                 engine._privileged(source_now)
                 engine._privileged(target_now)
-                for table in tables:
-                    keys = source_keys.get(table, set()) | target_keys.get(table, set())
-                    stable_source, stable_target = bulk_source[table], bulk_target[table]
-                    final_source = final_target = (0, 0)
-                    if keys:
-                        stable_source = _remove(stable_source, _checksum_of_keys(source_snapshot, table, keys))
-                        stable_target = _remove(stable_target, _checksum_of_keys(target_snapshot, table, keys))
-                        final_source = _checksum_of_keys(source_now, table, keys)
-                        final_target = _checksum_of_keys(target_now, table, keys)
-                    if stable_source != stable_target or final_source != final_target:
-                        mismatches[table] = {
-                            "unchanged_rows": {"source": stable_source, "target": stable_target},
-                            "changed_rows": {"source": final_source, "target": final_target, "keys": len(keys)},
-                        }
+                engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
+                fenced = time.monotonic()  # the write pause starts here, drain included
+                engine.fence_source(plan, drain_timeout=drain_timeout)
+                drained = time.monotonic()
+                timings["drain_seconds"] = drained - fenced
+                engine.final_catch_up(plan)
+                timings["final_catch_up_seconds"] = time.monotonic() - drained
+                delta_start = time.monotonic()
+                # READ COMMITTED statements: each sees every change committed before the fence.
+                source_keys, target_keys = _keys(source_now, plan.move_id), _keys(target_now, plan.move_id)
+                keys = {table: source_keys.get(table, set()) | target_keys.get(table, set()) for table in tables}
+                # Source and target are checked side by side, each on its own connections.
+                s_delta = pool.submit(_side_delta, source_snapshot, source_now, pks, keys)
+                t_delta = pool.submit(_side_delta, target_snapshot, target_now, pks, keys)
+                source_delta, target_delta = s_delta.result(), t_delta.result()
                 source_now.rollback()
                 target_now.rollback()
+            mismatches: dict[str, Any] = {}
+            for table in tables:
+                stable_source, stable_target = bulk_source[table], bulk_target[table]
+                final_source = final_target = (0, 0)
+                if table in source_delta:
+                    before_source, final_source = source_delta[table]
+                    before_target, final_target = target_delta[table]
+                    stable_source = _remove(stable_source, before_source)
+                    stable_target = _remove(stable_target, before_target)
+                if stable_source != stable_target or final_source != final_target:
+                    mismatches[table] = {
+                        "unchanged_rows": {"source": stable_source, "target": stable_target},
+                        "changed_rows": {"source": final_source, "target": final_target, "keys": len(keys[table])},
+                    }
             timings["delta_seconds"] = time.monotonic() - delta_start
-            timings["changed_keys"] = sum(len(k) for k in source_keys.values())
+            timings["changed_keys"] = sum(len(k) for k in keys.values())
             timings["fenced_at"] = fenced
     if mismatches:
         raise VerificationError(f"verification failed: {mismatches}")

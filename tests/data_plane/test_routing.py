@@ -166,6 +166,43 @@ async def test_fenced_tenant_is_held_briefly_then_503(client: httpx.AsyncClient,
     assert held_request.status_code == 200
 
 
+async def test_requests_held_by_a_fence_follow_the_flip_with_one_catalog_read(
+    world: World, dp_settings: DataPlaneSettings, pg_servers: PgServers
+) -> None:
+    """A fence holds A's requests; the flip's NOTIFY sends them all to the new location.
+
+    The source stays *fenced* (never retired) throughout, so a 200 can only come
+    from the silo the route now names; the burst of held requests costs one
+    shared catalog read, not one each.
+    """
+    a = world["A"]
+    app = create_app(dp_settings)
+    async for client in asgi_client(app):
+        assert (await client.get("/v1/me", headers=a.headers)).json()["placement"]["kind"] == "pool"  # cached
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))
+        held = [asyncio.create_task(client.get("/v1/projects", headers=a.headers)) for _ in range(8)]
+        await asyncio.sleep(0.1)  # all of them are now waiting on the fence
+        assert not any(task.done() for task in held)
+        _move_to_silo_silently(world, pg_servers, "A", "S")
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:  # undo the retire: still only fenced
+            pool.execute("UPDATE tenantctl.tenant_ownership SET state = 'fenced' WHERE tenant_id = %s", (a.id,))
+        routes = app.state.routes
+        reads_before = routes.refreshes
+        with psycopg.connect(libpq(world.endpoints.catalog_url), autocommit=True) as cat:
+            cat.execute("SELECT pg_notify('tenant_routes', %s)", (str(a.id),))
+        responses = await asyncio.gather(*held)
+        for response in responses:
+            assert response.status_code == 200, response.text
+            assert [p["name"] for p in response.json()["data"]] == [f"{a.canary}-project"]
+            for canary in world.foreign_canaries("A"):
+                assert canary not in response.text
+        assert routes.refreshes - reads_before == 1
+        assert (await client.get("/v1/me", headers=a.headers)).json()["placement"]["kind"] == "silo"
+        # Control: B, in the same pool, was never held.
+        assert (await client.get("/v1/projects", headers=world["B"].headers)).status_code == 200
+
+
 def _catalog_admin(world: World, servers: PgServers) -> str:
     """A superuser DSN of the catalog database (not subject to its connection limit)."""
     return libpq(with_database(servers.main_admin, database_of(world.endpoints.catalog_url)))
