@@ -87,9 +87,7 @@ def _run(binary: str, args: list[str], *, user: str | None, timeout: float = 60)
     # Temporary files rather than pipes: pg_ctl's daemonised postmaster keeps
     # inherited pipes open and a PIPE reader would hang (pgserver notes the same).
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.STDOUT, text=True, user=user, timeout=timeout
-        )
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, user=user, timeout=timeout)
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:

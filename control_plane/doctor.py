@@ -24,8 +24,10 @@ from typing import Any
 
 import psycopg
 
+from control_plane.fleet.models import Target
 from control_plane.fleet.targets import load_targets
 from data_plane.dsn import libpq, redact
+from data_plane.secrets import SecretUnavailableError
 
 FIXED_MINORS = {15: 9, 16: 5, 17: 1}  # plan reuse across roles (CVE-2024-10976)
 INTERNAL_SCHEMAS = ("pg_catalog", "information_schema", "tenantctl")
@@ -217,11 +219,18 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
     return report
 
 
+def _audit_target(target: Target, *, app_role: str) -> TargetReport:
+    try:
+        dsn = target.connect_dsn()
+    except SecretUnavailableError as exc:
+        report = TargetReport(name=target.name, kind=target.kind, dsn=redact(target.dsn))
+        report.findings.append(Finding("reachable", target.name, f"credentials unavailable: {exc}"))
+        return report
+    return audit_database(name=target.name, kind=target.kind, dsn=dsn, app_role=app_role)
+
+
 def run_doctor(*, catalog_dsn: str, pool_dsn: str, app_role: str) -> dict[str, Any]:
     """Audit the pool and every ready silo; return the JSON-able report."""
-    reports = [
-        audit_database(name=t.name, kind=t.kind, dsn=t.dsn, app_role=app_role)
-        for t in load_targets(catalog_dsn, pool_dsn)
-    ]
+    reports = [_audit_target(t, app_role=app_role) for t in load_targets(catalog_dsn, pool_dsn)]
     findings = sum(len(r.findings) for r in reports)
     return {"ok": findings == 0, "findings": findings, "targets": [asdict(r) for r in reports]}

@@ -36,9 +36,7 @@ class Endpoints:
 
 
 def roles_of(settings: ControlPlaneSettings) -> bootstrap.Roles:
-    return bootstrap.Roles(
-        owner=settings.owner_role, app=settings.app_role, replication=settings.replication_role
-    )
+    return bootstrap.Roles(owner=settings.owner_role, app=settings.app_role, replication=settings.replication_role)
 
 
 def embedded_endpoints(stack: EmbeddedStack, roles: bootstrap.Roles) -> Endpoints:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psycopg
 from fastapi import FastAPI
 
 from control_plane import bootstrap, schema
 from control_plane.dev import EmbeddedStack
 from control_plane.stack import Endpoints
-from data_plane.dsn import with_database, with_user
+from data_plane.dsn import libpq, with_database, with_user
 
 CATALOG_TEMPLATE = "tenantctl_catalog_tpl"
 POOL_TEMPLATE = "tenantctl_pool_tpl"
@@ -147,3 +148,36 @@ async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             yield client
+
+
+@contextlib.contextmanager
+def scram_role(admin: str, role: str, password: str, *, member_of: str | None = None) -> Iterator[None]:
+    """A LOGIN role that must authenticate with its password, on a server that trusts everyone else.
+
+    The embedded servers trust local connections; a ``scram-sha-256`` line for
+    this one role goes to the top of ``pg_hba.conf`` (removed afterwards), so
+    a wrong or missing password is refused for real.
+    """
+    from psycopg import sql
+
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        statement = sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)
+        )
+        if member_of is not None:
+            statement = sql.SQL("{} IN ROLE {}").format(statement, sql.Identifier(member_of))
+        conn.execute(statement)
+        row = conn.execute("SHOW hba_file").fetchone()
+        assert row is not None
+        hba = Path(str(row[0]))
+        original = hba.read_text()
+        hba.write_text(f"local all {role} scram-sha-256\n{original}")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            hba.write_text(original)
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -25,8 +25,18 @@ class Target:
 
     name: str
     kind: TargetKind
-    dsn: str
+    dsn: str  # never with a password read from a secret store (it is printed, redacted)
     tenant: str | None = None  # slug of the silo's tenant, when it has one
+    secret_ref: str | None = None  # secret holding the owner's password (RDS silos)
+
+    def connect_dsn(self) -> str:
+        """``dsn`` with the owner's password from ``secret_ref`` (read now, cached per process)."""
+        if self.secret_ref is None:
+            return self.dsn
+        from control_plane.provisioning.credentials import default_store
+        from data_plane.secrets import dsn_with_secret
+
+        return dsn_with_secret(self.dsn, default_store().get(self.secret_ref))
 
 
 @dataclass(frozen=True)

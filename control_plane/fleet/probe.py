@@ -18,6 +18,7 @@ from psycopg import errors
 
 from control_plane.fleet.models import Target
 from data_plane.dsn import libpq
+from data_plane.secrets import SecretUnavailableError
 
 APPLICATION_NAME = "tenantctl migrate status"
 CONNECT_TIMEOUT_S = 5
@@ -59,8 +60,8 @@ def read_revision(dsn: str) -> str | None:
 def _probe(target: Target) -> Probe:
     started = time.monotonic()
     try:
-        revision = read_revision(target.dsn)
-    except psycopg.Error as exc:
+        revision = read_revision(target.connect_dsn())
+    except (psycopg.Error, SecretUnavailableError) as exc:
         return Probe(revision=None, duration_s=time.monotonic() - started, error=_one_line(exc))
     return Probe(revision=revision, duration_s=time.monotonic() - started)
 

@@ -265,7 +265,7 @@ def _plan(run: _Run, probes: dict[str, Probe]) -> list[tuple[Target, Job]]:
             continue
         job = Job(
             target=target.name,
-            dsn=target.dsn,
+            dsn=target.connect_dsn(),  # the probe just read the same secret: cached
             action=opts.action,
             destination=destination,
             app_role=opts.app_role,

@@ -25,7 +25,8 @@ ALL = "all"
 
 _SILOS = """
 SELECT l.name, l.dsn,
-       coalesce((SELECT min(t.slug) FROM tenants t WHERE t.location_id = l.id AND t.status <> 'deleted'), o.slug)
+       coalesce((SELECT min(t.slug) FROM tenants t WHERE t.location_id = l.id AND t.status <> 'deleted'), o.slug),
+       l.detail ->> 'master_secret_arn'
   FROM locations l LEFT JOIN tenants o ON o.id = l.tenant_id
  WHERE l.kind = 'silo' AND l.dsn IS NOT NULL
    AND (l.status = 'ready' OR (l.status = 'provisioning' AND o.status = 'provisioning'))
@@ -33,7 +34,7 @@ SELECT l.name, l.dsn,
 """
 
 _TENANT_LOCATION = """
-SELECT l.kind, l.name, l.dsn, l.status
+SELECT l.kind, l.name, l.dsn, l.status, l.detail ->> 'master_secret_arn'
   FROM tenants t LEFT JOIN locations l ON l.id = t.location_id
  WHERE t.slug = %s
 """
@@ -54,16 +55,19 @@ def load_targets(catalog_dsn: str, pool_dsn: str, selector: str = ALL) -> list[T
     with psycopg.connect(libpq(catalog_dsn), autocommit=True) as conn:
         if selector == ALL:
             rows = conn.execute(_SILOS).fetchall()
-            silos = [Target(name=str(n), kind="silo", dsn=str(d), tenant=t and str(t)) for n, d, t in rows]
+            silos = [
+                Target(name=str(n), kind="silo", dsn=str(d), tenant=t and str(t), secret_ref=ref)
+                for n, d, t, ref in rows
+            ]
             return [pool_target(pool_dsn), *silos]
         row = conn.execute(_TENANT_LOCATION, (selector,)).fetchone()
     if row is None:
         raise NotFoundError(f"no tenant with slug {selector!r} (--target takes pool, all or a tenant slug)")
-    kind, name, dsn, status = row
+    kind, name, dsn, status, ref = row
     if kind == "pool":
         return [pool_target(pool_dsn)]
     if kind != "silo" or not dsn or status != "ready":
         raise InvalidInputError(
             f"tenant {selector!r} has no ready database location (location {name!r}, status {status!r})"
         )
-    return [Target(name=str(name), kind="silo", dsn=str(dsn), tenant=selector)]
+    return [Target(name=str(name), kind="silo", dsn=str(dsn), tenant=selector, secret_ref=ref)]

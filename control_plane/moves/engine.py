@@ -49,13 +49,40 @@ DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Side:
-    """One database of a move."""
+    """One database of a move.
+
+    Its DSNs carry no password: a plan is checkpointed in the workflow's step
+    outputs, which must never hold credentials. A side whose credentials sit in
+    a secret store (RDS silos) names the secrets; :meth:`owner`, :meth:`admin`
+    and :meth:`replication` read them at connect time.
+    """
 
     kind: str  # 'pool' | 'silo'
     location_id: str
     owner_dsn: str
     admin_dsn: str
     replication_conninfo: str  # how the other server reaches this database as the replication role
+    owner_secret: str | None = None  # secret holding the owner's (RDS master's) password
+    replication_secret: str | None = None  # secret holding the replication role's password
+
+    def owner(self) -> str:
+        return _with_secret(self.owner_dsn, self.owner_secret)
+
+    def admin(self) -> str:
+        # Managed silos have no superuser: there the admin is the owner (master).
+        return _with_secret(self.admin_dsn, self.owner_secret if self.admin_dsn == self.owner_dsn else None)
+
+    def replication(self) -> str:
+        return _with_secret(self.replication_conninfo, self.replication_secret)
+
+
+def _with_secret(dsn: str, ref: str | None) -> str:
+    if ref is None:
+        return dsn
+    from control_plane.provisioning.credentials import default_store
+    from data_plane.secrets import dsn_with_secret
+
+    return dsn_with_secret(dsn, default_store().get(ref))
 
 
 @dataclass(frozen=True)
@@ -127,11 +154,11 @@ def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
     Refuses when the target already serves the tenant: that database is
     authoritative and must never be emptied by a move.
     """
-    with connect(plan.target.owner_dsn) as conn:
+    with connect(plan.target.owner()) as conn:
         owned = _ownership(conn, plan.tenant_id)
     if owned is not None and owned[0] in ("active", "fenced"):
         raise MoveError(f"the target already serves tenant {plan.tenant_id} ({owned[0]}); refusing to overwrite it")
-    return _delete_tenant_rows(plan.target.owner_dsn, plan.tenant_id, batch=batch)
+    return _delete_tenant_rows(plan.target.owner(), plan.tenant_id, batch=batch)
 
 
 # -- logical replication ------------------------------------------------------------------
@@ -141,7 +168,7 @@ def start_replication(plan: MovePlan) -> None:
     """Publication (row-filtered to the tenant) on the source, subscription on the target."""
     name = sql.Identifier(plan.name)
     tenant = sql.Literal(str(plan.tenant_id))
-    with connect(plan.source.owner_dsn, autocommit=True) as src:
+    with connect(plan.source.owner(), autocommit=True) as src:
         tables = tenant_tables(src)
         exists = src.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (plan.name,)).fetchone()
         if not exists:
@@ -152,18 +179,18 @@ def start_replication(plan: MovePlan) -> None:
                 for table in [*tables, MARKERS]
             ]
             src.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(name, sql.SQL(", ").join(members)))
-    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+    with connect(plan.target.admin(), autocommit=True) as dst:
         if dst.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone():
             return
     # A slot left by a crash between "slot created" and "subscription created"
     # would make CREATE SUBSCRIPTION fail; nothing consumes it, so drop it.
-    _drop_slot(plan.source.admin_dsn, plan.name)
-    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+    _drop_slot(plan.source.admin(), plan.name)
+    with connect(plan.target.admin(), autocommit=True) as dst:
         dst.execute(
             sql.SQL(
                 "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
                 "WITH (copy_data = true, create_slot = true, slot_name = {}, streaming = on)"
-            ).format(name, sql.Literal(plan.source.replication_conninfo), name, sql.Literal(plan.name))
+            ).format(name, sql.Literal(plan.source.replication()), name, sql.Literal(plan.name))
         )
 
 
@@ -179,7 +206,7 @@ def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
 def wait_initial_sync(plan: MovePlan, *, timeout: float = 600.0) -> None:
     """Wait until every table of the subscription finished its initial copy."""
     deadline = time.monotonic() + timeout
-    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+    with connect(plan.target.admin(), autocommit=True) as dst:
         while True:
             row = dst.execute(
                 "SELECT count(*), count(*) FILTER (WHERE r.srsubstate <> 'r') FROM pg_subscription_rel r "
@@ -198,7 +225,7 @@ def wait_initial_sync(plan: MovePlan, *, timeout: float = 600.0) -> None:
 
 def replication_lag(plan: MovePlan) -> int | None:
     """Bytes of source WAL the subscription has not confirmed (None: no slot)."""
-    with connect(plan.source.admin_dsn, autocommit=True) as src:
+    with connect(plan.source.admin(), autocommit=True) as src:
         row = src.execute(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
             "FROM pg_replication_slots WHERE slot_name = %s",
@@ -272,7 +299,7 @@ def fence_source(
     """
     for attempt in range(attempts):
         try:
-            with connect(plan.source.owner_dsn) as src:
+            with connect(plan.source.owner()) as src:
                 src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
                 # The marker's commit must reach the WAL on disk now, and with it
                 # every write before it: a logical walsender only sends flushed
@@ -283,7 +310,7 @@ def fence_source(
                 src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, marker or plan.move_id))
             return
         except psycopg.errors.LockNotAvailable:
-            with connect(plan.source.admin_dsn, autocommit=True) as admin:
+            with connect(plan.source.admin(), autocommit=True) as admin:
                 killed = admin.execute(
                     "SELECT pg_terminate_backend(h) FROM tenantctl.tenant_lock_holders(%s) AS h", (plan.tenant_id,)
                 ).fetchall()
@@ -295,7 +322,7 @@ def fence_source(
 
 def unfence_source(plan: MovePlan) -> None:
     """Give the tenant back to the source (abort before the flip)."""
-    with connect(plan.source.owner_dsn) as src:
+    with connect(plan.source.owner()) as src:
         owned = _ownership(src, plan.tenant_id)
         if owned is not None and owned[0] == "fenced":
             src.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.epoch))
@@ -304,7 +331,7 @@ def unfence_source(plan: MovePlan) -> None:
 def final_catch_up(plan: MovePlan, *, timeout: float = 30.0, marker: uuid.UUID | None = None) -> float:
     """Wait for the fence's marker on the target; return the seconds waited."""
     start = time.monotonic()
-    with connect(plan.target.owner_dsn, autocommit=True) as dst:
+    with connect(plan.target.owner(), autocommit=True) as dst:
         while True:
             if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (marker or plan.move_id,)).fetchone():
                 return time.monotonic() - start
@@ -343,8 +370,8 @@ def table_checksums(dsn: str, tenant_id: uuid.UUID) -> dict[str, tuple[int, str]
 def verify(plan: MovePlan) -> dict[str, Any]:
     """Compare both sides from independent privileged connections; raise on any difference."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        source_future = pool.submit(table_checksums, plan.source.owner_dsn, plan.tenant_id)
-        target_future = pool.submit(table_checksums, plan.target.owner_dsn, plan.tenant_id)
+        source_future = pool.submit(table_checksums, plan.source.owner(), plan.tenant_id)
+        target_future = pool.submit(table_checksums, plan.target.owner(), plan.tenant_id)
         source, target = source_future.result(), target_future.result()
     mismatches = {
         table: {"source": source.get(table), "target": target.get(table)}
@@ -371,7 +398,7 @@ def _columns(conn: psycopg.Connection[Any], table: str) -> sql.Composable:
 def copy_offline(plan: MovePlan) -> dict[str, int]:
     """Stream binary COPY per table, parents first (source fenced; target empty)."""
     copied: dict[str, int] = {}
-    with connect(plan.source.owner_dsn) as src, connect(plan.target.owner_dsn) as dst:
+    with connect(plan.source.owner()) as src, connect(plan.target.owner()) as dst:
         tables = tenant_tables(src)
         _privileged(src)
         _privileged(dst)
@@ -395,14 +422,14 @@ def copy_offline(plan: MovePlan) -> dict[str, int]:
 
 def activate_target(plan: MovePlan) -> None:
     """The target starts serving the tenant at the new epoch (before the route flips)."""
-    with connect(plan.target.owner_dsn) as dst:
+    with connect(plan.target.owner()) as dst:
         dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
         dst.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.new_epoch))
 
 
 def retire_source(plan: MovePlan) -> None:
     """The source answers "moved" from now on, so a stale router follows the new route."""
-    with connect(plan.source.owner_dsn) as src:
+    with connect(plan.source.owner()) as src:
         src.execute(
             "SELECT tenantctl.claim_tenant(%s, %s, 'moved')",
             (plan.tenant_id, plan.epoch),
@@ -433,7 +460,7 @@ def stop_replication(plan: MovePlan) -> None:
     from control_plane.moves.verify import drop_tracking  # verify builds on this module
 
     drop_tracking(plan)
-    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+    with connect(plan.target.admin(), autocommit=True) as dst:
         row = dst.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
         if row is not None:
             subid = int(row[0])
@@ -442,21 +469,21 @@ def stop_replication(plan: MovePlan) -> None:
             # otherwise fail outright when the source is unreachable.
             dst.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sql.Identifier(plan.name)))
             dst.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(plan.name)))
-            _drop_slot(plan.source.admin_dsn, f"pg\\_{subid}\\_sync\\_%", like=True)
-    _drop_slot(plan.source.admin_dsn, plan.name)
-    with connect(plan.source.owner_dsn, autocommit=True) as src:
+            _drop_slot(plan.source.admin(), f"pg\\_{subid}\\_sync\\_%", like=True)
+    _drop_slot(plan.source.admin(), plan.name)
+    with connect(plan.source.owner(), autocommit=True) as src:
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(plan.name)))
 
 
 def replication_objects(plan: MovePlan) -> dict[str, int]:
     """How many publications, subscriptions and slots of this move exist (tests, doctor)."""
-    with connect(plan.source.admin_dsn, autocommit=True) as src:
+    with connect(plan.source.admin(), autocommit=True) as src:
         publications = src.execute("SELECT count(*) FROM pg_publication WHERE pubname = %s", (plan.name,)).fetchone()
         slots = src.execute(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s OR slot_name LIKE 'pg\\_%%\\_sync\\_%%'",
             (plan.name,),
         ).fetchone()
-    with connect(plan.target.admin_dsn, autocommit=True) as dst:
+    with connect(plan.target.admin(), autocommit=True) as dst:
         subscriptions = dst.execute("SELECT count(*) FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
     assert publications and slots and subscriptions
     return {"publications": publications[0], "subscriptions": subscriptions[0], "slots": slots[0]}
@@ -469,7 +496,7 @@ def require_retired(side: Side, tenant_id: uuid.UUID) -> None:
     promotion, deprovisioning the silo after a demotion: a database that still
     serves (or is fenced for) the tenant may be authoritative.
     """
-    with connect(side.owner_dsn) as conn:
+    with connect(side.owner()) as conn:
         owned = _ownership(conn, tenant_id)
     if owned is None or owned[0] != "moved":
         state = "no ownership record" if owned is None else owned[0]
@@ -479,22 +506,22 @@ def require_retired(side: Side, tenant_id: uuid.UUID) -> None:
 def cleanup_source(plan: MovePlan, *, batch: int = 5000) -> int:
     """Delete the tenant's rows from the retired source: the only destructive step."""
     require_retired(plan.source, plan.tenant_id)
-    return _delete_tenant_rows(plan.source.owner_dsn, plan.tenant_id, batch=batch)
+    return _delete_tenant_rows(plan.source.owner(), plan.tenant_id, batch=batch)
 
 
 def abort(plan: MovePlan) -> None:
     """Undo a move before its flip: source authoritative and untouched, target emptied."""
-    with connect(plan.target.owner_dsn) as dst:
+    with connect(plan.target.owner()) as dst:
         owned = _ownership(dst, plan.tenant_id)
     if owned is not None and owned[0] == "active":
         raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
     if plan.mode == "online":
         stop_replication(plan)  # also drops the change-tracking triggers
     unfence_source(plan)
-    with connect(plan.source.owner_dsn) as src:
+    with connect(plan.source.owner()) as src:
         src.execute(f"DELETE FROM {MARKERS} WHERE marker = %s", (plan.move_id,))
-    _delete_tenant_rows(plan.target.owner_dsn, plan.tenant_id, batch=5000)
-    with connect(plan.target.owner_dsn) as dst:
+    _delete_tenant_rows(plan.target.owner(), plan.tenant_id, batch=5000)
+    with connect(plan.target.owner()) as dst:
         dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
 
 

@@ -63,7 +63,7 @@ def _pk(conn: psycopg.Connection[Any], table: str) -> list[tuple[str, str]]:
 def install_tracking(plan: MovePlan, *, lock_timeout: float = 2.0, attempts: int = 5) -> None:
     """Create the change-recording triggers on both sides (idempotent)."""
     for side, always in ((plan.source, False), (plan.target, True)):
-        with engine.connect(side.owner_dsn, autocommit=True) as conn:
+        with engine.connect(side.owner(), autocommit=True) as conn:
             for table in tenant_tables(conn):
                 columns = [c for c, _ in _pk(conn, table)]
                 args = sql.SQL(", ").join(sql.Literal(a) for a in [str(plan.move_id), *columns])
@@ -112,7 +112,7 @@ def _with_lock_retries(
 
 def drop_tracking(plan: MovePlan) -> None:
     for side in (plan.source, plan.target):
-        with engine.connect(side.owner_dsn, autocommit=True) as conn:
+        with engine.connect(side.owner(), autocommit=True) as conn:
             for table in tenant_tables(conn):
                 for op in ("i", "u", "d"):
                     statement = sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(
@@ -221,10 +221,10 @@ def verify_incremental(
     baseline_marker = uuid.uuid4()
     engine.fence_source(plan, drain_timeout=drain_timeout, marker=baseline_marker)
     timings: dict[str, Any] = {}
-    with pinned_snapshot(plan.source.owner_dsn) as source_snapshot:
+    with pinned_snapshot(plan.source.owner()) as source_snapshot:
         engine.unfence_source(plan)
         engine.final_catch_up(plan, marker=baseline_marker)
-        with pinned_snapshot(plan.target.owner_dsn) as target_snapshot:
+        with pinned_snapshot(plan.target.owner()) as target_snapshot:
             tables = tenant_tables(source_snapshot)
             start = time.monotonic()
             with ThreadPoolExecutor(max_workers=2) as pool:
@@ -237,8 +237,8 @@ def verify_incremental(
             # Everything the fenced part needs is opened now, outside the pause:
             # a new connection costs a backend start, several milliseconds each.
             with (
-                engine.connect(plan.source.owner_dsn) as source_now,
-                engine.connect(plan.target.owner_dsn) as target_now,
+                engine.connect(plan.source.owner()) as source_now,
+                engine.connect(plan.target.owner()) as target_now,
                 ThreadPoolExecutor(max_workers=2) as pool,
             ):
                 engine._privileged(source_now)

@@ -59,26 +59,41 @@ def owner_dsn(location: Location, *, store: SecretStore | None = None) -> str:
     dsn = _field(location, "dsn")
     if not dsn:
         raise ProvisioningError(f"location {_field(location, 'name')!r} has no owner DSN")
-    ref = _detail(location).get(MASTER_SECRET)
+    ref = master_secret_ref(location)
     if not ref:
         return str(dsn)
-    return dsn_with_secret(str(dsn), (store or default_store()).get(str(ref)))
+    return dsn_with_secret(str(dsn), (store or default_store()).get(ref))
 
 
 def replication_conninfo(location: Location, *, role: str, store: SecretStore | None = None) -> str:
     """How another server reaches this silo as the replication role (a subscription's CONNECTION)."""
+    conninfo = replication_conninfo_without_password(location, role=role)
+    ref = replication_secret_ref(location)
+    if ref:
+        conninfo = dsn_with_secret(conninfo, (store or default_store()).get(ref))
+    return conninfo
+
+
+def replication_conninfo_without_password(location: Location, *, role: str) -> str:
+    """:func:`replication_conninfo` before its password is added (what a checkpointed plan may hold)."""
     dsn = _field(location, "dsn")
     if not dsn:
         raise ProvisioningError(f"location {_field(location, 'name')!r} has no owner DSN")
     conninfo = with_user(str(dsn), role)
-    detail = _detail(location)
-    ref = detail.get(REPLICATION_SECRET)
-    if ref:
-        conninfo = dsn_with_secret(conninfo, (store or default_store()).get(str(ref)))
-    bypass = detail.get("rls_bypass")
+    bypass = _detail(location).get("rls_bypass")
     if isinstance(bypass, Mapping) and bypass.get("replication") is False:
         conninfo = _with_row_security_off(conninfo)
     return conninfo
+
+
+def master_secret_ref(location: Location) -> str | None:
+    ref = _detail(location).get(MASTER_SECRET)
+    return str(ref) if ref else None
+
+
+def replication_secret_ref(location: Location) -> str | None:
+    ref = _detail(location).get(REPLICATION_SECRET)
+    return str(ref) if ref else None
 
 
 def _with_row_security_off(dsn: str) -> str:

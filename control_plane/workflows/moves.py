@@ -62,7 +62,7 @@ from control_plane.fleet.scripts import ScriptInfo
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
 from control_plane.moves.verify import verify_incremental
-from control_plane.provisioning import location_for_cleanup
+from control_plane.provisioning import credentials, location_for_cleanup
 from control_plane.provisioning.base import SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.workflows import runtime
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
@@ -115,7 +115,11 @@ def _silo_side(location: dict[str, Any]) -> Side:
         location_id=str(location["id"]),
         owner_dsn=owner,
         admin_dsn=admin,
-        replication_conninfo=replication_conninfo(owner, ctx.settings.replication_role),
+        replication_conninfo=credentials.replication_conninfo_without_password(
+            location, role=ctx.settings.replication_role
+        ),
+        owner_secret=credentials.master_secret_ref(location),
+        replication_secret=credentials.replication_secret_ref(location),
     )
 
 
@@ -264,7 +268,7 @@ async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     revision = await asyncio.to_thread(pool_revision, ctx.endpoints.pool_url)
     result = await asyncio.to_thread(
         migrate_target_to,
-        outputs["provision"]["dsn"],
+        await asyncio.to_thread(credentials.owner_dsn, outputs["provision"]),
         revision,
         app_role=ctx.settings.app_role,
         replication_role=ctx.settings.replication_role,
@@ -299,7 +303,7 @@ async def migrate_source(job: dict[str, Any], outputs: dict[str, Any]) -> dict[s
     """
     ctx = runtime.current()
     row = await _tenant_row(await job_tenant(job))
-    silo_dsn = str(row.dsn)
+    silo_dsn = await asyncio.to_thread(credentials.owner_dsn, {"dsn": row.dsn, "name": row.name, "detail": row.detail})
     target = await asyncio.to_thread(pool_revision, ctx.endpoints.pool_url)
     source = await asyncio.to_thread(read_revision, silo_dsn)
     check_upgradable(await asyncio.to_thread(ScriptInfo.load), source=source, target=target)

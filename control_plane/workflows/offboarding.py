@@ -32,6 +32,7 @@ from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations, tenants
 from control_plane.fleet.runner import pool_revision
+from control_plane.provisioning import credentials
 from control_plane.provisioning.base import SiloLocation
 from control_plane.workflows import export, runtime, stores
 from control_plane.workflows.kinds import OFFBOARDING
@@ -71,12 +72,19 @@ async def _store(tenant_id: uuid.UUID) -> dict[str, Any]:
     return {**base, "kind": "silo", "dsn": row.dsn, "location": location}
 
 
+async def _owner(store: dict[str, Any]) -> str:
+    """The store's owner DSN, with the silo's master password read now (steps record none)."""
+    if store["kind"] == "silo":
+        return await asyncio.to_thread(credentials.owner_dsn, store["location"])
+    return str(store["dsn"])
+
+
 @DBOS.step(name="tenantctl.offboarding.fence")
 async def fence(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     tenant_id = await job_tenant(job)
     store = await _store(tenant_id)
     if store["dsn"] is not None:
-        await stores.fence_tenant(store["dsn"], tenant_id)
+        await stores.fence_tenant(await _owner(store), tenant_id)
     return store
 
 
@@ -88,9 +96,10 @@ async def export_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
     base = ctx.settings.export_dir
     if store["dsn"] is None:
         return {"path": None, "rows": 0}
-    revision = await asyncio.to_thread(pool_revision, store["dsn"])
+    owner = await _owner(store)
+    revision = await asyncio.to_thread(pool_revision, owner)
     manifest = await asyncio.to_thread(
-        export.export_tenant, store["dsn"], tenant_id, base, slug=store["slug"], schema_revision=revision
+        export.export_tenant, owner, tenant_id, base, slug=store["slug"], schema_revision=revision
     )
     rows = sum(int(table["rows"]) for table in manifest["tables"])
     await report_progress(job["id"], KIND, "export", 1.0, {"rows": rows, "tables": len(manifest["tables"])})
@@ -183,9 +192,9 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     if (
         store is not None
         and store["dsn"] is not None
-        and await stores.ownership_state(store["dsn"], tenant_id) == "fenced"
+        and await stores.ownership_state(await _owner(store), tenant_id) == "fenced"
     ):
-        await stores.claim_tenant(store["dsn"], tenant_id, store["route_epoch"], "active")
+        await stores.claim_tenant(await _owner(store), tenant_id, store["route_epoch"], "active")
     shutil.rmtree(export.export_dir_for(ctx.settings.export_dir, tenant_id), ignore_errors=True)
     async with ctx.sessions().begin() as session:
         current = await service.resolve_tenant(session, tenant_id, lock=True)

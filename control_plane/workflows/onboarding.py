@@ -32,6 +32,7 @@ from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations
 from control_plane.exceptions import OperationLockedError
 from control_plane.fleet.runner import migrate_new_silo
+from control_plane.provisioning import credentials
 from control_plane.provisioning.base import SiloLocation, SiloSpec
 from control_plane.workflows import runtime, stores
 from control_plane.workflows.kinds import ONBOARDING
@@ -118,7 +119,7 @@ async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
         with attempt:
             result = await asyncio.to_thread(
                 migrate_new_silo,
-                loc["dsn"],
+                await asyncio.to_thread(credentials.owner_dsn, loc),
                 ctx.endpoints.pool_url,
                 catalog_dsn=ctx.endpoints.catalog_url,
                 app_role=ctx.settings.app_role,
@@ -133,7 +134,8 @@ async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
 @DBOS.step(name="tenantctl.onboarding.claim")
 async def claim(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     loc = outputs["provision"]
-    await stores.claim_tenant(loc["dsn"], await job_tenant(job), int(loc["route_epoch"]))
+    owner = await asyncio.to_thread(credentials.owner_dsn, loc)
+    await stores.claim_tenant(owner, await job_tenant(job), int(loc["route_epoch"]))
 
 
 @DBOS.step(name="tenantctl.onboarding.activate")

@@ -1,8 +1,7 @@
 """Silo credentials behind a ``secret_ref`` (production RDS silos), end to end through the tenant API.
 
 The embedded servers trust local connections, so the test makes one role on
-the silo server authenticate for real: a ``scram-sha-256`` line for it goes to
-the top of ``pg_hba.conf`` (and is removed afterwards). The secret comes from the
+the silo server authenticate for real (``tests.harness.scram_role``). The secret comes from the
 real ``AwsSecretsManagerStore`` over botocore's Stubber (canned Secrets Manager
 responses, no AWS), with its TTL cache: so a rotated password is exactly the
 case where the cached secret is stale and the server refuses it.
@@ -14,7 +13,6 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -24,7 +22,7 @@ from data_plane.dsn import libpq, with_database, with_user
 from data_plane.secrets import AwsSecretsResolver
 from data_plane.settings import DataPlaneSettings
 from tests.data_plane.conftest import TenantFixture, World, add_silo_tenant
-from tests.harness import SILO_TEMPLATE, PgServers, asgi_client, fresh_database
+from tests.harness import SILO_TEMPLATE, PgServers, asgi_client, fresh_database, scram_role
 from tests.provisioning.test_secrets import Aws, aws, store_for
 
 __all__ = ["aws"]  # the stubbed Secrets Manager fixture, shared with the provisioning tests
@@ -49,31 +47,18 @@ def secret_silo(world: World, pg_servers: PgServers) -> Iterator[SecretSilo]:
         pytest.skip("needs the embedded silo server, whose pg_hba.conf this test edits")
     admin = pg_servers.silo_admin
     role = f"tc_rot_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq(admin), autocommit=True) as conn:
-        conn.execute(
-            psycopg.sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS IN ROLE {} PASSWORD 'initial'").format(
-                psycopg.sql.Identifier(role), psycopg.sql.Identifier(pg_servers.roles.app)
+    with (
+        scram_role(admin, role, "initial", member_of=pg_servers.roles.app),
+        fresh_database(admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo") as db,
+    ):
+        tenant = add_silo_tenant(world, "V", db, pg_servers)
+        ref = f"arn:aws:secretsmanager:eu-west-1:000000000000:secret:tenantctl/silos/{tenant.slug}/app-Ab12Cd"
+        with world.catalog() as cat:
+            cat.execute(
+                "UPDATE locations SET app_dsn = %s, secret_ref = %s WHERE tenant_id = %s",
+                (with_user(with_database(admin, db), role), ref, tenant.id),
             )
-        )
-        hba = Path(str(conn.execute("SHOW hba_file").fetchone()[0]))  # type: ignore[index]
-        original = hba.read_text()
-        hba.write_text(f"local all {role} scram-sha-256\n{original}")
-        conn.execute("SELECT pg_reload_conf()")
-    try:
-        with fresh_database(admin, pg_servers.roles, template=SILO_TEMPLATE, prefix="t_silo") as db:
-            tenant = add_silo_tenant(world, "V", db, pg_servers)
-            ref = f"arn:aws:secretsmanager:eu-west-1:000000000000:secret:tenantctl/silos/{tenant.slug}/app-Ab12Cd"
-            with world.catalog() as cat:
-                cat.execute(
-                    "UPDATE locations SET app_dsn = %s, secret_ref = %s WHERE tenant_id = %s",
-                    (with_user(with_database(admin, db), role), ref, tenant.id),
-                )
-            yield SecretSilo(tenant=tenant, role=role, ref=ref)
-    finally:
-        with psycopg.connect(libpq(admin), autocommit=True) as conn:
-            hba.write_text(original)
-            conn.execute("SELECT pg_reload_conf()")
-            conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(role)))
+        yield SecretSilo(tenant=tenant, role=role, ref=ref)
 
 
 def _secret(role: str, password: str) -> str:
