@@ -99,7 +99,8 @@ def run() -> dict[str, Any]:
         "p99_delta_ms": round(p99_delta, 3),
         "goals": {"throughput_ratio_min": 0.85, "p99_delta_ms_max": 1.0},
         "goals_met": ratio >= 0.85 and p99_delta <= 1.0,
-        "summary": f"throughput {ratio:.2f}x baseline ({med['tenantctl']['rps']:.0f} vs {med['baseline']['rps']:.0f} req/s), "
+        "summary": f"throughput {ratio:.2f}x baseline "
+        f"({med['tenantctl']['rps']:.0f} vs {med['baseline']['rps']:.0f} req/s), "
         f"p99 {med['tenantctl']['p99_ms']:.2f} vs {med['baseline']['p99_ms']:.2f} ms",
     }
 

@@ -24,9 +24,7 @@ def seeded(endpoints: Endpoints) -> Endpoints:
     with psycopg.connect(libpq(endpoints.pool_url)) as conn:
         for tenant, name in ((A, "canary-A-project"), (B, "canary-B-project")):
             conn.execute("SELECT tenantctl.claim_tenant(%s, 1)", (tenant,))
-            conn.execute(
-                "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, %s)", (tenant, uuid.uuid4(), name)
-            )
+            conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, %s)", (tenant, uuid.uuid4(), name))
     return endpoints
 
 
@@ -121,9 +119,7 @@ def test_writes_for_another_tenant_are_refused(app_conn: psycopg.Connection) -> 
     app_conn.rollback()
     app_conn.execute("SELECT tenantctl.begin_tenant(%s, 1)", (A,))
     # USING filters silently: RETURNING proves B's row was not touched...
-    changed = app_conn.execute(
-        "UPDATE projects SET name = 'pwned' WHERE tenant_id = %s RETURNING id", (B,)
-    ).fetchall()
+    changed = app_conn.execute("UPDATE projects SET name = 'pwned' WHERE tenant_id = %s RETURNING id", (B,)).fetchall()
     assert changed == []
     # ...while A's own row is (control).
     changed = app_conn.execute(
@@ -183,9 +179,7 @@ def test_fence_waits_for_in_flight_transaction_and_blocks_late_commits(seeded: E
         psycopg.connect(libpq(seeded.pool_url)) as fencer,
     ):
         writer.execute("SELECT tenantctl.begin_tenant(%s, 1)", (A,))
-        writer.execute(
-            "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'in-flight')", (A, uuid.uuid4())
-        )
+        writer.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'in-flight')", (A, uuid.uuid4()))
         fencer.execute("SET lock_timeout = '200ms'")
         with pytest.raises(psycopg.errors.LockNotAvailable):
             fencer.execute("SELECT tenantctl.fence_tenant(%s)", (A,))
