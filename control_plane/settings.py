@@ -31,6 +31,11 @@ class ControlPlaneSettings(CommonSettings):
     provisioner: ProvisionerKind = ProvisionerKind.LOCAL
     owner_role: str = "tenantctl_owner"
     replication_role: str = "tenantctl_replicator"
+    pool_replication_secret: str | None = Field(
+        default=None,
+        description="Secrets Manager ARN of the pool's replication-role password (RDS pool: a silo's "
+        "subscription to the pool needs it; the shared stack's pool_replication_secret_arn output).",
+    )
     api_port: int = 8000
     admin_port: int = 8001
     host: str = "127.0.0.1"

@@ -38,7 +38,28 @@ def with_database(dsn: str, database: str) -> str:
 
 
 def with_user(dsn: str, user: str, password: str | None = None) -> str:
-    return libpq(_normalise(dsn).set(username=user, password=password))
+    """The DSN as another user; the old user's password never carries over (URL.set keeps it on None)."""
+    return libpq(_normalise(dsn).set(username=user)._replace(password=password))
+
+
+def without_password(dsn: str) -> str:
+    """The DSN with no password at all (for what is stored: checkpoints, catalog rows)."""
+    return libpq(_normalise(dsn)._replace(password=None))
+
+
+def with_password(dsn: str, password: str) -> str:
+    return libpq(_normalise(dsn).set(password=password))
+
+
+def password_of(dsn: str) -> str | None:
+    return _normalise(dsn).password
+
+
+def server_user(dsn: str) -> tuple[str | None, str | None, int | None, str | None]:
+    """(host, socket directory, port, user): what identifies a login on a server."""
+    url = _normalise(dsn)
+    socket = url.query.get("host")
+    return url.host, str(socket) if socket is not None else None, url.port, url.username
 
 
 def database_of(dsn: str) -> str:

@@ -67,7 +67,7 @@ from control_plane.provisioning.base import SiloLocation, SiloProvisioner, SiloS
 from control_plane.workflows import runtime
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
 from control_plane.workflows.steps import job_tenant, run_job
-from data_plane.dsn import database_of, with_database
+from data_plane.dsn import database_of, password_of, server_user, with_database, with_password, without_password
 
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
 
@@ -102,6 +102,7 @@ def _pool_side(location_id: str) -> Side:
         owner_dsn=eps.pool_url,
         admin_dsn=eps.pool_admin_url or eps.pool_url,
         replication_conninfo=replication_conninfo(eps.pool_url, ctx.settings.replication_role),
+        replication_secret=ctx.settings.pool_replication_secret,
     )
 
 
@@ -128,11 +129,40 @@ def plan_of(outputs: dict[str, Any]) -> MovePlan:
     return MovePlan(
         move_id=uuid.UUID(data["move_id"]),
         tenant_id=uuid.UUID(data["tenant_id"]),
-        source=Side(**data["source"]),
-        target=Side(**data["target"]),
+        source=_side_of(data["source"]),
+        target=_side_of(data["target"]),
         epoch=int(data["epoch"]),
         mode=data["mode"],
     )
+
+
+# A plan is checkpointed (DBOS step outputs in the catalog database): its DSNs are
+# stored without passwords and get them back, when read, from this process's
+# configured endpoints (the same server and user) -- or at connect time from a
+# secret store (RDS silos, see Side).
+_DSN_FIELDS = ("owner_dsn", "admin_dsn", "replication_conninfo")
+
+
+def _side_json(side: Side) -> dict[str, Any]:
+    data = asdict(side)
+    for name in _DSN_FIELDS:
+        data[name] = without_password(data[name])
+    return data
+
+
+def _side_of(data: dict[str, Any]) -> Side:
+    eps = runtime.current().endpoints
+    known = {
+        server_user(dsn): password
+        for dsn in (eps.pool_url, eps.pool_admin_url, eps.silo_server_url)
+        if dsn is not None and (password := password_of(dsn)) is not None
+    }
+    restored = dict(data)
+    for name in _DSN_FIELDS:
+        password = known.get(server_user(restored[name]))
+        if password is not None and password_of(restored[name]) is None:
+            restored[name] = with_password(restored[name], password)
+    return Side(**restored)
 
 
 async def _tenant_row(tenant_id: uuid.UUID) -> Any:
@@ -164,8 +194,8 @@ def _plan_json(plan: MovePlan, **extra: Any) -> dict[str, Any]:
     return {
         "move_id": str(plan.move_id),
         "tenant_id": str(plan.tenant_id),
-        "source": asdict(plan.source),
-        "target": asdict(plan.target),
+        "source": _side_json(plan.source),
+        "target": _side_json(plan.target),
         "epoch": plan.epoch,
         "mode": plan.mode,
         **extra,
