@@ -17,6 +17,16 @@ network and security groups that every silo stack references through a
 * The catalog: a smaller RDS PostgreSQL (catalog tables and DBOS state).
 * KMS key for both instances and their secrets; master passwords generated
   and stored in Secrets Manager.
+* The pool's application role (``appUsername``) and replication role
+  (``replicationUsername``): a generated password each, in its own secret
+  (``tenantctl/<env>/pool/app-*`` and ``replication-*``) under the same key,
+  tagged ``tenantctl:credential`` like the master secrets, so IAM can give the
+  data plane ``app`` only. The stack creates no role: the operator runs
+  ``control_plane.bootstrap.ensure_roles_rds`` with the pool's master secret
+  and these passwords. The replication secret is what a silo's subscription
+  to the pool authenticates with: an RDS subscription owned by a
+  non-superuser must carry a password in its CONNECTION, so without it no
+  promotion can start (``TENANTCTL_POOL_REPLICATION_SECRET``).
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ SHARED_OUTPUTS = (
     "pool_port",
     "pool_database",
     "pool_secret_arn",
+    "pool_app_secret_arn",
+    "pool_replication_secret_arn",
     "catalog_endpoint",
     "catalog_port",
     "catalog_database",
@@ -80,6 +92,8 @@ class SharedConfig:
     backup_retention_days: int = 14
     deletion_protection: bool = True
     owner_username: str = "tenantctl_owner"
+    app_username: str = "tenantctl_app"
+    replication_username: str = "tenantctl_replicator"
 
     def __post_init__(self) -> None:
         if bool(self.vpc_id) != bool(self.subnet_ids):
@@ -88,6 +102,11 @@ class SharedConfig:
             raise ValueError("RDS subnet groups need subnets in at least two availability zones")
         if self.backup_retention_days < 1:
             raise ValueError("backupRetentionDays must be at least 1")
+        usernames = (self.owner_username, self.app_username, self.replication_username)
+        if len(set(usernames)) != len(usernames):
+            # One role for two jobs would let the data plane log in as the owner
+            # (RLS bypassed) or the replicator (every tenant's rows readable).
+            raise ValueError(f"owner, application and replication usernames must differ, got {usernames}")
 
     @classmethod
     def load(cls) -> SharedConfig:
@@ -212,21 +231,72 @@ def _database(
         auto_minor_version_upgrade=True,
         tags={**tags, "Name": identifier},
     )
-    secret = credentials_secret(
-        f"{name}-secret",
-        secret_name_prefix=f"tenantctl/{config.environment}/{name}/master-",
-        description=f"tenantctl {name}: master credentials",
-        kms_key_arn=key.arn,
-        engine="postgres",
+    secret = _role_secret(
+        name,
+        "master",
+        config=config,
         username=config.owner_username,
         password=password.result,
+        instance=instance,
+        database=database,
+        key=key,
+        tags=tags,
+    )
+    return instance, secret
+
+
+def _role_secret(
+    name: str,
+    kind: str,
+    *,
+    config: SharedConfig,
+    username: str,
+    password: pulumi.Input[str],
+    instance: aws.rds.Instance,
+    database: str,
+    key: aws.kms.Key,
+    tags: dict[str, str],
+) -> aws.secretsmanager.Secret:
+    # The master secrets keep their original resource names so stacks created
+    # before the role secrets existed do not replace them.
+    resource = f"{name}-secret" if kind == "master" else f"{name}-{kind}-secret"
+    return credentials_secret(
+        resource,
+        secret_name_prefix=f"tenantctl/{config.environment}/{name}/{kind}-",
+        description=f"tenantctl {name}: {kind} credentials ({username})",
+        kms_key_arn=key.arn,
+        engine="postgres",
+        username=username,
+        password=password,
         host=instance.address,
         port=instance.port,
         dbname=database,
-        tags=tags,
-        opts=opts,
+        # IAM can scope GetSecretValue by this tag: the data plane gets `app`
+        # only, the control plane's workers `master` and `replication`.
+        tags={**tags, "tenantctl:credential": kind},
+        opts=pulumi.ResourceOptions(),
     )
-    return instance, secret
+
+
+def _pool_role_secrets(
+    pool: aws.rds.Instance, *, config: SharedConfig, key: aws.kms.Key, tags: dict[str, str]
+) -> dict[str, aws.secretsmanager.Secret]:
+    """The pool's application and replication credentials (the roles are made by the operator)."""
+    usernames = {"app": config.app_username, "replication": config.replication_username}
+    return {
+        kind: _role_secret(
+            "pool",
+            kind,
+            config=config,
+            username=username,
+            password=generated_password(f"pool-{kind}-password", opts=pulumi.ResourceOptions()).result,
+            instance=pool,
+            database=POOL_DATABASE,
+            key=key,
+            tags=tags,
+        )
+        for kind, username in usernames.items()
+    }
 
 
 def shared_program(config: SharedConfig | None = None) -> None:
@@ -301,6 +371,7 @@ def shared_program(config: SharedConfig | None = None) -> None:
         key=key,
         tags=tags,
     )
+    pool_roles = _pool_role_secrets(pool, config=config, key=key, tags=tags)
     pulumi.export("vpc_id", network.vpc_id)
     pulumi.export("subnet_ids", network.subnet_ids)
     pulumi.export("app_security_group_id", app_sg.id)
@@ -311,6 +382,8 @@ def shared_program(config: SharedConfig | None = None) -> None:
     pulumi.export("pool_port", pool.port)
     pulumi.export("pool_database", POOL_DATABASE)
     pulumi.export("pool_secret_arn", pool_secret.arn)
+    pulumi.export("pool_app_secret_arn", pool_roles["app"].arn)
+    pulumi.export("pool_replication_secret_arn", pool_roles["replication"].arn)
     pulumi.export("catalog_endpoint", catalog.address)
     pulumi.export("catalog_port", catalog.port)
     pulumi.export("catalog_database", CATALOG_DATABASE)

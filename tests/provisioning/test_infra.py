@@ -344,6 +344,102 @@ def test_shared_stack_with_a_new_vpc() -> None:
     assert "mock-" not in json.dumps(exports)
 
 
+@pytest.fixture(scope="module")
+def shared_run() -> tuple[RecordingMocks, dict[str, Any]]:
+    mocks = RecordingMocks()
+    _, exports = run_program(lambda: shared_program(SharedConfig(environment="staging")), mocks)
+    return mocks, exports
+
+
+def secret_arn(resource_name: str) -> str:
+    return f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{resource_name}-AbCdEf"
+
+
+def test_shared_stack_encrypts_every_secret_with_the_shared_key_and_tags_its_credential(
+    shared_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, _ = shared_run
+    secrets = {r.name: r.inputs for r in mocks.of_type(SECRET)}
+    expected = {
+        # resource name -> (secret name prefix, credential tag)
+        "pool-secret": ("tenantctl/staging/pool/master-", "master"),
+        "pool-app-secret": ("tenantctl/staging/pool/app-", "app"),
+        "pool-replication-secret": ("tenantctl/staging/pool/replication-", "replication"),
+        "catalog-secret": ("tenantctl/staging/catalog/master-", "master"),
+    }
+    assert set(secrets) == set(expected)
+    for resource, (prefix, kind) in expected.items():
+        inputs = secrets[resource]
+        assert inputs["kmsKeyId"] == key_arn("tenantctl-shared-kms"), resource
+        assert inputs["namePrefix"] == prefix
+        assert inputs["tags"] == {"managed-by": "tenantctl", "environment": "staging", "tenantctl:credential": kind}
+        assert inputs["recoveryWindowInDays"] == 7
+
+
+def test_shared_stack_generates_the_pool_role_passwords_and_stores_each_only_in_its_own_secret(
+    shared_run: tuple[RecordingMocks, dict[str, Any]],
+) -> None:
+    mocks, exports = shared_run
+    passwords = {r.name: r.inputs for r in mocks.of_type("random:index/randomPassword:RandomPassword")}
+    assert set(passwords) == {
+        "pool-master-password",
+        "catalog-master-password",
+        "pool-app-password",
+        "pool-replication-password",
+    }
+    for inputs in passwords.values():
+        assert inputs["length"] >= 32 and inputs["overrideSpecial"] == PASSWORD_SPECIALS
+    versions = {r.inputs["secretId"]: r.inputs for r in mocks.of_type(SECRET_VERSION)}
+    assert len(versions) == 4
+    pool_host = f"tenantctl-staging-pool.c0ffee.{REGION}.rds.amazonaws.com"
+    expected = {
+        # secret resource -> (username, password)
+        "pool-secret": ("tenantctl_owner", "mock-pool-master-password"),
+        "pool-app-secret": ("tenantctl_app", "mock-pool-app-password"),
+        "pool-replication-secret": ("tenantctl_replicator", "mock-pool-replication-password"),
+    }
+    for resource, (username, password) in expected.items():
+        payload = json.loads(unsecret(versions[f"{resource}-id"]["secretString"]))
+        assert payload == {
+            "engine": "postgres",
+            "host": pool_host,
+            "port": 5432,
+            "username": username,
+            "password": password,
+            "dbname": "tenantctl_pool",
+        }
+    pool = next(r.inputs for r in mocks.of_type(INSTANCE) if r.inputs["identifier"] == "tenantctl-staging-pool")
+    assert pool["username"] == "tenantctl_owner"
+    assert unsecret(pool["password"]) == "mock-pool-master-password"
+    # no password, nor anything derived from one, leaves the stack in a plain output
+    assert "mock-" not in json.dumps(exports)
+    assert SECRET_SIG not in json.dumps(exports)
+
+
+def test_shared_stack_exports_the_pool_role_secrets(shared_run: tuple[RecordingMocks, dict[str, Any]]) -> None:
+    _, exports = shared_run
+    assert set(exports) == set(SHARED_OUTPUTS)
+    assert {"pool_app_secret_arn", "pool_replication_secret_arn"} <= set(SHARED_OUTPUTS)
+    assert exports["pool_secret_arn"] == secret_arn("pool-secret")
+    assert exports["pool_app_secret_arn"] == secret_arn("pool-app-secret")
+    assert exports["pool_replication_secret_arn"] == secret_arn("pool-replication-secret")
+    assert exports["catalog_secret_arn"] == secret_arn("catalog-secret")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"app_username": "tenantctl_owner"},
+        {"replication_username": "tenantctl_owner"},
+        {"replication_username": "tenantctl_app"},
+        {"owner_username": "tenantctl_replicator"},
+    ],
+)
+def test_shared_config_rejects_a_role_username_shared_by_two_roles(overrides: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="usernames must differ"):
+        SharedConfig(**overrides)
+
+
 def test_shared_stack_reads_typed_config_and_reuses_an_existing_vpc() -> None:
     mocks = RecordingMocks()
     pulumi_config.set_all_config(
@@ -352,6 +448,7 @@ def test_shared_stack_reads_typed_config_and_reuses_an_existing_vpc() -> None:
             "tenantctl-test:subnetIds": json.dumps(["subnet-x", "subnet-y"]),
             "tenantctl-test:poolInstanceClass": "db.r7g.xlarge",
             "tenantctl-test:multiAz": "false",
+            "tenantctl-test:replicationUsername": "acme_replicator",
         }
     )
     try:
@@ -362,6 +459,8 @@ def test_shared_stack_reads_typed_config_and_reuses_an_existing_vpc() -> None:
     assert exports["vpc_id"] == "vpc-existing" and exports["subnet_ids"] == ["subnet-x", "subnet-y"]
     pool = next(r.inputs for r in mocks.of_type(INSTANCE) if r.inputs["identifier"].endswith("-pool"))
     assert pool["instanceClass"] == "db.r7g.xlarge" and pool["multiAz"] is False
+    replication = next(r.inputs for r in mocks.of_type(SECRET_VERSION) if r.name == "pool-replication-secret-value")
+    assert json.loads(unsecret(replication["secretString"]))["username"] == "acme_replicator"
 
 
 def test_shared_config_rejects_half_a_network() -> None:
