@@ -111,24 +111,6 @@ async def get_job(session: AsyncSession, job_id: uuid.UUID, *, lock: bool = Fals
     return JobRecord.from_row(row)
 
 
-async def list_jobs(
-    session: AsyncSession,
-    *,
-    tenant_id: uuid.UUID | None = None,
-    kind: str | None = None,
-    status: str | None = None,
-    limit: int = 50,
-) -> list[JobRecord]:
-    query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id).limit(limit)
-    if tenant_id is not None:
-        query = query.where(jobs.c.tenant_id == tenant_id)
-    if kind is not None:
-        query = query.where(jobs.c.kind == kind)
-    if status is not None:
-        query = query.where(jobs.c.status == status)
-    return [JobRecord.from_row(row) for row in (await session.execute(query)).all()]
-
-
 async def create_job(
     session: AsyncSession,
     *,
