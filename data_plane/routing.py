@@ -150,6 +150,11 @@ class RouteDirectory:
         for event in changed:
             event.set()
 
+    def is_current(self, route: Route) -> bool:
+        """Whether ``route`` is still what the cache holds (no invalidation since it was read)."""
+        cached = self._cache.get(route.tenant_id)
+        return cached is not None and cached.route is route
+
     async def wait_for_change(self, tenant_id: uuid.UUID, *, seconds: float) -> bool:
         """Wait up to ``seconds`` for the tenant's route to be invalidated; True if it was."""
         event = self._changes.setdefault(tenant_id, asyncio.Event())

@@ -164,8 +164,11 @@ class TenantContext:
                     # The cutover ends with the route's flip, whose NOTIFY wakes
                     # this wait at once; the poll is the fallback (no NOTIFY for
                     # an aborted move: the source is simply unfenced).
-                    await self.directory.wait_for_change(self.tenant_id, seconds=delay)
-                    delay = min(delay * 2, FENCE_POLL_MAX_SECONDS)
+                    # A NOTIFY that arrived while this attempt ran has already
+                    # dropped the route it used: look again at once, no wait.
+                    if self.directory.is_current(self.route):
+                        await self.directory.wait_for_change(self.tenant_id, seconds=delay)
+                        delay = min(delay * 2, FENCE_POLL_MAX_SECONDS)
                     # The cached route is as fresh as the last NOTIFY: if the
                     # flip invalidated it, this reads the catalog (one read
                     # shared by every held request); if not, the source still

@@ -16,7 +16,9 @@ milliseconds, and verification is never weakened to make it fit. Instead:
    so the move is correct iff (a) checksum(S) ^ checksum(S ∩ D) equals
    checksum(T) ^ checksum(T ∩ D) -- the untouched rows agree -- and (b) the
    rows of D agree in the final state. Both are computed from index lookups of
-   D, inside the fence; the counts are checked the same way.
+   D; the counts are checked the same way. Only the final state must be read
+   inside the fence: the snapshot side of the keys recorded before it is read
+   just before it (an early pass), leaving inside it the few keys recorded since.
 
 XOR is its own inverse, which is what makes removing D from the bulk
 checksums exact. A difference survives only a 64-bit hash collision.
@@ -179,21 +181,33 @@ def _checksum_of_keys(
     return int(row[0]), int(row[1])
 
 
+def _snapshot_part(
+    snapshot: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], keys: dict[str, set[str]]
+) -> dict[str, Checksum]:
+    """Per table: checksum of the keys' rows in the pinned snapshot."""
+    return {table: _checksum_of_keys(snapshot, table, pks[table], k) for table, k in keys.items() if k}
+
+
 def _side_delta(
     snapshot: psycopg.Connection[Any],
     now: psycopg.Connection[Any],
     pks: dict[str, list[tuple[str, str]]],
+    new_keys: dict[str, set[str]],
     keys: dict[str, set[str]],
 ) -> dict[str, tuple[Checksum, Checksum]]:
-    """Per table: (checksum of the keys' rows in the pinned snapshot, and in the final state)."""
+    """Per table: (snapshot checksum of the keys recorded since the early pass, final checksum of all keys)."""
     return {
         table: (
-            _checksum_of_keys(snapshot, table, pks[table], table_keys),
+            _checksum_of_keys(snapshot, table, pks[table], new_keys[table]) if new_keys[table] else (0, 0),
             _checksum_of_keys(now, table, pks[table], table_keys),
         )
         for table, table_keys in keys.items()
         if table_keys
     }
+
+
+def _union(source: dict[str, set[str]], target: dict[str, set[str]], tables: list[str]) -> dict[str, set[str]]:
+    return {table: source.get(table, set()) | target.get(table, set()) for table in tables}
 
 
 def _remove(total: Checksum, part: Checksum) -> Checksum:
@@ -244,6 +258,14 @@ def verify_incremental(
                 engine._privileged(source_now)
                 engine._privileged(target_now)
                 engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
+                # Early pass, still unfenced: the snapshot side of every key
+                # recorded so far (snapshots do not change), so that inside the
+                # fence only the keys recorded since need it. XOR over disjoint
+                # key sets composes, which keeps the split exact.
+                early = _union(_keys(source_now, plan.move_id), _keys(target_now, plan.move_id), tables)
+                s_early = pool.submit(_snapshot_part, source_snapshot, pks, early)
+                t_early = pool.submit(_snapshot_part, target_snapshot, pks, early)
+                early_source, early_target = s_early.result(), t_early.result()
                 fenced = time.monotonic()  # the write pause starts here, drain included
                 engine.fence_source(plan, drain_timeout=drain_timeout)
                 drained = time.monotonic()
@@ -252,11 +274,11 @@ def verify_incremental(
                 timings["final_catch_up_seconds"] = time.monotonic() - drained
                 delta_start = time.monotonic()
                 # READ COMMITTED statements: each sees every change committed before the fence.
-                source_keys, target_keys = _keys(source_now, plan.move_id), _keys(target_now, plan.move_id)
-                keys = {table: source_keys.get(table, set()) | target_keys.get(table, set()) for table in tables}
+                keys = _union(_keys(source_now, plan.move_id), _keys(target_now, plan.move_id), tables)
+                new_keys = {table: keys[table] - early[table] for table in tables}
                 # Source and target are checked side by side, each on its own connections.
-                s_delta = pool.submit(_side_delta, source_snapshot, source_now, pks, keys)
-                t_delta = pool.submit(_side_delta, target_snapshot, target_now, pks, keys)
+                s_delta = pool.submit(_side_delta, source_snapshot, source_now, pks, new_keys, keys)
+                t_delta = pool.submit(_side_delta, target_snapshot, target_now, pks, new_keys, keys)
                 source_delta, target_delta = s_delta.result(), t_delta.result()
                 source_now.rollback()
                 target_now.rollback()
@@ -269,6 +291,9 @@ def verify_incremental(
                     before_target, final_target = target_delta[table]
                     stable_source = _remove(stable_source, before_source)
                     stable_target = _remove(stable_target, before_target)
+                if table in early_source:
+                    stable_source = _remove(stable_source, early_source[table])
+                    stable_target = _remove(stable_target, early_target[table])
                 if stable_source != stable_target or final_source != final_target:
                     mismatches[table] = {
                         "unchanged_rows": {"source": stable_source, "target": stable_target},
@@ -276,6 +301,7 @@ def verify_incremental(
                     }
             timings["delta_seconds"] = time.monotonic() - delta_start
             timings["changed_keys"] = sum(len(k) for k in keys.values())
+            timings["changed_keys_in_fence"] = sum(len(k) for k in new_keys.values())
             timings["fenced_at"] = fenced
     if mismatches:
         raise VerificationError(f"verification failed: {mismatches}")
