@@ -8,9 +8,11 @@ Goal (issue 3): throughput >= 0.85x the baseline's and p99 within +1 ms.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench.common import embedded_stack, free_port, load, median, server_process
@@ -23,6 +25,21 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = 4.0
 CONCURRENCY = 16
 POOL_SIZE = 10
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process (the embedded clusters run as the 'pgserver' user)."""
+    total = 0.0
+    for proc in psutil.process_iter(["username"]):
+        if proc.info["username"] == "pgserver":
+            with contextlib.suppress(psutil.Error):
+                total += _cpu_seconds(proc)
+    return total
 
 
 def run() -> dict[str, Any]:
@@ -63,21 +80,30 @@ def run() -> dict[str, Any]:
                 ["-m", "bench.servers", "tenantctl", str(ports["tenantctl"])],
                 port=ports["tenantctl"],
                 env=env,
-            ),
+            ) as tenantctl_proc,
             server_process(
                 ["-m", "bench.servers", "baseline", str(ports["baseline"])], port=ports["baseline"], env=env
-            ),
+            ) as baseline_proc,
         ):
+            procs = {"tenantctl": psutil.Process(tenantctl_proc.pid), "baseline": psutil.Process(baseline_proc.pid)}
             headers = {"Authorization": f"Bearer {token}"}
             for name in ("tenantctl", "baseline"):  # warm-up: caches, prepared statements, pools
                 load(ports[name], path, headers, seconds=1.0, concurrency=CONCURRENCY)
             for _ in range(ROUNDS):
                 for name in ("baseline", "tenantctl"):
-                    rounds[name].append(
-                        load(ports[name], path, headers, seconds=SECONDS, concurrency=CONCURRENCY).summary()
-                    )
+                    server_before, postgres_before = _cpu_seconds(procs[name]), _postgres_cpu_seconds()
+                    result = load(ports[name], path, headers, seconds=SECONDS, concurrency=CONCURRENCY)
+                    summary: dict[str, float] = result.summary()
+                    # CPU per request, which contention on a small machine
+                    # distorts far less than throughput: where the cost goes.
+                    summary["server_cpu_us"] = (_cpu_seconds(procs[name]) - server_before) / result.requests * 1e6
+                    summary["postgres_cpu_us"] = (_postgres_cpu_seconds() - postgres_before) / result.requests * 1e6
+                    rounds[name].append(summary)
     med = {
-        name: {k: median([r[k] for r in rs]) for k in ("rps", "p50_ms", "p99_ms", "errors")}
+        name: {
+            k: round(median([r[k] for r in rs]), 3)
+            for k in ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_us", "postgres_cpu_us")
+        }
         for name, rs in rounds.items()
     }
     ratio = med["tenantctl"]["rps"] / med["baseline"]["rps"]
@@ -96,12 +122,18 @@ def run() -> dict[str, Any]:
         "median": med,
         "rounds": rounds,
         "throughput_ratio": round(ratio, 3),
+        "extra_cpu_us_per_request": {
+            "server": round(med["tenantctl"]["server_cpu_us"] - med["baseline"]["server_cpu_us"], 1),
+            "postgres": round(med["tenantctl"]["postgres_cpu_us"] - med["baseline"]["postgres_cpu_us"], 1),
+        },
         "p99_delta_ms": round(p99_delta, 3),
         "goals": {"throughput_ratio_min": 0.85, "p99_delta_ms_max": 1.0},
         "goals_met": ratio >= 0.85 and p99_delta <= 1.0,
         "summary": f"throughput {ratio:.2f}x baseline "
         f"({med['tenantctl']['rps']:.0f} vs {med['baseline']['rps']:.0f} req/s), "
-        f"p99 {med['tenantctl']['p99_ms']:.2f} vs {med['baseline']['p99_ms']:.2f} ms",
+        f"p99 {med['tenantctl']['p99_ms']:.2f} vs {med['baseline']['p99_ms']:.2f} ms; CPU per request "
+        f"{med['tenantctl']['server_cpu_us']:.0f}+{med['tenantctl']['postgres_cpu_us']:.0f} us vs "
+        f"{med['baseline']['server_cpu_us']:.0f}+{med['baseline']['postgres_cpu_us']:.0f} us (server+postgres)",
     }
 
 
