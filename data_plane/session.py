@@ -163,9 +163,9 @@ class TenantContext:
                         raise TenantFencedError("tenant is being moved", retry_after=1) from exc
                     # The cutover ends with the route's flip, whose NOTIFY wakes
                     # this wait at once; the poll is the fallback (no NOTIFY for
-                    # an aborted move: the source is simply unfenced).
-                    # A NOTIFY that arrived while this attempt ran has already
-                    # dropped the route it used: look again at once, no wait.
+                    # an aborted move: the source is simply unfenced). A NOTIFY
+                    # that arrived while this attempt ran has already dropped
+                    # the route it used: then look again at once, no wait.
                     if self.directory.is_current(self.route):
                         await self.directory.wait_for_change(self.tenant_id, seconds=delay)
                         delay = min(delay * 2, FENCE_POLL_MAX_SECONDS)
