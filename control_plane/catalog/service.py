@@ -16,12 +16,13 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.lifecycle import Action, Status, check_editable, next_status
 from control_plane.catalog.models import audit_log, jobs, locations, tenants
-from control_plane.exceptions import VersionConflictError
+from control_plane.exceptions import SiloOwnershipError, VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
 from control_plane.workflows.jobs import JobEnqueuer, JobRecord
@@ -436,6 +437,24 @@ def encode_job_cursor(job: JobRecord) -> str:
     """The position after ``job`` in the newest-first job list (same format as tenant cursors)."""
     raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+async def record_silo_location(*, session: AsyncSession, tenant_id: uuid.UUID, values: dict[str, Any]) -> str:
+    """Upsert a silo's ``locations`` row as ``provisioning``; a row left by an earlier attempt is reused.
+
+    Refuses (:class:`SiloOwnershipError`) a name already recorded for another tenant.
+    """
+    statement = insert(locations).values(kind="silo", tenant_id=tenant_id, status="provisioning", **values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[locations.c.name],
+        set_={key: statement.excluded[key] for key in values} | {"status": "provisioning", "updated_at": sa.func.now()},
+        where=locations.c.tenant_id == tenant_id,
+    )
+    async with session.begin():
+        location_id = await session.scalar(statement.returning(locations.c.id))
+    if location_id is None:
+        raise SiloOwnershipError(f"location {values['name']} belongs to another tenant")
+    return str(location_id)
 
 
 async def list_jobs(

@@ -31,12 +31,9 @@ class Target:
 
     def connect_dsn(self) -> str:
         """``dsn`` with the owner's password from ``secret_ref`` (read now, cached per process)."""
-        if self.secret_ref is None:
-            return self.dsn
-        from control_plane.provisioning.credentials import default_store
-        from data_plane.secrets import dsn_with_secret
+        from control_plane.provisioning.credentials import with_secret
 
-        return dsn_with_secret(self.dsn, default_store().get(self.secret_ref))
+        return with_secret(self.dsn, self.secret_ref)
 
 
 @dataclass(frozen=True)

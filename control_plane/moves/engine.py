@@ -77,12 +77,9 @@ class Side:
 
 
 def _with_secret(dsn: str, ref: str | None) -> str:
-    if ref is None:
-        return dsn
-    from control_plane.provisioning.credentials import default_store
-    from data_plane.secrets import dsn_with_secret
+    from control_plane.provisioning.credentials import with_secret
 
-    return dsn_with_secret(dsn, default_store().get(ref))
+    return with_secret(dsn, ref)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ location's tenant before removing anything.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +49,29 @@ class SiloLocation:
     secret_ref: str | None = None
     stack_name: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+    def values(self) -> dict[str, Any]:
+        """The ``locations`` columns it fills (JSON-able: what workflow steps checkpoint)."""
+        return {name: getattr(self, name) for name in LOCATION_COLUMNS} | {"detail": dict(self.detail)}
+
+    @classmethod
+    def from_values(cls, tenant_id: uuid.UUID, values: Mapping[str, Any]) -> SiloLocation:
+        """Back from :meth:`values` (or a ``locations`` row's mapping); other keys are ignored."""
+        return cls(
+            name=str(values["name"]),
+            provider=str(values["provider"]),
+            tenant_id=tenant_id,
+            database=values.get("database"),
+            dsn=values.get("dsn"),
+            app_dsn=values.get("app_dsn"),
+            secret_ref=values.get("secret_ref"),
+            stack_name=values.get("stack_name"),
+            detail=dict(values.get("detail") or {}),
+        )
+
+
+# The columns of a silo's ``locations`` row that a SiloLocation carries.
+LOCATION_COLUMNS = ("name", "provider", "database", "dsn", "app_dsn", "secret_ref", "stack_name", "detail")
 
 
 class SiloProvisioner(Protocol):

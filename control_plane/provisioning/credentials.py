@@ -43,6 +43,13 @@ def default_store() -> SecretStore:
     return AwsSecretsManagerStore()
 
 
+def with_secret(dsn: str, ref: str | None, *, store: SecretStore | None = None) -> str:
+    """``dsn`` with the password of the secret ``ref`` (read now, cached by the store); unchanged without one."""
+    if ref is None:
+        return dsn
+    return dsn_with_secret(dsn, (store or default_store()).get(ref))
+
+
 def _field(location: Location, name: str) -> Any:
     if isinstance(location, SiloLocation):
         return getattr(location, name)
@@ -59,19 +66,13 @@ def owner_dsn(location: Location, *, store: SecretStore | None = None) -> str:
     dsn = _field(location, "dsn")
     if not dsn:
         raise ProvisioningError(f"location {_field(location, 'name')!r} has no owner DSN")
-    ref = master_secret_ref(location)
-    if not ref:
-        return str(dsn)
-    return dsn_with_secret(str(dsn), (store or default_store()).get(ref))
+    return with_secret(str(dsn), master_secret_ref(location), store=store)
 
 
 def replication_conninfo(location: Location, *, role: str, store: SecretStore | None = None) -> str:
     """How another server reaches this silo as the replication role (a subscription's CONNECTION)."""
     conninfo = replication_conninfo_without_password(location, role=role)
-    ref = replication_secret_ref(location)
-    if ref:
-        conninfo = dsn_with_secret(conninfo, (store or default_store()).get(ref))
-    return conninfo
+    return with_secret(conninfo, replication_secret_ref(location), store=store)
 
 
 def replication_conninfo_without_password(location: Location, *, role: str) -> str:

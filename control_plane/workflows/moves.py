@@ -50,12 +50,11 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 from dbos import DBOS
-from sqlalchemy.dialects.postgresql import insert
 
 from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations, tenants
-from control_plane.exceptions import SchemaRevisionMismatchError, SiloOwnershipError
+from control_plane.exceptions import SchemaRevisionMismatchError
 from control_plane.fleet.probe import read_revision
 from control_plane.fleet.runner import migrate_target_to, pool_revision
 from control_plane.fleet.scripts import ScriptInfo
@@ -63,7 +62,7 @@ from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
 from control_plane.moves.verify import verify_incremental
 from control_plane.provisioning import credentials, location_for_cleanup
-from control_plane.provisioning.base import SiloLocation, SiloProvisioner, SiloSpec
+from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.workflows import runtime
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
 from control_plane.workflows.steps import job_tenant, run_job
@@ -177,17 +176,7 @@ async def _tenant_row(tenant_id: uuid.UUID) -> Any:
 
 
 def _location_json(row: Any) -> dict[str, Any]:
-    return {
-        "id": str(row.id),
-        "name": row.name,
-        "provider": row.provider,
-        "database": row.database,
-        "dsn": row.dsn,
-        "app_dsn": row.app_dsn,
-        "secret_ref": row.secret_ref,
-        "stack_name": row.stack_name,
-        "detail": row.detail,
-    }
+    return {"id": str(row.id), **{name: getattr(row, name) for name in LOCATION_COLUMNS}}
 
 
 def _plan_json(plan: MovePlan, **extra: Any) -> dict[str, Any]:
@@ -200,48 +189,6 @@ def _plan_json(plan: MovePlan, **extra: Any) -> dict[str, Any]:
         "mode": plan.mode,
         **extra,
     }
-
-
-def _silo_values(location: SiloLocation) -> dict[str, Any]:
-    return {
-        "name": location.name,
-        "provider": location.provider,
-        "database": location.database,
-        "dsn": location.dsn,
-        "app_dsn": location.app_dsn,
-        "secret_ref": location.secret_ref,
-        "stack_name": location.stack_name,
-        "detail": dict(location.detail),
-    }
-
-
-def _silo_location(tenant_id: uuid.UUID, values: dict[str, Any]) -> SiloLocation:
-    return SiloLocation(
-        name=values["name"],
-        provider=values["provider"],
-        tenant_id=tenant_id,
-        database=values["database"],
-        dsn=values["dsn"],
-        app_dsn=values["app_dsn"],
-        secret_ref=values["secret_ref"],
-        stack_name=values["stack_name"],
-        detail=values["detail"] or {},
-    )
-
-
-async def _record_silo(tenant_id: uuid.UUID, values: dict[str, Any]) -> str:
-    """The silo's location row, ``provisioning`` (a row left by an earlier move of this tenant is reused)."""
-    statement = insert(locations).values(kind="silo", tenant_id=tenant_id, status="provisioning", **values)
-    statement = statement.on_conflict_do_update(
-        index_elements=[locations.c.name],
-        set_={key: statement.excluded[key] for key in values} | {"status": "provisioning", "updated_at": sa.func.now()},
-        where=locations.c.tenant_id == tenant_id,
-    )
-    async with runtime.current().sessions().begin() as session:
-        location_id = await session.scalar(statement.returning(locations.c.id))
-    if location_id is None:
-        raise SiloOwnershipError(f"location {values['name']} belongs to another tenant")
-    return str(location_id)
 
 
 async def _set_location_status(location_id: str, status: str) -> None:
@@ -283,8 +230,9 @@ async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, A
     provisioner = ctx.provisioner()
     try:
         location: SiloLocation = await asyncio.to_thread(provisioner.provision, spec)
-        values = _silo_values(location)
-        location_id = await _record_silo(tenant_id, values)
+        values = location.values()
+        async with ctx.sessions()() as session:
+            location_id = await service.record_silo_location(session=session, tenant_id=tenant_id, values=values)
     except Exception:
         await _drop_unrecorded_silo(provisioner, spec)
         raise
@@ -507,7 +455,7 @@ async def deprovision_retired_silo(plan: MovePlan, old: dict[str, Any]) -> None:
         await asyncio.to_thread(engine.require_retired, plan.source, plan.tenant_id)
         await _set_location_status(old["id"], "deleting")
     provisioner = runtime.current().provisioner()
-    await asyncio.to_thread(provisioner.deprovision, _silo_location(plan.tenant_id, old))
+    await asyncio.to_thread(provisioner.deprovision, SiloLocation.from_values(plan.tenant_id, old))
     await _set_location_status(old["id"], "deleted")
 
 
@@ -530,7 +478,7 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     if provisioned is not None:
         await _set_location_status(provisioned["id"], "deleting")
         provisioner = runtime.current().provisioner()
-        await asyncio.to_thread(provisioner.deprovision, _silo_location(tenant_id, provisioned))
+        await asyncio.to_thread(provisioner.deprovision, SiloLocation.from_values(tenant_id, provisioned))
         await _set_location_status(provisioned["id"], "deleted")
     async with runtime.current().sessions().begin() as session:
         current = await service.resolve_tenant(session, tenant_id, lock=True)

@@ -33,7 +33,7 @@ from control_plane.catalog.lifecycle import Action
 from control_plane.catalog.models import locations, tenants
 from control_plane.fleet.runner import pool_revision
 from control_plane.provisioning import credentials
-from control_plane.provisioning.base import SiloLocation
+from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation
 from control_plane.workflows import export, runtime, stores
 from control_plane.workflows.kinds import OFFBOARDING
 from control_plane.workflows.steps import job_tenant, report_progress, run_job
@@ -58,17 +58,7 @@ async def _store(tenant_id: uuid.UUID) -> dict[str, Any]:
     if row.id is None or row.dsn is None:
         # A silo onboarding that failed before recording its location: no rows anywhere.
         return {**base, "kind": "none", "dsn": None}
-    location = {
-        "id": str(row.id),
-        "name": row.name,
-        "provider": row.provider,
-        "database": row.database,
-        "dsn": row.dsn,
-        "app_dsn": row.app_dsn,
-        "secret_ref": row.secret_ref,
-        "stack_name": row.stack_name,
-        "detail": row.detail,
-    }
+    location = {"id": str(row.id), **{name: getattr(row, name) for name in LOCATION_COLUMNS}}
     return {**base, "kind": "silo", "dsn": row.dsn, "location": location}
 
 
@@ -143,17 +133,7 @@ async def delete_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
         return {"rows_deleted": await _delete_pool_rows(job, store["dsn"], tenant_id)}
     if store["kind"] == "silo":
         loc = store["location"]
-        location = SiloLocation(
-            name=loc["name"],
-            provider=loc["provider"],
-            tenant_id=tenant_id,
-            database=loc["database"],
-            dsn=loc["dsn"],
-            app_dsn=loc["app_dsn"],
-            secret_ref=loc["secret_ref"],
-            stack_name=loc["stack_name"],
-            detail=loc["detail"] or {},
-        )
+        location = SiloLocation.from_values(tenant_id, loc)
         await asyncio.to_thread(ctx.provisioner().deprovision, location)
         async with ctx.sessions().begin() as session:
             await session.execute(

@@ -24,7 +24,6 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 from dbos import DBOS
-from sqlalchemy.dialects.postgresql import insert
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from control_plane.catalog import service
@@ -46,19 +45,6 @@ FLEET_WAIT_S = 900.0
 log = structlog.get_logger(__name__)
 
 
-def _location_dict(location: SiloLocation) -> dict[str, Any]:
-    return {
-        "name": location.name,
-        "provider": location.provider,
-        "database": location.database,
-        "dsn": location.dsn,
-        "app_dsn": location.app_dsn,
-        "secret_ref": location.secret_ref,
-        "stack_name": location.stack_name,
-        "detail": dict(location.detail),
-    }
-
-
 @DBOS.step(name="tenantctl.onboarding.provision")
 async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
@@ -69,24 +55,15 @@ async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, A
     location = await asyncio.to_thread(ctx.provisioner().provision, spec)
     if location.dsn is None:
         raise RuntimeError(f"the provisioner returned no owner DSN for {location.name}")
-    return {**_location_dict(location), "route_epoch": tenant.route_epoch}
+    return {**location.values(), "route_epoch": tenant.route_epoch}
 
 
 @DBOS.step(name="tenantctl.onboarding.record_location")
 async def record_location(job: dict[str, Any], outputs: dict[str, Any]) -> str:
     tenant_id = await job_tenant(job)
-    loc = {k: v for k, v in outputs["provision"].items() if k != "route_epoch"}
-    statement = insert(locations).values(kind="silo", tenant_id=tenant_id, status="provisioning", **loc)
-    statement = statement.on_conflict_do_update(
-        index_elements=[locations.c.name],
-        set_={key: statement.excluded[key] for key in loc} | {"updated_at": sa.func.now()},
-        where=locations.c.tenant_id == tenant_id,
-    )
-    async with runtime.current().sessions().begin() as session:
-        location_id = await session.scalar(statement.returning(locations.c.id))
-    if location_id is None:
-        raise RuntimeError(f"location {loc['name']} belongs to another tenant")
-    return str(location_id)
+    values = SiloLocation.from_values(tenant_id, outputs["provision"]).values()
+    async with runtime.current().sessions()() as session:
+        return await service.record_silo_location(session=session, tenant_id=tenant_id, values=values)
 
 
 @DBOS.step(name="tenantctl.onboarding.migrate")
@@ -166,7 +143,7 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     tenant_id = await job_tenant(job)
     loc = outputs.get("provision")
     if loc is not None:
-        location = SiloLocation(tenant_id=tenant_id, **{k: v for k, v in loc.items() if k != "route_epoch"})
+        location = SiloLocation.from_values(tenant_id, loc)
         await asyncio.to_thread(ctx.provisioner().deprovision, location)
     async with ctx.sessions().begin() as session:
         if loc is not None:
