@@ -7,17 +7,26 @@ as the work it guards. Two shapes:
 
 * :meth:`TenantContext.run` -- ``BEGIN``, ``begin_tenant``, the work function's
   statements, ``COMMIT``: for writes and multi-statement work;
-* :meth:`TenantContext.read` -- a single SELECT *fused* with ``begin_tenant``
-  into one statement and one round trip (the hot read path)::
+* :attr:`TenantContext.reads` -- a single SELECT *fused* with the ownership
+  check into one statement and one round trip (the hot read path)::
 
-      SELECT q.* FROM tenantctl.begin_tenant($n+1, $n+2) AS _t(ok)
+      SELECT q.* FROM (
+          SELECT CASE WHEN <owned here, active, at the epoch>
+                      THEN set_config('app.current_tenant_id', tenant, true) IS NOT NULL
+                      ELSE tenantctl.refuse_tenant(...) END AS ok
+            FROM <the tenant> LEFT JOIN tenantctl.tenant_ownership ...) AS _t
       CROSS JOIN LATERAL (SELECT * FROM (<query>) AS _q WHERE _t.ok OFFSET 0) AS q
 
-  The lateral reference (kept by ``OFFSET 0``) makes the query the inner side
-  of a nested loop, so it runs after ``begin_tenant``; the policy's sub-select
-  is an InitPlan, evaluated when first needed, i.e. after the setting is bound.
-  Were that order ever violated, the setting would read as empty and RLS would
-  return zero rows: the failure mode is "not found", never another tenant's row.
+  The check is plain SQL in the read's own snapshot, so the rows come from the
+  same snapshot that saw this database own the tenant; a read commits nothing,
+  so it needs no share of the fence's lock (see migration ``tenant_0004``).
+  ``refuse_tenant`` raises ``begin_tenant``'s SQLSTATEs and runs only on the
+  refusing branch. ``OFFSET 0`` keeps each side a subquery of its own, and
+  the lateral reference makes the query the inner side of a nested loop whose
+  outer row computes ``ok``, so it runs after the setting is bound; the
+  policy's sub-select is an InitPlan, evaluated when first needed. Were that
+  order ever violated, the setting would read as empty and RLS would return
+  zero rows: the failure mode is "not found", never another tenant's row.
 
 If the database says the tenant lives elsewhere (a stale route after a move),
 the route is refreshed and the work retried once on the new location. A fenced
@@ -97,15 +106,24 @@ _FUSED: dict[tuple[str, int], str] = {}
 
 
 def fused(query: str, nargs: int) -> str:
-    """``query`` (one SELECT with ``$1..$nargs``) fused with ``begin_tenant``."""
+    """``query`` (one SELECT with ``$1..$nargs``) fused with the ownership check.
+
+    The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
+    """
     key = (query, nargs)
     sql = _FUSED.get(key)
     if sql is None:
         if not query.lstrip().upper().startswith("SELECT"):
             raise ValueError("only a single SELECT can be fused; run writes with TenantContext.run")
+        tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
         sql = (
-            f"SELECT q.* FROM tenantctl.begin_tenant(${nargs + 1}, ${nargs + 2}) AS _t(ok) "
-            f"CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
+            "SELECT q.* FROM (SELECT CASE"
+            f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
+            f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
+            f" ELSE tenantctl.refuse_tenant(_want.tenant_id, o.state, o.epoch, {epoch}) END AS ok"
+            f" FROM (SELECT {tenant} AS tenant_id) AS _want"
+            " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
+            f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
         )
         _FUSED[key] = sql
     return sql

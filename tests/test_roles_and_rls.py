@@ -6,14 +6,17 @@ because nothing works at all.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import psycopg
 import pytest
 
 from control_plane.stack import Endpoints
 from data_plane.dsn import libpq
+from data_plane.session import fused
 
 A, B = uuid.uuid4(), uuid.uuid4()
 
@@ -196,3 +199,75 @@ def test_fence_waits_for_in_flight_transaction_and_blocks_late_commits(seeded: E
         writer.execute("SELECT tenantctl.begin_tenant(%s, 1)", (B,))  # control: B unaffected
         count = fencer.execute("SELECT count(*) FROM projects WHERE name = 'in-flight'").fetchone()
         assert count == (1,)
+
+
+FUSED_NAMES = fused("SELECT name FROM projects", 0)
+
+
+@pytest.mark.parametrize(
+    ("setup", "tenant_is_null", "epoch", "sqlstate"),
+    [
+        ("unknown", False, 1, "TC001"),
+        ("moved", False, 1, "TC001"),
+        ("fenced", False, 1, "TC002"),
+        ("active", False, 7, "TC003"),
+        ("active", True, 1, "TC000"),
+    ],
+)
+async def test_fused_read_refuses_when_this_database_does_not_serve_the_tenant(
+    seeded: Endpoints, setup: str, tenant_is_null: bool, epoch: int, sqlstate: str
+) -> None:
+    """The read path's in-statement check raises begin_tenant's SQLSTATEs (the router retries on them)."""
+    tenant = uuid.uuid4()
+    if setup != "unknown":
+        with psycopg.connect(libpq(seeded.pool_url)) as conn:
+            conn.execute("SELECT tenantctl.claim_tenant(%s, 1, %s)", (tenant, setup))
+            conn.execute(
+                "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'canary-C')", (tenant, uuid.uuid4())
+            )
+    conn = await asyncpg.connect(libpq(seeded.app_pool_url))
+    try:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.fetch(FUSED_NAMES, None if tenant_is_null else tenant, epoch)
+        assert info.value.sqlstate == sqlstate
+        rows = await conn.fetch(FUSED_NAMES, A, 1)  # control: served, its own rows only
+        assert [r["name"] for r in rows] == ["canary-A-project"]
+    finally:
+        await conn.close()
+
+
+async def test_fused_read_reads_one_snapshot_and_needs_no_share_of_the_fence(seeded: Endpoints) -> None:
+    """A read commits nothing: it is not held by a fence in progress, and it reads the rows of the
+    same snapshot whose ownership check passed; once the fence commits, reads are refused."""
+    conn = await asyncpg.connect(libpq(seeded.app_pool_url))
+    try:
+        with psycopg.connect(libpq(seeded.pool_url)) as fencer:
+            fencer.execute("SELECT tenantctl.fence_tenant(%s)", (A,))  # exclusive lock held, not committed
+            rows = await asyncio.wait_for(conn.fetch(FUSED_NAMES, A, 1), timeout=30)
+            assert [r["name"] for r in rows] == ["canary-A-project"]
+            with psycopg.connect(libpq(seeded.app_pool_url)) as writer:  # control: a writer is held
+                writer.execute("SET lock_timeout = '200ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    writer.execute("SELECT tenantctl.begin_tenant(%s, 1)", (A,))
+            fencer.commit()
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.fetch(FUSED_NAMES, A, 1)
+        assert info.value.sqlstate == "TC002"
+        rows = await conn.fetch(FUSED_NAMES, B, 1)  # control: B unaffected
+        assert [r["name"] for r in rows] == ["canary-B-project"]
+    finally:
+        await conn.close()
+
+
+def test_app_role_reads_ownership_but_cannot_change_it(app_conn: psycopg.Connection) -> None:
+    row = app_conn.execute("SELECT state, epoch FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (A,)).fetchone()
+    assert row == ("active", 1)
+    app_conn.rollback()
+    for statement in (
+        "UPDATE tenantctl.tenant_ownership SET state = 'active'",
+        "DELETE FROM tenantctl.tenant_ownership",
+        "INSERT INTO tenantctl.tenant_ownership (tenant_id, state, epoch) VALUES (gen_random_uuid(), 'active', 1)",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app_conn.execute(statement)
+        app_conn.rollback()
