@@ -103,7 +103,6 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         finally:
             # Flush usage while the engines can still sample rows stored.
             await meter.close()
-            await limiter.close()
             await engines.close()
             await routes.close()
 

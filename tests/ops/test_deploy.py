@@ -52,7 +52,6 @@ async def test_redis_outage_lets_requests_through() -> None:
     tenant = uuid.uuid4()
     for _ in range(3):
         await limiter.check(tenant, "free")
-    await limiter.close()
 
 
 async def test_in_memory_limiter_refuses_over_the_limit() -> None:
@@ -64,5 +63,4 @@ async def test_in_memory_limiter_refuses_over_the_limit() -> None:
         await limiter.check(tenant, "free")
     assert 1 <= refused.value.retry_after <= 60
     await limiter.check(other, "free")  # control: per tenant
-    await limiter.close()
     assert limiter.refused == 1

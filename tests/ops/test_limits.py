@@ -6,8 +6,11 @@ import asyncio
 
 import httpx
 import psycopg
+from limits import parse
+from limits.aio.strategies import FixedWindowRateLimiter
 
 from data_plane.dsn import libpq
+from data_plane.limits import LocalWindowStorage
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
 from tests.data_plane.conftest import World, add_pool_tenant
@@ -95,3 +98,20 @@ async def test_project_quota_holds_under_concurrent_creates(dp_settings: DataPla
     # Control: the other tenant's creates were not counted against this one's quota.
     assert [r.status_code for r in responses[12:]] == [201, 201]
     assert _count_projects(world, other.id) == 3
+
+
+async def test_local_counters_count_per_window_and_forget_old_windows() -> None:
+    storage = LocalWindowStorage(sweep_seconds=0.0)
+    limiter = FixedWindowRateLimiter(storage)
+    item = parse("2/second")
+    assert [await limiter.hit(item, "a") for _ in range(3)] == [True, True, False]
+    assert await limiter.hit(item, "b")  # control: another key has its own window
+    stats = await limiter.get_window_stats(item, "a")
+    assert stats.remaining == 0 and stats.reset_time > 0
+    await asyncio.sleep(1.05)
+    assert await limiter.hit(item, "a")  # a new window
+    # Sweeping keeps only keys whose window is still open: memory is bounded
+    # by the tenants seen in the last window, not by every tenant ever seen.
+    assert len(storage) == 1
+    await limiter.clear(item, "a")
+    assert len(storage) == 0
