@@ -8,9 +8,11 @@ MoveTables)::
     the catalog) → retire_source → stop_replication → cleanup_source (after grace)
 
 Offline mode replaces the replication steps with ``fence_source`` →
-``copy_offline``. Until ``activate_target`` the source stays authoritative and
-:func:`abort` returns everything to how it was; ``cleanup_source`` is the only
-destructive step and refuses to run unless the source has been retired.
+``copy_offline``. Until the route flips in the catalog the source stays
+authoritative and :func:`abort` returns everything to how it was (the target,
+activated inside the fence, is taken back while the catalog's epoch proves no
+router reached it); ``cleanup_source`` is the only destructive step and
+refuses to run unless the source has been retired.
 
 Privileges: table-level work runs as the *owner* of each side (BYPASSRLS, and
 ``row_security = off`` so that any filtering would raise instead of silently
@@ -41,7 +43,9 @@ from data_plane.dsn import libpq
 log = structlog.get_logger(__name__)
 
 MARKERS = '"tenantctl"."move_markers"'
-POLL_SECONDS = 0.005
+# The final catch-up polls for the fence's marker inside the write pause: each
+# poll is one indexed lookup, and half the interval is added to the pause on average.
+POLL_SECONDS = 0.001
 # Citus-like back-off between catch-up attempts (5 s, 20 s, 80 s), then give up.
 CATCH_UP_BACKOFF_SECONDS = (5.0, 20.0, 80.0)
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024
@@ -105,6 +109,20 @@ class MovePlan:
 def connect(dsn: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(libpq(dsn), autocommit=autocommit, connect_timeout=10) as conn:
         yield conn
+
+
+@contextlib.contextmanager
+def _reuse(conn: psycopg.Connection[Any] | None, dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """``conn`` (an autocommit connection the caller opened) or a new autocommit one to ``dsn``.
+
+    Steps inside the write pause take a connection opened before the fence:
+    a new one costs a backend start, several milliseconds each on a loaded server.
+    """
+    if conn is not None:
+        yield conn
+        return
+    with connect(dsn, autocommit=True) as own:
+        yield own
 
 
 def _privileged(conn: psycopg.Connection[Any]) -> None:
@@ -284,7 +302,12 @@ def catch_up_gate(
 
 
 def fence_source(
-    plan: MovePlan, *, drain_timeout: float = 2.0, attempts: int = 3, marker: uuid.UUID | None = None
+    plan: MovePlan,
+    *,
+    drain_timeout: float = 2.0,
+    attempts: int = 3,
+    marker: uuid.UUID | None = None,
+    conn: psycopg.Connection[Any] | None = None,
 ) -> None:
     """Drain in-flight tenant transactions, then make the source refuse the tenant (I4).
 
@@ -293,10 +316,12 @@ def fence_source(
     straggler still holding the lock after ``drain_timeout`` is terminated (its
     transaction rolls back: it was never acknowledged). The fence also writes
     this move's marker, replicated in commit order behind every earlier write.
+    ``conn``: an autocommit connection to the source as its owner, opened
+    before the pause (else one is opened here).
     """
     for attempt in range(attempts):
         try:
-            with connect(plan.source.owner()) as src:
+            with _reuse(conn, plan.source.owner()) as src, src.transaction():
                 src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
                 # The marker's commit must reach the WAL on disk now, and with it
                 # every write before it: a logical walsender only sends flushed
@@ -325,10 +350,20 @@ def unfence_source(plan: MovePlan) -> None:
             src.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.epoch))
 
 
-def final_catch_up(plan: MovePlan, *, timeout: float = 30.0, marker: uuid.UUID | None = None) -> float:
-    """Wait for the fence's marker on the target; return the seconds waited."""
+def final_catch_up(
+    plan: MovePlan,
+    *,
+    timeout: float = 30.0,
+    marker: uuid.UUID | None = None,
+    conn: psycopg.Connection[Any] | None = None,
+) -> float:
+    """Wait for the fence's marker on the target; return the seconds waited.
+
+    ``conn``: an autocommit connection to the target as its owner, opened
+    before the pause (else one is opened here).
+    """
     start = time.monotonic()
-    with connect(plan.target.owner(), autocommit=True) as dst:
+    with _reuse(conn, plan.target.owner()) as dst:
         while True:
             if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (marker or plan.move_id,)).fetchone():
                 return time.monotonic() - start
@@ -417,9 +452,15 @@ def copy_offline(plan: MovePlan) -> dict[str, int]:
 # -- cutover ---------------------------------------------------------------------------------
 
 
-def activate_target(plan: MovePlan) -> None:
-    """The target starts serving the tenant at the new epoch (before the route flips)."""
-    with connect(plan.target.owner()) as dst:
+def activate_target(plan: MovePlan, *, conn: psycopg.Connection[Any] | None = None) -> None:
+    """The target starts serving the tenant at the new epoch (before the route flips).
+
+    Safe while the source is fenced and the catalog still routes to it: no
+    router holds the new epoch before the flip commits, so the target refuses
+    every request until then (stale epoch), and :func:`abort` can still take
+    it back. ``conn``: an autocommit connection to the target as its owner.
+    """
+    with _reuse(conn, plan.target.owner()) as dst, dst.transaction():
         dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
         dst.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.new_epoch))
 
@@ -506,17 +547,30 @@ def cleanup_source(plan: MovePlan, *, batch: int = 5000) -> int:
     return _delete_tenant_rows(plan.source.owner(), plan.tenant_id, batch=batch)
 
 
-def abort(plan: MovePlan) -> None:
-    """Undo a move before its flip: source authoritative and untouched, target emptied."""
+def abort(plan: MovePlan, *, route_epoch: int | None = None) -> None:
+    """Undo a move before its flip: source authoritative and untouched, target emptied.
+
+    ``route_epoch`` is the tenant's route epoch in the catalog, read by the
+    caller. The cutover activates the target (at the move's new epoch) while
+    the source is still fenced, so an active target alone does not mean the
+    move is past its flip: it is taken back -- retired first, so that at no
+    instant two databases accept the tenant (I4) -- only when the catalog
+    proves that the route never reached it (``route_epoch == plan.epoch``).
+    Without that proof an active target is treated as authoritative and the
+    abort is refused.
+    """
     with connect(plan.target.owner()) as dst:
         owned = _ownership(dst, plan.tenant_id)
-    if owned is not None and owned[0] == "active":
-        raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
+        if owned is not None and owned[0] == "active":
+            if owned[1] != plan.new_epoch or route_epoch != plan.epoch:
+                raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
+            dst.execute("SELECT tenantctl.claim_tenant(%s, %s, 'moved')", (plan.tenant_id, plan.epoch))
     if plan.mode == "online":
         stop_replication(plan)  # also drops the change-tracking triggers
     unfence_source(plan)
     with connect(plan.source.owner()) as src:
-        src.execute(f"DELETE FROM {MARKERS} WHERE marker = %s", (plan.move_id,))
+        # The fence's marker and incremental verification's baseline markers (one move per tenant at a time).
+        src.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
     _delete_tenant_rows(plan.target.owner(), plan.tenant_id, batch=5000)
     with connect(plan.target.owner()) as dst:
         dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
@@ -551,7 +605,8 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
         if plan.mode == "online":
             from control_plane.moves.verify import verify_incremental
 
-            details = timed("verify_incremental", verify_incremental, plan)
+            # Verified and activated inside the fence (as the workflow's cutover step).
+            details = timed("verify_incremental", lambda p: verify_incremental(p, activate=True), plan)
             fenced_at = details["fenced_at"]
             timings.update({k: v for k, v in details.items() if k.endswith("_seconds")})
         else:
@@ -559,10 +614,10 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
             timed("fence_source", fence_source, plan)
             timed("copy_offline", copy_offline, plan)
             timed("verify", verify, plan)
+            timed("activate_target", activate_target, plan)
     except Exception:
-        abort(plan)
+        abort(plan, route_epoch=plan.epoch)  # the route flips only below: it still names the source
         raise
-    timed("activate_target", activate_target, plan)
     timed("flip", flip, plan)
     timings["fenced_seconds"] = time.monotonic() - fenced_at
     timings["fenced_at"] = fenced_at

@@ -16,9 +16,11 @@ milliseconds, and verification is never weakened to make it fit. Instead:
    so the move is correct iff (a) checksum(S) ^ checksum(S ∩ D) equals
    checksum(T) ^ checksum(T ∩ D) -- the untouched rows agree -- and (b) the
    rows of D agree in the final state. Both are computed from index lookups of
-   D; the counts are checked the same way. Only the final state must be read
-   inside the fence: the snapshot side of the keys recorded before it is read
-   just before it (an early pass), leaving inside it the few keys recorded since.
+   D; the counts are checked the same way, and (b) row by row. An early pass
+   just before the fence reads, for every key recorded so far, its snapshot
+   side and its current row; inside the fence only the keys with a change
+   recorded since (by change-row id, per side) are read again -- a key with
+   none has not changed since on either side, so its early read is final.
 
 XOR is its own inverse, which is what makes removing D from the bulk
 checksums exact. A difference survives only a 64-bit hash collision.
@@ -30,7 +32,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,6 +46,7 @@ from control_plane.moves.tables import tenant_tables
 
 CHANGES = '"tenantctl"."move_changes"'
 Checksum = tuple[int, int]  # (rows, xor of row hashes)
+Changes = dict[int, tuple[str, str]]  # a side's recorded changes: row id -> (table, primary key as jsonb text)
 
 
 def _trigger(plan: MovePlan, op: str) -> str:
@@ -151,20 +154,26 @@ def _checksums(conn: psycopg.Connection[Any], tables: list[str], tenant_id: uuid
     return result
 
 
-def _keys(conn: psycopg.Connection[Any], move_id: uuid.UUID) -> dict[str, set[str]]:
-    rows = conn.execute(f"SELECT tbl, pk::text FROM {CHANGES} WHERE move_id = %s", (move_id,)).fetchall()
-    keys: dict[str, set[str]] = {}
-    for table, pk in rows:
-        keys.setdefault(str(table), set()).add(str(pk))
+def _changes(conn: psycopg.Connection[Any], move_id: uuid.UUID) -> Changes:
+    rows = conn.execute(f"SELECT id, tbl, pk::text FROM {CHANGES} WHERE move_id = %s", (move_id,)).fetchall()
+    return {int(change_id): (str(table), str(pk)) for change_id, table, pk in rows}
+
+
+def _keys(changes: Iterable[tuple[str, str]], tables: list[str]) -> dict[str, set[str]]:
+    keys: dict[str, set[str]] = {table: set() for table in tables}
+    for table, pk in changes:
+        if table not in keys:
+            # Never skip a change: a table the comparison does not know is a failure.
+            raise VerificationError(f"a change was recorded for {table}, which is not a tenant table of this move")
+        keys[table].add(pk)
     return keys
 
 
-def _checksum_of_keys(
-    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
-) -> Checksum:
+def _key_columns(columns: list[tuple[str, str]], source: sql.Composable) -> tuple[sql.Composable, sql.Composable]:
+    """The key columns read out of the jsonb ``source``, and the join of ``t`` to them (``d``)."""
     pick = sql.SQL(", ").join(
-        sql.SQL("(k ->> {name})::{type} AS {alias}").format(
-            name=sql.Literal(name), type=sql.SQL(kind), alias=sql.Identifier(f"k{i}")
+        sql.SQL("({src} ->> {name})::{type} AS {alias}").format(
+            src=source, name=sql.Literal(name), type=sql.SQL(kind), alias=sql.Identifier(f"k{i}")
         )
         for i, (name, kind) in enumerate(columns)
     )
@@ -172,6 +181,13 @@ def _checksum_of_keys(
         sql.SQL("t.{c} = d.{a}").format(c=sql.Identifier(name), a=sql.Identifier(f"k{i}"))
         for i, (name, _) in enumerate(columns)
     )
+    return pick, match
+
+
+def _checksum_of_keys(
+    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
+) -> Checksum:
+    pick, match = _key_columns(columns, sql.SQL("k"))
     statement = sql.SQL(
         "SELECT count(*), coalesce(bit_xor(hash_record_extended(t, 0)), 0) FROM {table} AS t "
         "JOIN (SELECT DISTINCT {pick} FROM jsonb_array_elements(%s::jsonb) AS k) AS d ON {match}"
@@ -181,6 +197,18 @@ def _checksum_of_keys(
     return int(row[0]), int(row[1])
 
 
+def _row_hashes(
+    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
+) -> dict[str, int]:
+    """Per key (its recorded jsonb text): the hash of the key's row as ``conn`` sees it; no row, no entry."""
+    pick, match = _key_columns(columns, sql.SQL("u.txt::jsonb"))
+    statement = sql.SQL(
+        "SELECT d.txt, hash_record_extended(t, 0) FROM {table} AS t "
+        "JOIN (SELECT u.txt, {pick} FROM unnest(%s::text[]) AS u(txt)) AS d ON {match}"
+    ).format(table=sql.SQL(table), pick=pick, match=match)
+    return {str(txt): int(digest) for txt, digest in conn.execute(statement, (sorted(keys),))}
+
+
 def _snapshot_part(
     snapshot: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], keys: dict[str, set[str]]
 ) -> dict[str, Checksum]:
@@ -188,35 +216,52 @@ def _snapshot_part(
     return {table: _checksum_of_keys(snapshot, table, pks[table], k) for table, k in keys.items() if k}
 
 
-def _side_delta(
+def _current_rows(
+    now: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], keys: dict[str, set[str]]
+) -> dict[str, dict[str, int]]:
+    """Per table: the row hash of each key as committed now (READ COMMITTED)."""
+    return {table: _row_hashes(now, table, pks[table], k) for table, k in keys.items() if k}
+
+
+def _side_pass(
     snapshot: psycopg.Connection[Any],
     now: psycopg.Connection[Any],
     pks: dict[str, list[tuple[str, str]]],
-    new_keys: dict[str, set[str]],
-    keys: dict[str, set[str]],
-) -> dict[str, tuple[Checksum, Checksum]]:
-    """Per table: (snapshot checksum of the keys recorded since the early pass, final checksum of all keys)."""
-    return {
-        table: (
-            _checksum_of_keys(snapshot, table, pks[table], new_keys[table]) if new_keys[table] else (0, 0),
-            _checksum_of_keys(now, table, pks[table], table_keys),
-        )
-        for table, table_keys in keys.items()
-        if table_keys
-    }
+    snapshot_keys: dict[str, set[str]],
+    current_keys: dict[str, set[str]],
+) -> tuple[dict[str, Checksum], dict[str, dict[str, int]]]:
+    """One side: the snapshot checksum of ``snapshot_keys`` and the current rows of ``current_keys``."""
+    return _snapshot_part(snapshot, pks, snapshot_keys), _current_rows(now, pks, current_keys)
 
 
-def _union(source: dict[str, set[str]], target: dict[str, set[str]], tables: list[str]) -> dict[str, set[str]]:
-    return {table: source.get(table, set()) | target.get(table, set()) for table in tables}
+def _current_side(
+    early: dict[str, dict[str, int]], fenced: dict[str, dict[str, int]], since: dict[str, set[str]], table: str
+) -> dict[str, int]:
+    """The final rows of a table's changed keys: read inside the fence if changed since the early pass."""
+    rows = {key: digest for key, digest in early.get(table, {}).items() if key not in since[table]}
+    rows.update(fenced.get(table, {}))
+    return rows
+
+
+def _summary(rows: dict[str, int]) -> Checksum:
+    digest = 0
+    for value in rows.values():
+        digest ^= value
+    return len(rows), digest
 
 
 def _remove(total: Checksum, part: Checksum) -> Checksum:
     return total[0] - part[0], total[1] ^ part[1]
 
 
+def _new_changes(changes: Changes, seen: Changes) -> list[tuple[str, str]]:
+    return [change for change_id, change in changes.items() if change_id not in seen]
+
+
 def verify_incremental(
     plan: MovePlan,
     *,
+    activate: bool = False,
     drain_timeout: float = 2.0,
     max_lag_bytes: int = engine.DEFAULT_MAX_LAG_BYTES,
     catch_up_timeout: float = 30.0,
@@ -224,12 +269,14 @@ def verify_incremental(
 ) -> dict[str, Any]:
     """Baseline before the fence, fence, final catch-up, delta check; returns timings.
 
-    Leaves the source *fenced* on success (the caller activates the target and
-    flips the route); on any failure the caller aborts the move. The catch-up
-    gate before the real fence backs off and tries again while the target lags
-    (:func:`engine.catch_up_gate`): a target that fell behind during the bulk
-    checksums delays the fence, it does not abort the move. ``fenced_at`` in
-    the result is the ``time.monotonic()`` instant the real fence started.
+    Leaves the source *fenced* on success -- with ``activate``, the target
+    activated at the new epoch too, on the connection the fence already had
+    open (the caller flips the route); on any failure the caller aborts the
+    move. The catch-up gate before the real fence backs off and tries again
+    while the target lags (:func:`engine.catch_up_gate`): a target that fell
+    behind during the bulk checksums delays the fence, it does not abort the
+    move. ``fenced_at`` in the result is the ``time.monotonic()`` instant the
+    real fence started.
     """
     install_tracking(plan)
     baseline_marker = uuid.uuid4()
@@ -244,65 +291,112 @@ def verify_incremental(
             with ThreadPoolExecutor(max_workers=2) as pool:
                 s_future = pool.submit(_checksums, source_snapshot, tables, plan.tenant_id)
                 t_future = pool.submit(_checksums, target_snapshot, tables, plan.tenant_id)
-                bulk_source, bulk_target = s_future.result(), t_future.result()
+                bulk = {"source": s_future.result(), "target": t_future.result()}
             timings["bulk_seconds"] = time.monotonic() - start
-            timings["rows"] = {table: count for table, (count, _) in bulk_source.items()}
+            timings["rows"] = {table: count for table, (count, _) in bulk["source"].items()}
             pks = {table: _pk(source_snapshot, table) for table in tables}
             # Everything the fenced part needs is opened now, outside the pause:
             # a new connection costs a backend start, several milliseconds each.
             with (
                 engine.connect(plan.source.owner()) as source_now,
                 engine.connect(plan.target.owner()) as target_now,
+                engine.connect(plan.source.owner(), autocommit=True) as source_control,
+                engine.connect(plan.target.owner(), autocommit=True) as target_control,
                 ThreadPoolExecutor(max_workers=2) as pool,
             ):
                 engine._privileged(source_now)
                 engine._privileged(target_now)
                 engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
-                # Early pass, still unfenced: the snapshot side of every key
-                # recorded so far (snapshots do not change), so that inside the
-                # fence only the keys recorded since need it. XOR over disjoint
-                # key sets composes, which keeps the split exact.
-                early = _union(_keys(source_now, plan.move_id), _keys(target_now, plan.move_id), tables)
-                s_early = pool.submit(_snapshot_part, source_snapshot, pks, early)
-                t_early = pool.submit(_snapshot_part, target_snapshot, pks, early)
-                early_source, early_target = s_early.result(), t_early.result()
+                # Early pass, still unfenced, over every change recorded so far:
+                # the snapshot side of each key (snapshots do not change) and its
+                # current row. Inside the fence only the keys recorded since need
+                # either: XOR over disjoint key sets composes, and a key with no
+                # change recorded since the early pass on either side has not
+                # changed since on that side (its trigger records every change,
+                # in the same transaction), so its current row is still its final one.
+                seen = {"source": _changes(source_now, plan.move_id), "target": _changes(target_now, plan.move_id)}
+                early = _keys([*seen["source"].values(), *seen["target"].values()], tables)
+                s_early = pool.submit(_side_pass, source_snapshot, source_now, pks, early, early)
+                t_early = pool.submit(_side_pass, target_snapshot, target_now, pks, early, early)
+                early_pass = {"source": s_early.result(), "target": t_early.result()}
                 fenced = time.monotonic()  # the write pause starts here, drain included
-                engine.fence_source(plan, drain_timeout=drain_timeout)
+                engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
                 drained = time.monotonic()
                 timings["drain_seconds"] = drained - fenced
-                engine.final_catch_up(plan)
+                engine.final_catch_up(plan, conn=target_control)
                 timings["final_catch_up_seconds"] = time.monotonic() - drained
                 delta_start = time.monotonic()
                 # READ COMMITTED statements: each sees every change committed before the fence.
-                keys = _union(_keys(source_now, plan.move_id), _keys(target_now, plan.move_id), tables)
-                new_keys = {table: keys[table] - early[table] for table in tables}
+                s_changes = pool.submit(_changes, source_now, plan.move_id)
+                t_changes = pool.submit(_changes, target_now, plan.move_id)
+                since = _keys(
+                    [
+                        *_new_changes(s_changes.result(), seen["source"]),
+                        *_new_changes(t_changes.result(), seen["target"]),
+                    ],
+                    tables,
+                )
+                new_keys = {table: since[table] - early[table] for table in tables}
                 # Source and target are checked side by side, each on its own connections.
-                s_delta = pool.submit(_side_delta, source_snapshot, source_now, pks, new_keys, keys)
-                t_delta = pool.submit(_side_delta, target_snapshot, target_now, pks, new_keys, keys)
-                source_delta, target_delta = s_delta.result(), t_delta.result()
+                s_delta = pool.submit(_side_pass, source_snapshot, source_now, pks, new_keys, since)
+                t_delta = pool.submit(_side_pass, target_snapshot, target_now, pks, new_keys, since)
+                fenced_pass = {"source": s_delta.result(), "target": t_delta.result()}
                 source_now.rollback()
                 target_now.rollback()
-            mismatches: dict[str, Any] = {}
-            for table in tables:
-                stable_source, stable_target = bulk_source[table], bulk_target[table]
-                final_source = final_target = (0, 0)
-                if table in source_delta:
-                    before_source, final_source = source_delta[table]
-                    before_target, final_target = target_delta[table]
-                    stable_source = _remove(stable_source, before_source)
-                    stable_target = _remove(stable_target, before_target)
-                if table in early_source:
-                    stable_source = _remove(stable_source, early_source[table])
-                    stable_target = _remove(stable_target, early_target[table])
-                if stable_source != stable_target or final_source != final_target:
-                    mismatches[table] = {
-                        "unchanged_rows": {"source": stable_source, "target": stable_target},
-                        "changed_rows": {"source": final_source, "target": final_target, "keys": len(keys[table])},
-                    }
-            timings["delta_seconds"] = time.monotonic() - delta_start
+                keys = {table: early[table] | since[table] for table in tables}
+                mismatches = _mismatches(tables, bulk, early_pass, fenced_pass, since, keys)
+                timings["delta_seconds"] = time.monotonic() - delta_start
+                if activate and not mismatches:
+                    activated = time.monotonic()
+                    engine.activate_target(plan, conn=target_control)
+                    timings["activate_seconds"] = time.monotonic() - activated
             timings["changed_keys"] = sum(len(k) for k in keys.values())
-            timings["changed_keys_in_fence"] = sum(len(k) for k in new_keys.values())
+            timings["changed_keys_in_fence"] = sum(len(k) for k in since.values())
             timings["fenced_at"] = fenced
     if mismatches:
         raise VerificationError(f"verification failed: {mismatches}")
     return timings
+
+
+SidePass = tuple[dict[str, Checksum], dict[str, dict[str, int]]]
+
+
+def _mismatches(
+    tables: list[str],
+    bulk: dict[str, dict[str, Checksum]],
+    early: dict[str, SidePass],
+    fenced: dict[str, SidePass],
+    since: dict[str, set[str]],
+    keys: dict[str, set[str]],
+) -> dict[str, Any]:
+    """Per table that differs: (a) the rows no change touched, (b) the final rows of the changed keys.
+
+    (a) is each side's bulk checksum with the snapshot rows of every changed
+    key removed; (b) compares the changed keys row by row.
+    """
+    mismatches: dict[str, Any] = {}
+    for table in tables:
+        stable: dict[str, Checksum] = {}
+        final: dict[str, dict[str, int]] = {}
+        for side in ("source", "target"):
+            stable[side] = bulk[side][table]
+            for part in (early[side][0], fenced[side][0]):
+                if table in part:
+                    stable[side] = _remove(stable[side], part[table])
+            final[side] = _current_side(early[side][1], fenced[side][1], since, table)
+        if stable["source"] != stable["target"] or final["source"] != final["target"]:
+            differing = {
+                k
+                for k in final["source"].keys() | final["target"].keys()
+                if final["source"].get(k) != final["target"].get(k)
+            }
+            mismatches[table] = {
+                "unchanged_rows": stable,
+                "changed_rows": {
+                    "source": _summary(final["source"]),
+                    "target": _summary(final["target"]),
+                    "keys": len(keys[table]),
+                    "differing_keys": len(differing),
+                },
+            }
+    return mismatches

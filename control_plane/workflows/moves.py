@@ -12,16 +12,22 @@ online, it is ``control_plane.moves.verify.verify_incremental`` (bulk checksums
 of two snapshots at one replication position before the fence; inside the
 fence the final catch-up and a check of only the rows changed since); offline,
 it is fence -> binary COPY -> full verification. Either way it leaves the
-source fenced and verified, or fails. ``catch_up`` and the gate inside
+source fenced and verified and the target activated at the new epoch (on the
+connection the fence already had open: the write pause pays for no new
+connection and no extra checkpoint), or fails. The target is harmless until
+the flip: no router holds the new epoch before it commits. ``catch_up`` and the gate inside
 ``cutover`` back off and try again while the target lags (never fence with a
 large backlog; the move fails only after the last attempt).
 
-Before ``activate`` (the point of no return) the source is authoritative: a
-cancel, or a failure of *any* step, runs :func:`compensate` -- replication
-objects and change triggers dropped, source unfenced, target emptied (and a
-silo provisioned for the move deprovisioned) -- and the tenant is ``active``
-at its old route again; a failed job records why. After ``activate`` the steps
-only move forward (each retried on transient errors). ``cleanup`` waits
+Before ``activate`` (the point of no return; the step itself only activates a
+target that an older ``cutover`` left fenced-but-inactive) the source is
+authoritative: a cancel, or a failure of *any* step, runs :func:`compensate` --
+an activated target retired again (the catalog's epoch proves the route never
+reached it), replication objects and change triggers dropped, source
+unfenced, target emptied (and a silo provisioned for the move deprovisioned)
+-- and the tenant is ``active`` at its old route again; a failed job records
+why. After ``activate`` the steps only move forward (each retried on transient
+errors). ``cleanup`` waits
 ``move_cleanup_grace_seconds`` and then deletes the source rows (promotion) or
 deprovisions the old silo (demotion): the only destructive step, refused
 unless the source has been retired.
@@ -362,18 +368,22 @@ def _catch_up(plan: MovePlan) -> int:
 
 
 def _cutover(plan: MovePlan) -> dict[str, Any]:
+    """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``activate`` skip."""
     if plan.mode == "online":
         settings = runtime.current().settings
         details = verify_incremental(
             plan,
+            activate=True,
             max_lag_bytes=settings.move_max_lag_bytes,
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
         )
-        return {k: v for k, v in details.items() if k != "fenced_at"}
+        return {**{k: v for k, v in details.items() if k != "fenced_at"}, "activated": True}
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
-    return {"copied": copied, "verified": engine.verify(plan)}
+    verified = engine.verify(plan)
+    engine.activate_target(plan)
+    return {"copied": copied, "verified": verified, "activated": True}
 
 
 prepare = _before_flip("prepare", engine.prepare_target)
@@ -396,7 +406,19 @@ def _forward(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
     return _move_step(f"tenantctl.move.{name}", **FORWARD_RETRIES)(body)
 
 
-activate = _forward("activate", engine.activate_target)
+@_move_step("tenantctl.move.activate", **FORWARD_RETRIES)
+async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Nothing left to do when the checkpointed cutover says it activated the target.
+
+    Its checkpoint is written only after the activation committed. A workflow
+    whose cutover ran on code that did not activate (resumed after an
+    upgrade) activates here; activation is idempotent either way.
+    """
+    if (outputs.get("cutover") or {}).get("activated"):
+        return
+    await asyncio.to_thread(engine.activate_target, plan_of(outputs))
+
+
 retire = _forward("retire", engine.retire_source)
 stop_replication = _forward("stop_replication", _online_only(engine.stop_replication))
 
@@ -473,8 +495,12 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     provisioned = outputs.get("provision")
     silo_status = None if provisioned is None else await _location_status(provisioned["id"])
     if "plan" in outputs and silo_status not in ("deleting", "deleted"):
-        # Publication, subscription, slots and change triggers dropped; source unfenced; target emptied.
-        await asyncio.to_thread(engine.abort, plan_of(outputs))
+        # The catalog's epoch decides whether an activated target may be taken back:
+        # it may only while the route still names the source (no flip committed).
+        route_epoch = int((await _tenant_row(tenant_id)).route_epoch)
+        # Target retired; publication, subscription, slots and change triggers dropped; source unfenced;
+        # target emptied.
+        await asyncio.to_thread(functools.partial(engine.abort, plan_of(outputs), route_epoch=route_epoch))
     if provisioned is not None:
         await _set_location_status(provisioned["id"], "deleting")
         provisioner = runtime.current().provisioner()
