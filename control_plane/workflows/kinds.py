@@ -56,7 +56,6 @@ _MOVE_STEPS = (
     "replicate",
     "catch_up",
     "cutover",
-    "activate",
     "flip",
     "retire",
     "stop_replication",
@@ -67,7 +66,7 @@ PROMOTION = JobKind(
     name="promotion",
     workflow_name="tenantctl.promotion",
     steps=("provision", "migrate", "plan", *_MOVE_STEPS),
-    point_of_no_return="activate",
+    point_of_no_return="flip",
 )
 
 DEMOTION = JobKind(
@@ -75,7 +74,7 @@ DEMOTION = JobKind(
     workflow_name="tenantctl.demotion",
     # migrate: the silo (the source) is brought to the pool's revision first.
     steps=("migrate", "plan", *_MOVE_STEPS),
-    point_of_no_return="activate",
+    point_of_no_return="flip",
 )
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (ONBOARDING, OFFBOARDING, PROMOTION, DEMOTION)}

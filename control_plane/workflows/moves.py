@@ -4,7 +4,7 @@ Steps (``control_plane.moves.engine`` does the database work; every step is a
 DBOS step, checkpointed, and idempotent when replayed after a crash)::
 
     promotion: provision -> migrate -> plan -> prepare -> replicate -> catch_up -> cutover
-               -> activate -> flip -> retire -> stop_replication -> cleanup
+               -> flip -> retire -> stop_replication -> cleanup
     demotion:  migrate (the silo, to the pool's revision) -> plan -> prepare -> ... (same) ... -> cleanup
 
 ``cutover`` is one step because its snapshots live in open transactions:
@@ -19,15 +19,16 @@ the flip: no router holds the new epoch before it commits. ``catch_up`` and the 
 ``cutover`` back off and try again while the target lags (never fence with a
 large backlog; the move fails only after the last attempt).
 
-Before ``activate`` (the point of no return; the step itself only activates a
-target that an older ``cutover`` left fenced-but-inactive) the source is
-authoritative: a cancel, or a failure of *any* step, runs :func:`compensate` --
-an activated target retired again (the catalog's epoch proves the route never
-reached it), replication objects and change triggers dropped, source
-unfenced, target emptied (and a silo provisioned for the move deprovisioned)
--- and the tenant is ``active`` at its old route again; a failed job records
-why. After ``activate`` the steps only move forward (each retried on transient
-errors). ``cleanup`` waits
+Before ``flip`` (the point of no return) the source is authoritative: a
+cancel, or a failure of *any* step, runs :func:`compensate` -- an activated
+target retired again (the catalog's epoch proves the route never reached it),
+replication objects and change triggers dropped, source unfenced, target
+emptied (and a silo provisioned for the move deprovisioned) -- and the tenant
+is ``active`` at its old route again; a failed job records why. From ``flip``
+on the steps only move forward (each retried on transient errors). Nothing
+runs between ``cutover`` and ``flip``: each step costs the write pause a
+checkpoint and a job-row update (measured ~15 ms each through the workflow,
+``bench/moves_workflow.py``). ``cleanup`` waits
 ``move_cleanup_grace_seconds`` and then deletes the source rows (promotion) or
 deprovisions the old silo (demotion): the only destructive step, refused
 unless the source has been retired.
@@ -368,7 +369,7 @@ def _catch_up(plan: MovePlan) -> int:
 
 
 def _cutover(plan: MovePlan) -> dict[str, Any]:
-    """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``activate`` skip."""
+    """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating."""
     if plan.mode == "online":
         settings = runtime.current().settings
         details = verify_incremental(
@@ -406,27 +407,22 @@ def _forward(name: str, fn: Callable[[MovePlan], Any]) -> StepBody:
     return _move_step(f"tenantctl.move.{name}", **FORWARD_RETRIES)(body)
 
 
-@_move_step("tenantctl.move.activate", **FORWARD_RETRIES)
-async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
-    """Nothing left to do when the checkpointed cutover says it activated the target.
-
-    Its checkpoint is written only after the activation committed. A workflow
-    whose cutover ran on code that did not activate (resumed after an
-    upgrade) activates here; activation is idempotent either way.
-    """
-    if (outputs.get("cutover") or {}).get("activated"):
-        return
-    await asyncio.to_thread(engine.activate_target, plan_of(outputs))
-
-
 retire = _forward("retire", engine.retire_source)
 stop_replication = _forward("stop_replication", _online_only(engine.stop_replication))
 
 
 @_move_step("tenantctl.move.flip", **FORWARD_RETRIES)
 async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-    """Route epoch + 1 to the target (the trigger NOTIFYs every replica); tenant active again."""
+    """Route epoch + 1 to the target (the trigger NOTIFYs every replica); tenant active again.
+
+    The cutover normally activated the target inside the fence (its checkpoint
+    is written only after that committed). One that did not -- a workflow
+    resumed from a cutover of older code -- is activated here first;
+    activation is idempotent.
+    """
     plan = plan_of(outputs)
+    if not (outputs.get("cutover") or {}).get("activated"):
+        await asyncio.to_thread(engine.activate_target, plan)
     placement = outputs["plan"]["placement"]
     async with runtime.current().sessions().begin() as session:
         current = await service.resolve_tenant(session, plan.tenant_id, lock=True)
@@ -488,7 +484,7 @@ async def deprovision_retired_silo(plan: MovePlan, old: dict[str, Any]) -> None:
 async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     """Source authoritative and untouched; nothing of the move left behind; tenant active.
 
-    Runs for a cancel and for a failure before ``activate``. Idempotent: a
+    Runs for a cancel and for a failure before ``flip``. Idempotent: a
     replay after the silo was (being) deprovisioned does not touch it again.
     """
     tenant_id = await job_tenant(job)
@@ -523,7 +519,6 @@ COMMON: dict[str, StepBody] = {
     "replicate": replicate,
     "catch_up": catch_up,
     "cutover": cutover,
-    "activate": activate,
     "flip": flip,
     "retire": retire,
     "stop_replication": stop_replication,

@@ -157,7 +157,7 @@ async def _assert_promoted_exactly_once(
 # Every step of a promotion, killed once: the restarted worker must run the interrupted step again.
 IN_TURN = {
     "before-flip": ("provision", "migrate", "plan", "prepare", "replicate", "catch_up"),
-    "cutover-and-after": ("cutover", "activate", "flip", "retire", "stop_replication", "cleanup"),
+    "cutover-and-after": ("cutover", "flip", "retire", "stop_replication", "cleanup"),
 }
 
 
