@@ -222,20 +222,24 @@ class JobRun:
     async def enter(self, name: str) -> bool:
         """Record that step ``name`` starts; True if a cancel is due instead."""
         async with self._sessions.begin() as session:
-            job = await get_job(session, self.job_id, lock=True)
-            if job.cancel_requested and self.kind.may_stop_before(name):
-                return True
-            await session.execute(
-                sa.update(jobs)
-                .where(jobs.c.id == self.job_id)
-                .values(
-                    step=name,
-                    progress=max(job.progress, self.kind.fraction_before(name)),
-                    detail={},
-                    updated_at=sa.func.now(),
-                )
+            return await self.enter_in(session, name)
+
+    async def enter_in(self, session: AsyncSession, name: str) -> bool:
+        """:meth:`enter` inside the caller's transaction (a step that enters itself)."""
+        job = await get_job(session, self.job_id, lock=True)
+        if job.cancel_requested and self.kind.may_stop_before(name):
+            return True
+        await session.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == self.job_id)
+            .values(
+                step=name,
+                progress=max(job.progress, self.kind.fraction_before(name)),
+                detail={},
+                updated_at=sa.func.now(),
             )
-            return False
+        )
+        return False
 
     async def progress(self, step: str, fraction: float, detail: dict[str, Any]) -> None:
         """Progress within ``step`` (0..1) and its counters."""

@@ -20,6 +20,10 @@ class JobKind:
     workflow_name: str
     steps: tuple[str, ...]
     point_of_no_return: str | None = None
+    # Steps that record their own entry (and check for a due cancel) in their
+    # first transaction instead of a separate ``enter`` step: those that run
+    # inside a write pause, where each step's checkpoint is felt.
+    enters_itself: frozenset[str] = frozenset()
 
     def cancellable_at(self, step: str | None) -> bool:
         if step is None or self.point_of_no_return is None:
@@ -67,6 +71,7 @@ PROMOTION = JobKind(
     workflow_name="tenantctl.promotion",
     steps=("provision", "migrate", "plan", *_MOVE_STEPS),
     point_of_no_return="flip",
+    enters_itself=frozenset({"flip"}),
 )
 
 DEMOTION = JobKind(
@@ -75,6 +80,7 @@ DEMOTION = JobKind(
     # migrate: the silo (the source) is brought to the pool's revision first.
     steps=("migrate", "plan", *_MOVE_STEPS),
     point_of_no_return="flip",
+    enters_itself=frozenset({"flip"}),
 )
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (ONBOARDING, OFFBOARDING, PROMOTION, DEMOTION)}

@@ -71,8 +71,9 @@ from control_plane.moves.verify import verify_incremental
 from control_plane.provisioning import credentials, location_for_cleanup
 from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.workflows import runtime
+from control_plane.workflows.jobs import JobRun
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
-from control_plane.workflows.steps import job_tenant, run_job
+from control_plane.workflows.steps import CANCEL_DUE, job_tenant, run_job
 from data_plane.dsn import database_of, password_of, server_user, with_database, with_password, without_password
 
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
@@ -421,13 +422,18 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     activation is idempotent.
     """
     plan = plan_of(outputs)
-    if not (outputs.get("cutover") or {}).get("activated"):
-        await asyncio.to_thread(engine.activate_target, plan)
     placement = outputs["plan"]["placement"]
     async with runtime.current().sessions().begin() as session:
         current = await service.resolve_tenant(session, plan.tenant_id, lock=True)
         if current.route_epoch >= plan.new_epoch:
             return {"route_epoch": current.route_epoch}  # replayed after the commit
+        # The step's entry (and the last chance for a cancel requested during
+        # the cutover), in this transaction: no separate step inside the pause.
+        kind = PROMOTION if placement == "silo" else DEMOTION
+        if await JobRun(runtime.current().sessions(), uuid.UUID(job["id"]), kind).enter_in(session, "flip"):
+            return CANCEL_DUE
+        if not (outputs.get("cutover") or {}).get("activated"):
+            await asyncio.to_thread(engine.activate_target, plan)
         await service.transition(
             session,
             tenant_id=plan.tenant_id,

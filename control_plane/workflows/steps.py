@@ -20,6 +20,10 @@ from control_plane.workflows.kinds import JobKind, kind_of
 
 log = structlog.get_logger(__name__)
 
+# What a step that enters itself (JobKind.enters_itself) returns when a cancel
+# is due at its entry: it has done nothing, and the job compensates.
+CANCEL_DUE: dict[str, Any] = {"cancel_due": True}
+
 # One step body: receives the job's row (as a dict: id, tenant_id, params,
 # created_by ...) and the outputs of the previous steps; returns its own output.
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
@@ -94,12 +98,20 @@ async def run_job(
     cancelling = False
     try:
         for step in kind.steps:
-            if await enter_step(job_id, kind.name, step):
+            if step in kind.enters_itself:
+                # The body records its entry in its own first transaction and
+                # answers CANCEL_DUE (checkpointed like any output) instead of running.
+                outputs[step] = await bodies[step](job, outputs)
+                cancel_due = outputs[step] == CANCEL_DUE
+            else:
+                cancel_due = await enter_step(job_id, kind.name, step)
+                if not cancel_due:
+                    outputs[step] = await bodies[step](job, outputs)
+            if cancel_due:
                 cancelling = True
                 await compensate(job, outputs)
                 await finish_job(job_id, kind.name, "cancelled", None)
                 return "cancelled"
-            outputs[step] = await bodies[step](job, outputs)
     except Exception as exc:  # noqa: BLE001  # any step failure must end on the job row, not vanish
         log.warning("job_failed", job_id=job_id, kind=kind.name, step=step, error_type=type(exc).__name__)
         error = f"{type(exc).__name__}: {exc}"
@@ -135,4 +147,4 @@ async def job_tenant(job: dict[str, Any]) -> uuid.UUID:
     return uuid.UUID(str(tenant_id))
 
 
-__all__ = ["enter_step", "finish_job", "get_job", "report_progress", "run_job", "start_job"]
+__all__ = ["CANCEL_DUE", "enter_step", "finish_job", "get_job", "report_progress", "run_job", "start_job"]
