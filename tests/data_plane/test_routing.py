@@ -438,3 +438,46 @@ async def test_fused_read_binds_only_for_its_statement(world: World) -> None:
     finally:
         await engines.close()
         await directory.close()
+
+
+async def test_a_silo_location_change_drops_only_its_tenants_routes(world: World, pg_servers: PgServers) -> None:
+    """A promotion's flip marks its silo ready: that must not empty every replica's route cache."""
+    directory = RouteDirectory(world.endpoints.app_catalog_url, ttl=3600)  # only a NOTIFY evicts
+    await directory.start()
+    admin = _catalog_admin(world, pg_servers)
+    a, s = world["A"], world["S"]
+    try:
+        for tenant in (a, s):
+            await directory.lookup(tenant.id)
+        seen = directory.invalidations
+
+        async def notified(count: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return directory.invalidations >= seen + count
+
+            return check
+
+        with psycopg.connect(admin, autocommit=True) as conn:
+            silo = "SELECT location_id FROM tenants WHERE id = %s"
+            conn.execute(f"UPDATE locations SET status = 'ready' WHERE id = ({silo})", (s.id,))  # not in the view
+            conn.execute(f"UPDATE locations SET app_dsn = app_dsn WHERE id = ({silo})", (s.id,))  # unchanged
+            conn.execute(f"UPDATE locations SET app_dsn = app_dsn || '' WHERE id = ({silo})", (s.id,))  # still same
+            # Control: a real change to the silo's DSN evicts the silo's tenant, and only it.
+            conn.execute(f"UPDATE locations SET secret_ref = 'arn:example' WHERE id = ({silo})", (s.id,))
+        await _eventually(await notified(1), timeout=5)
+        reads = directory.refreshes
+        assert (await directory.lookup(a.id)).status == "active"
+        assert directory.refreshes == reads  # A still cached: nothing told it to go
+        await directory.lookup(s.id)
+        assert directory.refreshes == reads + 1  # S was evicted and read again
+        assert directory.invalidations == seen + 1  # the status and no-op updates sent nothing
+        # Control: the shared pool's location still evicts everyone.
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("UPDATE locations SET secret_ref = 'arn:pool' WHERE kind = 'pool'")
+        await _eventually(await notified(2), timeout=5)
+        await directory.lookup(a.id)
+        assert directory.refreshes == reads + 2
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("UPDATE locations SET secret_ref = NULL WHERE secret_ref IN ('arn:example', 'arn:pool')")
+        await directory.close()
