@@ -136,7 +136,8 @@ def run() -> dict[str, Any]:
             silo = cat.execute(
                 "SELECT l.dsn FROM tenants t JOIN locations l ON l.id = t.location_id WHERE t.id = %s", (tenant_id,)
             ).fetchone()
-        assert silo is not None and silo[0], "the tenant has no silo location after the promotion"
+        if job["status"] != "succeeded" or silo is None or not silo[0]:
+            raise RuntimeError(f"the promotion did not finish: {job['status']}: {job.get('error')}")
         steps = _steps(endpoints.catalog_url, tenant_id)
         acked = [e for e in log if e["status"] == 201]
         with psycopg.connect(libpq(silo[0])) as conn:

@@ -124,9 +124,15 @@ async def transition(
     previous: str | None = None,
     values: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    current: TenantView | None = None,
 ) -> TenantView:
-    """Apply a lifecycle action in the caller's transaction, with its audit entry."""
-    current = await resolve_tenant(session, tenant_id, lock=True)
+    """Apply a lifecycle action in the caller's transaction, with its audit entry.
+
+    ``current``: the tenant as the caller already read it *with its row lock*
+    in this transaction (saves reading it again, e.g. inside a write pause).
+    """
+    if current is None or current.id != tenant_id:
+        current = await resolve_tenant(session, tenant_id, lock=True)
     target = next_status(action, current.status, previous=previous)
     extra = dict(values or {})
     if target is Status.DELETED:

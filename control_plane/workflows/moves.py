@@ -439,6 +439,7 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
             tenant_id=plan.tenant_id,
             action=Action.FINISH_MOVE,
             actor=job["created_by"],
+            current=current,
             values={
                 "placement": placement,
                 "location_id": uuid.UUID(plan.target.location_id),
