@@ -15,11 +15,9 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench.common import embedded_stack, free_port, load, median, server_process
+from bench.common import embedded_stack, free_port, load, median, server_process, tenant_api
 from bench.seed import add_pool_tenants
-from control_plane import keys
 from data_plane.dsn import libpq
-from data_plane.settings import DataPlaneSettings
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = 4.0
@@ -55,18 +53,8 @@ def run() -> dict[str, Any]:
             tenant_id = tenants[0]
             project_id = pool.execute("SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)).fetchone()
             assert project_id is not None
-        settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
-        keys.ensure_dev_key(settings)
-        token = keys.tenant_token(settings, tenant_id=tenant_id, ttl=3600)
-        env = {
-            "TENANTCTL_STATE_DIR": str(stack.state_dir),
-            "TENANTCTL_ENVIRONMENT": "test",
-            "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
-            "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
-            # The limiter stays in the request path (its cost is measured) but
-            # must not refuse the benchmark's own load; no project quota either.
-            "TENANTCTL_RATE_LIMITS": '{"standard": "1000000/second"}',
-            "TENANTCTL_PROJECT_QUOTAS": "{}",
+        token, env = tenant_api(stack, endpoints, tenant_id)
+        env |= {
             "TENANTCTL_POOL_SIZE": str(POOL_SIZE),
             "BENCH_BASELINE_DSN": endpoints.pool_url,
             "BENCH_TENANT_ID": str(tenant_id),

@@ -16,16 +16,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from control_plane import keys
 from control_plane import stack as stack_mod
 from control_plane.bootstrap import Roles
 from control_plane.dev import EmbeddedStack
 from control_plane.stack import Endpoints
+from data_plane.settings import DataPlaneSettings
 
 
 @contextlib.contextmanager
@@ -138,3 +141,21 @@ def load(port: int, path: str, headers: dict[str, str], *, seconds: float, concu
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def tenant_api(stack: EmbeddedStack, endpoints: Endpoints, tenant_id: uuid.UUID) -> tuple[str, dict[str, str]]:
+    """A token for ``tenant_id`` and the environment of a tenant API server on this stack."""
+    settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
+    keys.ensure_dev_key(settings)
+    token = keys.tenant_token(settings, tenant_id=tenant_id, ttl=3600)
+    env = {
+        "TENANTCTL_STATE_DIR": str(stack.state_dir),
+        "TENANTCTL_ENVIRONMENT": "test",
+        "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
+        "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
+        # The limiter stays in the request path (its cost is measured) but
+        # must not refuse the benchmark's own load; no project quota either.
+        "TENANTCTL_RATE_LIMITS": '{"standard": "1000000/second"}',
+        "TENANTCTL_PROJECT_QUOTAS": "{}",
+    }
+    return token, env

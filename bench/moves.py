@@ -34,15 +34,13 @@ from typing import Any, Protocol
 
 import psycopg
 
-from bench.common import embedded_stack, free_port, server_process
+from bench.common import embedded_stack, free_port, server_process, tenant_api
 from bench.seed import add_pool_tenants
-from control_plane import keys
 from control_plane.bootstrap import Roles, ensure_database
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan, Side, replication_conninfo
 from control_plane.stack import Endpoints
 from data_plane.dsn import libpq, with_database, with_user
-from data_plane.settings import DataPlaneSettings
 
 PROJECTS = int(os.environ.get("BENCH_MOVE_PROJECTS", "500000"))  # + as many tasks = 1M rows
 WRITES_PER_SECOND = 200
@@ -235,20 +233,8 @@ def run() -> dict[str, Any]:
             )
             flip_at.append(time.monotonic())
 
-        settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
-        keys.ensure_dev_key(settings)
-        token = keys.tenant_token(settings, tenant_id=tenant_id, ttl=3600)
+        token, env = tenant_api(stack, endpoints, tenant_id)
         port = free_port()
-        env = {
-            "TENANTCTL_STATE_DIR": str(stack.state_dir),
-            "TENANTCTL_ENVIRONMENT": "test",
-            "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
-            "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
-            # The limiter stays in the request path (its cost is measured) but
-            # must not refuse the benchmark's own load; no project quota either.
-            "TENANTCTL_RATE_LIMITS": '{"standard": "1000000/second"}',
-            "TENANTCTL_PROJECT_QUOTAS": "{}",
-        }
         with (
             server_process(["-m", "bench.servers", "tenantctl", str(port)], port=port, env=env),
             writer_process(port, token) as log,

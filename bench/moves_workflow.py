@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.common import embedded_stack, free_port, server_process
+from bench.common import embedded_stack, free_port, server_process, tenant_api
 from bench.moves import PROJECTS, _percentile, _seed, writer_process
 from bench.seed import add_pool_tenants
 from control_plane import keys
@@ -35,7 +35,6 @@ from control_plane.api import create_app as create_admin_app
 from control_plane.settings import ControlPlaneSettings
 from control_plane.workflows.executor import Executor
 from data_plane.dsn import libpq
-from data_plane.settings import DataPlaneSettings
 
 JOB_TIMEOUT_SECONDS = 600.0
 
@@ -111,17 +110,8 @@ def run() -> dict[str, Any]:
             move_cleanup_grace_seconds=0.0,
         )
         keys.ensure_dev_key(settings)
-        dp_settings = DataPlaneSettings(state_dir=stack.state_dir, environment="test")
-        token = keys.tenant_token(dp_settings, tenant_id=tenant_id, ttl=3600)
+        token, env = tenant_api(stack, endpoints, tenant_id)
         port = free_port()
-        env = {
-            "TENANTCTL_STATE_DIR": str(stack.state_dir),
-            "TENANTCTL_ENVIRONMENT": "test",
-            "TENANTCTL_APP_CATALOG_URL": endpoints.app_catalog_url,
-            "TENANTCTL_APP_POOL_URL": endpoints.app_pool_url,
-            "TENANTCTL_RATE_LIMITS": '{"standard": "1000000/second"}',
-            "TENANTCTL_PROJECT_QUOTAS": "{}",
-        }
         with (
             Executor(settings, endpoints, name=f"bench-{uuid.uuid4().hex[:8]}"),
             server_process(["-m", "bench.servers", "tenantctl", str(port)], port=port, env=env),
