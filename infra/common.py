@@ -64,6 +64,15 @@ def generated_password(name: str, *, opts: pulumi.ResourceOptions) -> random.Ran
     )
 
 
+def role_secret_resource(name: str, kind: str) -> str:
+    """The Pulumi resource name of a role's credentials secret.
+
+    The master secret keeps its original resource name, so that stacks created
+    before the role secrets existed do not replace it.
+    """
+    return f"{name}-secret" if kind == "master" else f"{name}-{kind}-secret"
+
+
 def credentials_secret(
     name: str,
     *,
@@ -144,6 +153,27 @@ def db_ingress(
         name,
         security_group_id=security_group_id,
         referenced_security_group_id=source_security_group_id,
+        ip_protocol="tcp",
+        from_port=PG_PORT,
+        to_port=PG_PORT,
+        description=description,
+        opts=opts,
+    )
+
+
+def db_egress(
+    name: str,
+    *,
+    security_group_id: pulumi.Input[str],
+    destination_security_group_id: pulumi.Input[str],
+    description: str,
+    opts: pulumi.ResourceOptions,
+) -> aws.vpc.SecurityGroupEgressRule:
+    """Let PostgreSQL traffic out to one security group (never to a CIDR)."""
+    return aws.vpc.SecurityGroupEgressRule(
+        name,
+        security_group_id=security_group_id,
+        referenced_security_group_id=destination_security_group_id,
         ip_protocol="tcp",
         from_port=PG_PORT,
         to_port=PG_PORT,

@@ -49,6 +49,7 @@ from infra.common import (
     generated_password,
     kms_key,
     postgres_parameters,
+    role_secret_resource,
 )
 
 POOL_DATABASE = "tenantctl_pool"
@@ -257,11 +258,8 @@ def _role_secret(
     key: aws.kms.Key,
     tags: dict[str, str],
 ) -> aws.secretsmanager.Secret:
-    # The master secrets keep their original resource names so stacks created
-    # before the role secrets existed do not replace them.
-    resource = f"{name}-secret" if kind == "master" else f"{name}-{kind}-secret"
     return credentials_secret(
-        resource,
+        role_secret_resource(name, kind),
         secret_name_prefix=f"tenantctl/{config.environment}/{name}/{kind}-",
         description=f"tenantctl {name}: {kind} credentials ({username})",
         kms_key_arn=key.arn,

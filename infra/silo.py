@@ -46,11 +46,13 @@ from infra.common import (
     PG_PORT,
     PROJECT_TAG,
     credentials_secret,
+    db_egress,
     db_ingress,
     engine_family,
     generated_password,
     kms_key,
     postgres_parameters,
+    role_secret_resource,
 )
 
 Engine = Literal["postgres", "aurora-postgresql"]
@@ -171,13 +173,10 @@ class SiloDatabase(pulumi.ComponentResource):
             description="pool: logical replication (demotion)",
             opts=child,
         )
-        aws.vpc.SecurityGroupEgressRule(
+        db_egress(
             f"{name}-out-pool",
             security_group_id=security_group.id,
-            referenced_security_group_id=args.pool_security_group_id,
-            ip_protocol="tcp",
-            from_port=PG_PORT,
-            to_port=PG_PORT,
+            destination_security_group_id=args.pool_security_group_id,
             description="logical replication from the pool (promotion)",
             opts=child,
         )
@@ -188,13 +187,10 @@ class SiloDatabase(pulumi.ComponentResource):
             description=f"silo {args.slug}: logical replication subscriber (promotion)",
             opts=child,
         )
-        aws.vpc.SecurityGroupEgressRule(
+        db_egress(
             f"{name}-pool-out",
             security_group_id=args.pool_security_group_id,
-            referenced_security_group_id=security_group.id,
-            ip_protocol="tcp",
-            from_port=PG_PORT,
-            to_port=PG_PORT,
+            destination_security_group_id=security_group.id,
             description=f"silo {args.slug}: the pool subscribes to this silo (demotion)",
             opts=child,
         )
@@ -302,11 +298,8 @@ class SiloDatabase(pulumi.ComponentResource):
             host, port = cluster.endpoint, cluster.port
 
         def secret(kind: str, username: str, secret_password: pulumi.Output[str]) -> aws.secretsmanager.Secret:
-            # The master secret keeps its original resource name so stacks
-            # created before the role secrets existed do not replace it.
-            resource = f"{name}-secret" if kind == "master" else f"{name}-{kind}-secret"
             return credentials_secret(
-                resource,
+                role_secret_resource(name, kind),
                 secret_name_prefix=f"tenantctl/silos/{args.identifier}/{kind}-",
                 description=f"tenantctl silo {args.slug}: {kind} credentials ({username})",
                 kms_key_arn=key.arn,
