@@ -164,6 +164,7 @@ class Executor:
         if self._adopter is not None:
             self._adopter.join(timeout=5)
             self._adopter = None
+        self._context.close()
         DBOS.destroy(destroy_registry=False)
         runtime.install(None)
         if self._lease is not None:
