@@ -28,6 +28,8 @@ async def tenant_context(request: Request) -> TenantContext:
     assert principal.tenant_id is not None  # require_tenant=True guarantees it
     route = (await directory.lookup(principal.tenant_id)).require_servable()
     request.state.route = route
+    if route.upcoming is not None:
+        engines.prewarm(route)  # a move is under way: connect to its target before the flip
     # After the route: the limit depends on the tier, and a 429 is then
     # labelled (metrics, access log) with the tenant's tier and placement.
     limiter: TenantRateLimiter = state.limiter

@@ -78,6 +78,9 @@ tenants = sa.Table(
     sa.Column("version", sa.Integer(), nullable=False, server_default="1"),
     *_timestamps(),
     sa.Column("deleted_at", sa.DateTime(timezone=True)),
+    # Where a move in progress is taking the tenant (catalog_0012): replicas
+    # connect there before the flip; routes still follow location_id.
+    sa.Column("next_location_id", UUID(as_uuid=True), sa.ForeignKey("locations.id")),
 )
 
 audit_log = sa.Table(

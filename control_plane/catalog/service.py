@@ -126,11 +126,36 @@ async def transition(
     detail: dict[str, Any] | None = None,
     current: TenantView | None = None,
 ) -> TenantView:
-    """Apply a lifecycle action in the caller's transaction, with its audit entry.
+    """Apply a lifecycle action in the caller's transaction, with its audit entry; the tenant after it.
 
     ``current``: the tenant as the caller already read it *with its row lock*
     in this transaction (saves reading it again, e.g. inside a write pause).
     """
+    await apply_transition(
+        session,
+        tenant_id=tenant_id,
+        action=action,
+        actor=actor,
+        previous=previous,
+        values=values,
+        detail=detail,
+        current=current,
+    )
+    return await resolve_tenant(session, tenant_id)
+
+
+async def apply_transition(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    action: Action,
+    actor: str,
+    previous: str | None = None,
+    values: dict[str, Any] | None = None,
+    detail: dict[str, Any] | None = None,
+    current: TenantView | None = None,
+) -> None:
+    """:func:`transition` without reading the tenant back (one round trip less inside a move's write pause)."""
     if current is None or current.id != tenant_id:
         current = await resolve_tenant(session, tenant_id, lock=True)
     target = next_status(action, current.status, previous=previous)
@@ -149,7 +174,6 @@ async def transition(
         tenant_id=tenant_id,
         detail={"from": current.status, "to": target.value, **(detail or {})},
     )
-    return await resolve_tenant(session, tenant_id)
 
 
 # -- reads ---------------------------------------------------------------------------------------

@@ -199,6 +199,20 @@ def _plan_json(plan: MovePlan, **extra: Any) -> dict[str, Any]:
     }
 
 
+async def _announce_target(plan: MovePlan) -> None:
+    """Name the move's target in the tenant's route (``next_location_id``); idempotent.
+
+    Replicas open their connections to it ahead of the flip (catalog_0012),
+    instead of inside the write pause. Only a moving tenant's route says so.
+    """
+    async with runtime.current().sessions().begin() as session:
+        await session.execute(
+            sa.update(tenants)
+            .where(tenants.c.id == plan.tenant_id, tenants.c.status == "moving")
+            .values(next_location_id=uuid.UUID(plan.target.location_id))
+        )
+
+
 async def _set_location_status(location_id: str, status: str) -> None:
     async with runtime.current().sessions().begin() as session:
         await session.execute(
@@ -316,6 +330,7 @@ async def plan_promotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[s
         epoch=int(row.route_epoch),
         mode=str(job["params"].get("mode") or "online"),
     )
+    await _announce_target(plan)
     return _plan_json(plan, placement="silo")
 
 
@@ -333,6 +348,7 @@ async def plan_demotion(job: dict[str, Any], outputs: dict[str, Any]) -> dict[st
         epoch=int(row.route_epoch),
         mode=str(job["params"].get("mode") or "online"),
     )
+    await _announce_target(plan)
     return _plan_json(plan, placement="pool", old_location=_location_json(row))
 
 
@@ -434,7 +450,7 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
             return CANCEL_DUE
         if not (outputs.get("cutover") or {}).get("activated"):
             await asyncio.to_thread(engine.activate_target, plan)
-        await service.transition(
+        await service.apply_transition(
             session,
             tenant_id=plan.tenant_id,
             action=Action.FINISH_MOVE,
@@ -444,6 +460,7 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
                 "placement": placement,
                 "location_id": uuid.UUID(plan.target.location_id),
                 "route_epoch": tenants.c.route_epoch + 1,
+                "next_location_id": None,
             },
             detail={"job_id": job["id"], "to": placement, "location_id": plan.target.location_id},
         )
@@ -517,6 +534,7 @@ async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
                 tenant_id=tenant_id,
                 action=Action.FINISH_MOVE,
                 actor=job["created_by"],
+                values={"next_location_id": None},
                 detail={"job_id": job["id"], "aborted": True},
             )
 

@@ -116,15 +116,30 @@ def _no_tenant_moving(catalog_url: str) -> None:
 
 
 async def _assert_back_in_the_pool(
-    admin: httpx.AsyncClient, api: httpx.AsyncClient, tenant: dict[str, Any], pool_url: str, before: set[str]
+    admin: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    tenant: dict[str, Any],
+    pool_url: str,
+    before: set[str],
+    *,
+    catalog_url: str,
 ) -> None:
     """The source stayed authoritative: active in the pool, same route, same rows, and it serves writes."""
     current = (await admin.get(f"/v1/tenants/{tenant['id']}")).json()
     assert current["status"] == "active" and current["placement"]["kind"] == "pool", current
     assert current["route_epoch"] == tenant["route_epoch"]
     assert _ids(pool_url, tenant["id"]) == before
+    assert _next_location(catalog_url, tenant["id"]) is None  # replicas stop connecting to the target
     written = await api.post("/v1/projects", headers=tenant["headers"], json={"name": "after-abort"})
     assert written.status_code == 201, written.text  # unfenced: the pool serves the tenant
+
+
+def _next_location(catalog_url: str, tenant_id: str) -> Any:
+    """The target a move announced in the tenant's route; cleared once the move flips or is undone."""
+    with psycopg.connect(libpq(catalog_url)) as cat:
+        row = cat.execute("SELECT next_location_id FROM tenants WHERE id = %s", (tenant_id,)).fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _ids(dsn: str, tenant_id: str) -> set[str]:
@@ -192,6 +207,7 @@ async def test_promote_then_demote_under_writes(
             "SELECT l.dsn FROM tenants t JOIN locations l ON l.id = t.location_id WHERE t.id = %s", (mover["id"],)
         ).fetchone()
     assert silo_dsn is not None
+    assert _next_location(wf_endpoints.catalog_url, mover["id"]) is None  # the flip cleared the announcement
     in_silo = _ids(silo_dsn[0], mover["id"])
     assert set(acknowledged) <= in_silo  # I2: every acknowledged write is in the new home
     assert len(in_silo) == 20 + len(acknowledged)  # I3: nothing else
@@ -262,7 +278,9 @@ async def test_cancel_before_the_flip_leaves_the_source_untouched(
     assert cancelled.status_code in (200, 202), cancelled.text
     finished = await _wait_job(wf_admin, job["id"])
     assert (finished["status"], finished["step"]) == ("cancelled", step), finished
-    await _assert_back_in_the_pool(wf_admin, api, mover, wf_endpoints.pool_url, before)
+    await _assert_back_in_the_pool(
+        wf_admin, api, mover, wf_endpoints.pool_url, before, catalog_url=wf_endpoints.catalog_url
+    )
     assert _move_leftovers(pg_servers, wf_endpoints.pool_url) == {}
     assert all(status == "deleted" for status in _silo_statuses(wf_endpoints.catalog_url, mover["id"]))
     assert not _silo_exists(pg_servers, mover["slug"])
@@ -322,7 +340,9 @@ async def test_a_failure_before_the_flip_is_compensated(
     assert (finished["status"], finished["step"]) == ("failed", failing_step), finished
     expected = "MoveNotReadyError: replication lag" if failing_step == "catch_up" else "injected"
     assert expected in finished["error"] and "compensated" in finished["error"], finished
-    await _assert_back_in_the_pool(wf_admin, api, mover, wf_endpoints.pool_url, before)
+    await _assert_back_in_the_pool(
+        wf_admin, api, mover, wf_endpoints.pool_url, before, catalog_url=wf_endpoints.catalog_url
+    )
     assert _move_leftovers(pg_servers, wf_endpoints.pool_url) == {}
     assert all(status == "deleted" for status in _silo_statuses(wf_endpoints.catalog_url, mover["id"]))
     assert not _silo_exists(pg_servers, mover["slug"])
@@ -405,6 +425,7 @@ async def test_demotion_upgrades_a_lagging_silo_first_and_refuses_one_ahead_of_t
 
 
 async def test_demotion_cleanup_deprovisions_only_a_retired_silo(
+    executor: Executor,
     wf_admin: httpx.AsyncClient,
     api: httpx.AsyncClient,
     wf_settings: ControlPlaneSettings,
@@ -443,6 +464,7 @@ async def test_demotion_cleanup_deprovisions_only_a_retired_silo(
     assert not _silo_exists(pg_servers, tenant["slug"])
     assert _silo_statuses(wf_endpoints.catalog_url, tenant["id"]) == ["deleted"]
     await move_workflows.deprovision_retired_silo(plan, old)  # a replay once the database is gone finishes
+    await executor.context.release()  # this test's loop ends before the executor's
 
 
 # -- before any worker runs the job (no executor on this catalog) ----------------------------------

@@ -481,3 +481,52 @@ async def test_a_silo_location_change_drops_only_its_tenants_routes(world: World
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("UPDATE locations SET secret_ref = NULL WHERE secret_ref IN ('arn:example', 'arn:pool')")
         await directory.close()
+
+
+async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """The route of a moving tenant names its target; the replica opens a pool there, routes nothing there."""
+    a, b, s = world["A"], world["B"], world["S"]
+    app = create_app(dp_settings)
+    with world.catalog() as cat:
+        target = cat.execute("SELECT location_id FROM tenants WHERE id = %s", (s.id,)).fetchone()
+    assert target is not None
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client,
+    ):
+        engines: EngineRegistry = app.state.engines
+        routes: RouteDirectory = app.state.routes
+        assert (await client.get("/v1/projects", headers=a.headers)).status_code == 200
+        assert (await routes.lookup(a.id)).upcoming is None
+        assert not engines.has_engine(target[0])  # control: no move, no pool to anywhere else
+        with world.catalog() as cat:
+            cat.execute("UPDATE tenants SET status = 'moving', next_location_id = %s WHERE id = %s", (target[0], a.id))
+
+        async def announced() -> bool:
+            return (await routes.lookup(a.id)).upcoming is not None
+
+        await _eventually(announced, timeout=5)  # the NOTIFY evicted A's cached route
+        upcoming = (await routes.lookup(a.id)).upcoming
+        assert upcoming is not None
+        assert (upcoming.placement, upcoming.location_id, upcoming.epoch) == ("silo", target[0], 2)
+        response = await client.get("/v1/projects", headers=a.headers)
+        assert response.status_code == 200
+        assert a.canary in response.text and s.canary not in response.text  # still served by the pool
+
+        async def warmed() -> bool:
+            return engines.has_engine(target[0])
+
+        await _eventually(warmed, timeout=5)
+        # Still nothing of the target reaches A; B (not moving) is untouched.
+        response = await client.get("/v1/projects", headers=a.headers)
+        assert a.canary in response.text and s.canary not in response.text
+        assert (await routes.lookup(b.id)).upcoming is None
+        with world.catalog() as cat:
+            cat.execute("UPDATE tenants SET status = 'active', next_location_id = NULL WHERE id = %s", (a.id,))
+
+        async def cleared() -> bool:
+            return (await routes.lookup(a.id)).upcoming is None
+
+        await _eventually(cleared, timeout=5)
