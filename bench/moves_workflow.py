@@ -19,7 +19,9 @@ the whole move is reported too, with the step it fell in. Goal (issue 6):
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import pickle
 import time
 import uuid
 from typing import Any
@@ -57,6 +59,55 @@ async def _promote(settings: ControlPlaneSettings, endpoints: Any, tenant_id: uu
                     return job
                 await asyncio.sleep(0.5)
     raise TimeoutError(f"job {job_id} did not finish within {JOB_TIMEOUT_SECONDS:.0f} s")
+
+
+def _cutover_timings(catalog_url: str, tenant_id: uuid.UUID) -> dict[str, Any]:
+    """The cutover step's checkpointed result: its in-fence timings (DBOS stores step outputs pickled)."""
+    with psycopg.connect(libpq(catalog_url)) as cat:
+        row = cat.execute(
+            "SELECT o.output FROM dbos.operation_outputs o JOIN jobs j ON j.id::text = o.workflow_uuid "
+            "WHERE j.tenant_id = %s AND o.function_name = 'tenantctl.move.cutover' AND o.output IS NOT NULL",
+            (tenant_id,),
+        ).fetchone()
+    if row is None:
+        return {}
+    value = pickle.loads(base64.b64decode(row[0]))  # our own benchmark's catalog: trusted
+    return value if isinstance(value, dict) else {}
+
+
+def _pause_pieces(
+    acked: list[dict[str, Any]], steps: list[tuple[str, float, float]], cutover: dict[str, Any]
+) -> dict[str, float | None]:
+    """Where the write pause around the flip went (ms), from the step records and the cutover's timings.
+
+    The fence is placed at the cutover's end minus its in-fence work, so the
+    first piece also holds the last ack's distance to the fence (at 200
+    writes/s, up to 5 ms).
+    """
+    spans = {name: (start, end) for name, start, end in steps}
+    cut, flip = spans.get("tenantctl.move.cutover"), spans.get("tenantctl.move.flip")
+    if cut is None or flip is None:
+        return {}
+    in_fence = sum(float(cutover.get(k, 0.0)) for k in ("drain_seconds", "final_catch_up_seconds", "delta_seconds"))
+    activate = float(cutover.get("activate_seconds", 0.0))
+    fence = cut[1] - in_fence - activate
+    times = sorted(e["acked"] for e in acked)
+    before = max((t for t in times if t < fence), default=None)
+    after = min((t for t in times if t > flip[1]), default=None)
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 1)
+
+    return {
+        "last_ack_to_fence": ms(None if before is None else fence - before),
+        "drain": ms(float(cutover.get("drain_seconds", 0.0))),
+        "final_catch_up": ms(float(cutover.get("final_catch_up_seconds", 0.0))),
+        "delta_check": ms(float(cutover.get("delta_seconds", 0.0))),
+        "activate_target": ms(activate),
+        "cutover_checkpoint_to_flip_start": ms(flip[0] - cut[1]),
+        "flip_step": ms(flip[1] - flip[0]),
+        "flip_to_first_ack": ms(None if after is None else after - flip[1]),
+    }
 
 
 def _steps(catalog_url: str, tenant_id: uuid.UUID) -> list[tuple[str, float, float]]:
@@ -129,6 +180,7 @@ def run() -> dict[str, Any]:
         if job["status"] != "succeeded" or silo is None or not silo[0]:
             raise RuntimeError(f"the promotion did not finish: {job['status']}: {job.get('error')}")
         steps = _steps(endpoints.catalog_url, tenant_id)
+        cutover = _cutover_timings(endpoints.catalog_url, tenant_id)
         acked = [e for e in log if e["status"] == 201]
         with psycopg.connect(libpq(silo[0])) as conn:
             present = {str(r[0]) for r in conn.execute("SELECT id FROM projects WHERE tenant_id = %s", (tenant_id,))}
@@ -146,6 +198,7 @@ def run() -> dict[str, Any]:
         # The write pause: the stretch without an acknowledged write that
         # contains the flip's commit (so it contains fence .. first write after the flip).
         "cutover_write_gap_ms": cutover_gap,
+        "cutover_write_gap_pieces_ms": _pause_pieces(acked, steps, cutover),
         "longest_write_gap_ms": pause["gap_ms"],
         "longest_write_gap_at_seconds": pause["at_seconds"],
         "longest_write_gap_during_step": None if longest_at is None else _step_at(steps, longest_at),
