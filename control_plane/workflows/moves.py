@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -396,19 +397,52 @@ def _cutover(plan: MovePlan) -> dict[str, Any]:
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
         )
-        return {**{k: v for k, v in details.items() if k != "fenced_at"}, "activated": True}
+        return {**details, "activated": True}
+    fenced_at = time.monotonic()
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
     verified = engine.verify(plan)
     engine.activate_target(plan)
-    return {"copied": copied, "verified": verified, "activated": True}
+    return {"copied": copied, "verified": verified, "activated": True, "fenced_at": fenced_at}
 
 
 prepare = _before_flip("prepare", engine.prepare_target)
 replicate = _before_flip("replicate", _online_only(_replicate))
 # Fence only with a small backlog: bounded waits, backing off 5 s, 20 s, 80 s by default (never fail open).
 catch_up = _before_flip("catch_up", _online_only(_catch_up))
-cutover = _before_flip("cutover", _cutover)
+
+
+@_move_step("tenantctl.move.cutover")
+async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    """Fence, verify, activate the target -- and flip the route at once, in this step.
+
+    The flip is tried here, right after the activation, because a step
+    boundary inside the write pause costs a checkpoint and the next step's
+    start (10-25 ms on a busy host). ``flip`` stays the point of no return
+    and its own step: if the flip here fails, for any reason, even an
+    ambiguous commit, nothing is compensated; ``flip`` reads the catalog and
+    finishes it (or finds it done). A cancel that is due is honoured by the
+    same check as in ``flip``, in the flip's own transaction.
+
+    Replayed after its flip committed (the process died before this step's
+    checkpoint), it touches nothing: re-running the verification would unfence
+    the source, which must stay fenced once the route names the target.
+    """
+    plan = plan_of(outputs)
+    if int((await _tenant_row(plan.tenant_id)).route_epoch) >= plan.new_epoch:
+        log.info("move_cutover_replayed_after_flip", job_id=job["id"])
+        return {"activated": True, "flipped": True}
+    result: dict[str, Any] = await asyncio.to_thread(_cutover, plan)
+    await runtime.current().pause()  # test hook: room to cancel or kill before the flip
+    try:
+        flipped = await _flip_route(job, {**outputs, "cutover": result})
+    except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
+        log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
+        return result
+    if flipped == CANCEL_DUE:
+        return result  # the flip step answers the same, and the job compensates
+    # time.monotonic() of this host, like fenced_at: where benchmarks place the pause.
+    return {**result, "flipped": True, "flipped_at": time.monotonic()}
 
 
 # -- cutover and after (past the point of no return: only forward) ---------------------------------
@@ -432,11 +466,16 @@ stop_replication = _forward("stop_replication", _online_only(engine.stop_replica
 async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Route epoch + 1 to the target (the trigger NOTIFYs every replica); tenant active again.
 
-    The cutover normally activated the target inside the fence (its checkpoint
-    is written only after that committed). One that did not -- a workflow
-    resumed from a cutover of older code -- is activated here first;
-    activation is idempotent.
+    Normally the cutover has flipped already, and this finds the new epoch and
+    returns. It flips when the cutover's attempt failed or found a cancel due
+    (then it answers CANCEL_DUE too). The cutover normally activated the
+    target inside the fence; one that did not -- a workflow resumed from a
+    cutover of older code -- is activated here first; activation is idempotent.
     """
+    return await _flip_route(job, outputs)
+
+
+async def _flip_route(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     plan = plan_of(outputs)
     placement = outputs["plan"]["placement"]
     async with runtime.current().sessions().begin() as session:
