@@ -58,7 +58,8 @@ BEGIN
         PERFORM pg_notify('tenant_routes', OLD.id::text);
     ELSIF TG_OP = 'INSERT'
        OR (NEW.status, NEW.tier, NEW.placement, NEW.location_id, NEW.route_epoch, NEW.next_location_id)
-          IS DISTINCT FROM (OLD.status, OLD.tier, OLD.placement, OLD.location_id, OLD.route_epoch, OLD.next_location_id) THEN
+          IS DISTINCT FROM
+          (OLD.status, OLD.tier, OLD.placement, OLD.location_id, OLD.route_epoch, OLD.next_location_id) THEN
         PERFORM pg_notify('tenant_routes', NEW.id::text);
     END IF;
     RETURN NULL;
