@@ -106,14 +106,24 @@ async def _writer(port: int, token: str, stop: _Flag, log: list[dict[str, Any]])
     idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
     async def one() -> None:
-        if idle.empty():
-            conn = await asyncio.open_connection("127.0.0.1", port)
-        else:
-            conn = idle.get_nowait()
+        reused = not idle.empty()
+        conn = idle.get_nowait() if reused else await asyncio.open_connection("127.0.0.1", port)
         reader, writer = conn
         sent = time.monotonic()
         writer.write(head)
-        header = await reader.readuntil(b"\r\n\r\n")
+        try:
+            header = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            if not reused:
+                raise
+            # The server closed this keep-alive connection while it sat idle
+            # (after a long stall left many idle): the request never reached
+            # it. Send it again on a new connection.
+            writer.close()
+            conn = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = conn
+            writer.write(head)
+            header = await reader.readuntil(b"\r\n\r\n")
         length = next(int(line[15:]) for line in header.split(b"\r\n") if line[:15].lower() == b"content-length:")
         payload = await reader.readexactly(length)
         status = int(header[9:12])
