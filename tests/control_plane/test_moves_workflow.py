@@ -274,6 +274,8 @@ async def test_cancel_before_the_flip_leaves_the_source_untouched(
     before = _ids(wf_endpoints.pool_url, mover["id"])
     job = (await wf_admin.post(f"/v1/tenants/{mover['id']}/promote")).json()["job"]
     await _wait_for_step(wf_admin, job["id"], step)
+    if PRE_FLIP_STEPS.index(step) > PRE_FLIP_STEPS.index("plan"):
+        assert _next_location(wf_endpoints.catalog_url, mover["id"]) is not None  # the plan announced the target
     cancelled = await wf_admin.post(f"/v1/jobs/{job['id']}/cancel")
     assert cancelled.status_code in (200, 202), cancelled.text
     finished = await _wait_job(wf_admin, job["id"])
