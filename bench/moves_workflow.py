@@ -62,20 +62,6 @@ async def _promote(settings: ControlPlaneSettings, endpoints: Any, tenant_id: uu
     raise TimeoutError(f"job {job_id} did not finish within {JOB_TIMEOUT_SECONDS:.0f} s")
 
 
-def _cutover_timings(catalog_url: str, tenant_id: uuid.UUID) -> dict[str, Any]:
-    """The cutover step's checkpointed result: its in-fence timings (DBOS stores step outputs pickled)."""
-    with psycopg.connect(libpq(catalog_url)) as cat:
-        row = cat.execute(
-            "SELECT o.output FROM dbos.operation_outputs o JOIN jobs j ON j.id::text = o.workflow_uuid "
-            "WHERE j.tenant_id = %s AND o.function_name = 'tenantctl.move.cutover' AND o.output IS NOT NULL",
-            (tenant_id,),
-        ).fetchone()
-    if row is None:
-        return {}
-    value = pickle.loads(base64.b64decode(row[0]))  # our own benchmark's catalog: trusted
-    return value if isinstance(value, dict) else {}
-
-
 def _flip_instant(steps: list[tuple[str, float, float]], cutover: dict[str, Any]) -> float | None:
     """When the flip committed: the cutover's own record of it, else the end of the flip step."""
     if isinstance(cutover.get("flipped_at"), float):
@@ -115,20 +101,29 @@ def _pause_pieces(
     }
 
 
-def _steps(catalog_url: str, tenant_id: uuid.UUID) -> list[tuple[str, float, float]]:
-    """The move workflow's steps as (name, started, completed) on this process's monotonic clock.
+def _steps(catalog_url: str, tenant_id: uuid.UUID) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
+    """The move workflow's steps as (name, started, completed) on this process's monotonic clock,
+    and the cutover step's checkpointed result (its in-fence timings).
 
-    From DBOS's own checkpoint table (milliseconds since the epoch); the offset
-    between the wall clock and the monotonic clock is taken once, now.
+    From DBOS's own checkpoint table (milliseconds since the epoch; outputs
+    pickled); the offset between the wall clock and the monotonic clock is
+    taken once, now.
     """
     offset = time.time() - time.monotonic()
     with psycopg.connect(libpq(catalog_url)) as cat:
         rows = cat.execute(
-            "SELECT o.function_name, o.started_at_epoch_ms, o.completed_at_epoch_ms FROM dbos.operation_outputs o "
-            "JOIN jobs j ON j.id::text = o.workflow_uuid WHERE j.tenant_id = %s ORDER BY o.function_id",
+            "SELECT o.function_name, o.started_at_epoch_ms, o.completed_at_epoch_ms, o.output "
+            "FROM dbos.operation_outputs o JOIN jobs j ON j.id::text = o.workflow_uuid "
+            "WHERE j.tenant_id = %s ORDER BY o.function_id",
             (tenant_id,),
         ).fetchall()
-    return [(str(name), start / 1000 - offset, end / 1000 - offset) for name, start, end in rows if start and end]
+    steps = [(str(name), start / 1000 - offset, end / 1000 - offset) for name, start, end, _ in rows if start and end]
+    cutover: dict[str, Any] = {}
+    for name, _, _, output in rows:
+        if name == "tenantctl.move.cutover" and output is not None:
+            value = pickle.loads(base64.b64decode(output))  # our own benchmark's catalog: trusted
+            cutover = value if isinstance(value, dict) else {}
+    return steps, cutover
 
 
 def _gap_around(acked: list[dict[str, Any]], instant: float) -> float | None:
@@ -184,8 +179,7 @@ def run() -> dict[str, Any]:
             ).fetchone()
         if job["status"] != "succeeded" or silo is None or not silo[0]:
             raise RuntimeError(f"the promotion did not finish: {job['status']}: {job.get('error')}")
-        steps = _steps(endpoints.catalog_url, tenant_id)
-        cutover = _cutover_timings(endpoints.catalog_url, tenant_id)
+        steps, cutover = _steps(endpoints.catalog_url, tenant_id)
         acked = [e for e in log if e["status"] == 201]
         with psycopg.connect(libpq(silo[0])) as conn:
             present = {str(r[0]) for r in conn.execute("SELECT id FROM projects WHERE tenant_id = %s", (tenant_id,))}

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 import asyncpg
@@ -69,21 +69,7 @@ class Route:
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Route:
-        upcoming = None
-        if record["next_location_id"] is not None and record["next_location_id"] != record["location_id"]:
-            upcoming = cls(
-                tenant_id=record["tenant_id"],
-                slug=record["slug"],
-                tier=record["tier"],
-                status=record["status"],
-                placement=record["next_location_kind"],
-                epoch=record["route_epoch"] + 1,
-                location_id=record["next_location_id"],
-                location_name=record["next_location_name"],
-                app_dsn=record["next_app_dsn"],
-                secret_ref=record["next_secret_ref"],
-            )
-        return cls(
+        route = cls(
             tenant_id=record["tenant_id"],
             slug=record["slug"],
             tier=record["tier"],
@@ -94,8 +80,19 @@ class Route:
             location_name=record["location_name"],
             app_dsn=record["app_dsn"],
             secret_ref=record["secret_ref"],
-            upcoming=upcoming,
         )
+        if record["next_location_id"] is None or record["next_location_id"] == route.location_id:
+            return route
+        upcoming = replace(
+            route,
+            placement=record["next_location_kind"],
+            epoch=route.epoch + 1,
+            location_id=record["next_location_id"],
+            location_name=record["next_location_name"],
+            app_dsn=record["next_app_dsn"],
+            secret_ref=record["next_secret_ref"],
+        )
+        return replace(route, upcoming=upcoming)
 
     def require_servable(self) -> Route:
         """Raise the §5 error for a tenant that must not be served."""
@@ -384,9 +381,9 @@ class EngineRegistry:
         and the target refuses the tenant until the cutover activates it.
         """
         upcoming = route.upcoming
-        if upcoming is None or upcoming.placement != "silo" or upcoming.location_id in self._silos:
+        if upcoming is None or upcoming.placement != "silo":
             return
-        if upcoming.location_id in self._warming:
+        if upcoming.location_id in self._silos or upcoming.location_id in self._warming:
             return
         task = asyncio.create_task(self._prewarm(upcoming), name=f"prewarm-{upcoming.location_name}")
         self._warming[upcoming.location_id] = task
