@@ -5,11 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import Scope
 
 from data_plane.auth import TokenVerifier, bearer_token
 from data_plane.limits import Quotas, TenantRateLimiter
 from data_plane.routing import EngineRegistry, RouteDirectory
 from data_plane.session import TenantContext
+
+
+def authorization_of(scope: Scope) -> str | None:
+    """The Authorization header, read from the raw ASGI headers (no ``Headers`` object)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bytes(value).decode("latin-1")
+    return None
 
 
 async def tenant_context(request: Request) -> TenantContext:
@@ -24,7 +33,7 @@ async def tenant_context(request: Request) -> TenantContext:
     verifier: TokenVerifier = state.verifier
     directory: RouteDirectory = state.routes
     engines: EngineRegistry = state.engines
-    principal = await verifier.verify(bearer_token(request.headers.get("authorization")))
+    principal = await verifier.verify(bearer_token(authorization_of(request.scope)))
     assert principal.tenant_id is not None  # require_tenant=True guarantees it
     route = (await directory.lookup(principal.tenant_id)).require_servable()
     request.state.route = route

@@ -102,6 +102,9 @@ class RequestMetrics:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        # ``labels()`` validates and locks on every call; the label sets are
+        # bounded (see above), so each series is looked up once and kept.
+        self._latency_series: dict[tuple[str, str, int, str, str], Any] = {}
         self.fenced = Counter(f"{prefix}_fenced_responses", "Responses refused while fenced", registry=registry)
         self.rate_limited = Counter(
             f"{prefix}_rate_limited_responses", "Requests refused by the rate limiter", ["tier"], registry=registry
@@ -143,7 +146,11 @@ class RequestMetrics:
             else:
                 tier, placement = tenant_route.tier, tenant_route.placement
             method = scope.get("method", "")
-            self.latency.labels(template, method, str(status), tier, placement).observe(elapsed)
+            key = (template, method, status, tier, placement)
+            series = self._latency_series.get(key)
+            if series is None:
+                series = self._latency_series[key] = self.latency.labels(template, method, str(status), tier, placement)
+            series.observe(elapsed)
             if status == 503 and error_code(unavailable_body) == TenantFencedError.code:
                 self.fenced.inc()
             elif status == 429:

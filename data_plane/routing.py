@@ -417,6 +417,23 @@ class EngineRegistry:
             entry.borrowed -= 1
             entry.last_used = time.monotonic()
 
+    async def fetch(self, route: Route, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one statement, in its own implicit transaction, on ``route``'s database.
+
+        The fused read path: ``Pool.fetch`` acquires and releases through the
+        pool's own context object, without :meth:`connection`'s generator
+        frames (measured on the hot path of ``GET /v1/projects/{id}``).
+        """
+        if route.placement == "pool":
+            assert self._pool is not None, "EngineRegistry.start() was not awaited"
+            return await self._pool.fetch(query, *args)
+        entry = await self._borrow_silo(route)
+        try:
+            return await entry.pool.fetch(query, *args)
+        finally:
+            entry.borrowed -= 1
+            entry.last_used = time.monotonic()
+
     async def _borrow_silo(self, route: Route) -> _SiloPool:
         """The location's engine, already counted as borrowed.
 

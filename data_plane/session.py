@@ -207,8 +207,7 @@ class _FusedReader:
         sql = fused(query, len(args))
 
         async def attempt() -> list[asyncpg.Record]:
-            async with ctx.engines.connection(ctx.route) as conn:
-                return list(await conn.fetch(sql, *args, ctx.tenant_id, ctx.route.epoch))
+            return await ctx.engines.fetch(ctx.route, sql, *args, ctx.tenant_id, ctx.route.epoch)
 
         return await ctx.with_retries(attempt)
 

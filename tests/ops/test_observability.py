@@ -6,6 +6,7 @@ import io
 import json
 import re
 import secrets
+from datetime import UTC, datetime
 
 import httpx
 import structlog
@@ -87,6 +88,12 @@ async def test_logs_carry_request_context_and_never_tokens_or_rows(
     assert first["placement"] == "pool" and first["route_epoch"] == 1 and first["status"] == 201
     assert first["route"] == "/v1/projects" and first["tier"] == "standard"
     assert access[1]["request_id"] == generated
+    # Access lines carry the same timestamp form as every other structlog line
+    # (ISO 8601, UTC, microseconds), and the current time.
+    for line in access:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"]), line["timestamp"]
+        stamped = datetime.strptime(line["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
     # ...but never logged: no token, no header, no row content.
     assert a.token not in output and secret_name not in output and a.canary not in output
     assert "authorization" not in output.lower() and "bearer" not in output.lower()
