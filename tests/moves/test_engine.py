@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -348,3 +351,80 @@ def _marker(world: World, tenant_id: uuid.UUID) -> uuid.UUID:
     with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
         conn.execute(f"INSERT INTO {engine.MARKERS} (marker, tenant_id) VALUES (%s, %s)", (marker, tenant_id))
     return marker
+
+
+def _subscription(silo: Silo, plan: MovePlan, *, enabled: bool) -> None:
+    with psycopg.connect(libpq(silo.side.admin_dsn), autocommit=True) as conn:
+        conn.execute(f"ALTER SUBSCRIPTION {plan.name} {'ENABLE' if enabled else 'DISABLE'}")
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_verification_fences_once_and_needs_no_common_snapshot_position(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch, drift: bool
+) -> None:
+    """The snapshots are pinned with no fence, while the target lags the source; only the real fence pauses writes.
+
+    Between the triggers' creation and the snapshots the tenant inserts rows
+    and updates existing ones on the source while the target's subscription
+    is off, so the target's snapshot misses them; they are applied after it.
+    That move must verify (and every row match), fencing the tenant once. With
+    drift, a row the lagging changes never touched is altered on the target
+    after its snapshot: it must still fail verification.
+    """
+    a = world["A"]
+    _seed_bulk(world, a.id, 50)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    engine.wait_initial_sync(plan)
+    original_install, original_fence, original_pin = (
+        verify_mod.install_tracking,
+        engine.fence_source,
+        verify_mod.pinned_snapshot,
+    )
+    fences: list[bool] = []
+    pinned: list[str] = []
+
+    def install_then_lag(p: MovePlan, **kw: object) -> None:
+        original_install(p, **kw)  # type: ignore[arg-type]
+        _subscription(empty_silo, p, enabled=False)
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+            conn.execute(
+                "INSERT INTO projects (tenant_id, id, name) SELECT %s, gen_random_uuid(), 'late-' || g "
+                "FROM generate_series(1, 200) g",
+                (a.id,),
+            )
+            conn.execute(
+                "UPDATE projects SET name = name || '-edited' WHERE tenant_id = %s AND name = 'bulk-1'", (a.id,)
+            )
+
+    @contextlib.contextmanager
+    def pin_then_resume(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+        with original_pin(dsn) as conn:
+            pinned.append(dsn)
+            if len(pinned) == 2:  # both snapshots taken: the target's misses the late rows
+                assert conn.execute("SELECT count(*) FROM projects WHERE name LIKE 'late-%'").fetchone() == (0,)
+                _subscription(empty_silo, plan, enabled=True)
+                if drift:
+                    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as owner:
+                        owner.execute("UPDATE projects SET name = 'drifted' WHERE name = 'bulk-2'")
+            yield conn
+
+    def counting_fence(p: MovePlan, **kw: object) -> None:
+        fences.append(True)
+        original_fence(p, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify_mod, "install_tracking", install_then_lag)
+    monkeypatch.setattr(verify_mod, "pinned_snapshot", pin_then_resume)
+    monkeypatch.setattr(engine, "fence_source", counting_fence)
+    if drift:
+        with pytest.raises(VerificationError, match="changed_rows"):
+            verify_mod.verify_incremental(plan)
+    else:
+        timings = verify_mod.verify_incremental(plan)
+        assert timings["changed_keys"] >= 201  # the late rows and the edited one were checked key by key
+        assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
+    assert len(fences) == 1 and len(pinned) == 2
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
