@@ -386,8 +386,12 @@ def _catch_up(plan: MovePlan) -> int:
     )
 
 
-def _cutover(plan: MovePlan) -> dict[str, Any]:
-    """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating."""
+def _cutover(plan: MovePlan, on_fence: Callable[[], None]) -> dict[str, Any]:
+    """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating.
+
+    ``on_fence`` is called once the rest is short: at the online fence, and
+    after the offline copy and its verification (a copy may take a while).
+    """
     if plan.mode == "online":
         settings = runtime.current().settings
         details = verify_incremental(
@@ -396,12 +400,14 @@ def _cutover(plan: MovePlan) -> dict[str, Any]:
             max_lag_bytes=settings.move_max_lag_bytes,
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
+            on_fence=on_fence,
         )
         return {**details, "activated": True}
     fenced_at = time.monotonic()
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
     verified = engine.verify(plan)
+    on_fence()
     engine.activate_target(plan)
     return {"copied": copied, "verified": verified, "activated": True, "fenced_at": fenced_at}
 
@@ -416,13 +422,17 @@ catch_up = _before_flip("catch_up", _online_only(_catch_up))
 async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Fence, verify, activate the target -- and flip the route at once, in this step.
 
-    The flip is tried here, right after the activation, because a step
-    boundary inside the write pause costs a checkpoint and the next step's
-    start (10-25 ms on a busy host). ``flip`` stays the point of no return
-    and its own step: if the flip here fails, for any reason, even an
-    ambiguous commit, nothing is compensated; ``flip`` reads the catalog and
-    finishes it (or finds it done). A cancel that is due is honoured by the
-    same check as in ``flip``, in the flip's own transaction.
+    The flip's catalog statements run *while* the fenced verification does
+    (they take 10-50 ms through the ORM on a busy host, as long as the
+    verification itself), in a transaction that commits only once the target
+    is verified and activated; a failed verification rolls them back. What
+    is left in the write pause after the activation is the commit. A step
+    boundary inside the pause would cost a checkpoint and the next step's
+    start, so none is. ``flip`` stays the point of no return and its own
+    step: if the flip here fails, for any reason, even an ambiguous commit,
+    nothing is compensated; ``flip`` reads the catalog and finishes it (or
+    finds it done). A cancel that is due is honoured by the same check as in
+    ``flip``, in the flip's own transaction, at the fence.
 
     Replayed after its flip committed (the process died before this step's
     checkpoint), it touches nothing: re-running the verification would unfence
@@ -432,13 +442,28 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     if int((await _tenant_row(plan.tenant_id)).route_epoch) >= plan.new_epoch:
         log.info("move_cutover_replayed_after_flip", job_id=job["id"])
         return {"activated": True, "flipped": True}
-    result: dict[str, Any] = await asyncio.to_thread(_cutover, plan)
+    loop = asyncio.get_running_loop()
+    fencing = asyncio.Event()
+
+    def at_fence() -> None:  # called in the cutover's thread
+        loop.call_soon_threadsafe(fencing.set)
+
+    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, at_fence))
+    fenced = asyncio.ensure_future(fencing.wait())
+    await asyncio.wait({work, fenced}, return_when=asyncio.FIRST_COMPLETED)
+    fenced.cancel()
+    if work.done():
+        work.result()  # it failed before the fence: the step's failure, nothing to flip
     await runtime.current().pause()  # test hook: room to cancel or kill before the flip
     try:
-        flipped = await _flip_route(job, {**outputs, "cutover": result})
+        # The verification's own failure surfaces here too (the flip's
+        # statements roll back); below, ``work`` raises it as the step's.
+        flipped = await _flip_route(job, outputs, cutover=work)
     except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
+        result: dict[str, Any] = await work
         log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
         return result
+    result = await work
     if flipped == CANCEL_DUE:
         return result  # the flip step answers the same, and the job compensates
     # time.monotonic() of this host, like fenced_at: where benchmarks place the pause.
@@ -475,7 +500,10 @@ async def flip(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     return await _flip_route(job, outputs)
 
 
-async def _flip_route(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+async def _flip_route(
+    job: dict[str, Any], outputs: dict[str, Any], *, cutover: asyncio.Future[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The flip's transaction; with ``cutover`` (still running), it commits only once that succeeded."""
     plan = plan_of(outputs)
     placement = outputs["plan"]["placement"]
     async with runtime.current().sessions().begin() as session:
@@ -487,7 +515,7 @@ async def _flip_route(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
         kind = PROMOTION if placement == "silo" else DEMOTION
         if await JobRun(runtime.current().sessions(), uuid.UUID(job["id"]), kind).enter_in(session, "flip"):
             return CANCEL_DUE
-        if not (outputs.get("cutover") or {}).get("activated"):
+        if cutover is None and not (outputs.get("cutover") or {}).get("activated"):
             await asyncio.to_thread(engine.activate_target, plan)
         await service.apply_transition(
             session,
@@ -507,6 +535,12 @@ async def _flip_route(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
             await session.execute(
                 sa.update(locations).where(locations.c.id == uuid.UUID(plan.target.location_id)).values(status="ready")
             )
+        if cutover is not None:
+            # Nothing above is visible until the commit: it waits for the
+            # target to be verified and activated, and a failure rolls it back.
+            # Shielded: cancelling this wait must not cancel the cutover's
+            # future (its thread runs on, and its outcome is still awaited).
+            await asyncio.shield(cutover)
     return {"route_epoch": plan.new_epoch}
 
 

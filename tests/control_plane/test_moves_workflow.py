@@ -17,6 +17,7 @@ from control_plane.exceptions import MigrationFailedError, MoveError, Provisioni
 from control_plane.fleet.runner import FleetOptions, run_fleet
 from control_plane.interlock import fleet_migration_lock
 from control_plane.moves import engine
+from control_plane.moves import verify as verify_mod
 from control_plane.moves.engine import MovePlan, Side
 from control_plane.provisioning import SiloLocation, SiloProvisioner, SiloSpec
 from control_plane.provisioning.naming import silo_database_name
@@ -307,7 +308,17 @@ class _FailsAfterCreating:
         return self.real.describe(location)
 
 
-@pytest.mark.parametrize("failing_step", ["provision", "migrate", "catch_up"])
+def _flip_statements_pending(catalog_url: str) -> bool:
+    """Another session holds a row lock from an UPDATE of ``tenants`` (the flip's, not yet committed)."""
+    with psycopg.connect(libpq(catalog_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'tenants'::regclass "
+            "AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
+@pytest.mark.parametrize("failing_step", ["provision", "migrate", "catch_up", "cutover"])
 async def test_a_failure_before_the_flip_is_compensated(
     wf_admin: httpx.AsyncClient,
     api: httpx.AsyncClient,
@@ -328,6 +339,17 @@ async def test_a_failure_before_the_flip_is_compensated(
             raise MigrationFailedError("injected: migrating the new silo failed")
 
         monkeypatch.setattr(move_workflows, "migrate_target_to", fail_migration)
+    elif failing_step == "cutover":
+        # The fenced verification finds a difference -- once the flip's
+        # statements, run alongside it, are in (uncommitted): they must roll back.
+        def mismatch_once_the_flip_waits(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            deadline = time.monotonic() + 10
+            while not _flip_statements_pending(wf_endpoints.catalog_url):
+                assert time.monotonic() < deadline, "the flip's statements never ran during the verification"
+                time.sleep(0.01)
+            return {"projects": {"injected": "difference"}}
+
+        monkeypatch.setattr(verify_mod, "_mismatches", mismatch_once_the_flip_waits)
     else:
         # The replication slot exists and the subscription runs, but the target never catches up
         # (as seen by the gate); a tiny retry budget makes the step give up quickly.
@@ -340,7 +362,9 @@ async def test_a_failure_before_the_flip_is_compensated(
     job = (await wf_admin.post(f"/v1/tenants/{mover['id']}/promote")).json()["job"]
     finished = await _wait_job(wf_admin, job["id"])
     assert (finished["status"], finished["step"]) == ("failed", failing_step), finished
-    expected = "MoveNotReadyError: replication lag" if failing_step == "catch_up" else "injected"
+    expected = {"catch_up": "MoveNotReadyError: replication lag", "cutover": "verification failed"}.get(
+        failing_step, "injected"
+    )
     assert expected in finished["error"] and "compensated" in finished["error"], finished
     await _assert_back_in_the_pool(
         wf_admin, api, mover, wf_endpoints.pool_url, before, catalog_url=wf_endpoints.catalog_url
@@ -349,6 +373,13 @@ async def test_a_failure_before_the_flip_is_compensated(
     assert all(status == "deleted" for status in _silo_statuses(wf_endpoints.catalog_url, mover["id"]))
     assert not _silo_exists(pg_servers, mover["slug"])
     _no_tenant_moving(wf_endpoints.catalog_url)
+    with psycopg.connect(libpq(wf_endpoints.catalog_url)) as cat:
+        flips = cat.execute(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = %s AND action = 'tenant.finish_move' "
+            "AND detail->>'to' = 'silo'",
+            (mover["id"],),
+        ).fetchone()
+    assert flips == (0,)  # no flip's audit entry: it rolled back with the rest of the flip
 
 
 async def _onboard_silo_tenant(
