@@ -82,6 +82,9 @@ def _pause_pieces(
     if not isinstance(fenced, float) or flipped is None:
         return {}
     in_fence = {k: float(cutover.get(f"{k}_seconds", 0.0)) for k in ("drain", "final_catch_up", "delta", "activate")}
+    activated = fenced + sum(in_fence.values())
+    staged = cutover.get("flip_staged_at")
+    staged = staged if isinstance(staged, float) else None
     times = sorted(e["acked"] for e in acked)
     before = max((t for t in times if t < fenced), default=None)
     after = min((t for t in times if t > flipped), default=None)
@@ -96,7 +99,10 @@ def _pause_pieces(
         "delta_check": ms(in_fence["delta"]),
         "activate_target": ms(in_fence["activate"]),
         # Activation's end to the flip's commit: in the cutover step, or a step boundary and the flip step.
-        "flip": ms(flipped - fenced - sum(in_fence.values())),
+        "flip": ms(flipped - activated),
+        # Of which: the flip's statements (run alongside the fenced part) still
+        # under way when the target was activated; the rest is the commit.
+        "flip_statements_after_activation": ms(None if staged is None else max(0.0, staged - activated)),
         "flip_to_first_ack": ms(None if after is None else after - flipped),
     }
 
@@ -132,6 +138,20 @@ def _gap_around(acked: list[dict[str, Any]], instant: float) -> float | None:
     before = [t for t in times if t < instant]
     after = [t for t in times if t >= instant]
     return round((after[0] - before[-1]) * 1000, 1) if before and after else None
+
+
+def _latency_by_step(acked: list[dict[str, Any]], steps: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """Latency of the writes sent during each step (p99 and max, ms): which step slows the tenant down."""
+    by_step: dict[str, Any] = {}
+    for name, start, end in steps:
+        latencies = sorted((e["acked"] - e["sent"]) * 1000 for e in acked if start <= e["sent"] <= end)
+        if latencies:
+            by_step[name.removeprefix("tenantctl.")] = {
+                "writes": len(latencies),
+                "p99": _percentile(latencies, 0.99),
+                "max": round(latencies[-1], 1),
+            }
+    return by_step
 
 
 def _step_at(steps: list[tuple[str, float, float]], instant: float) -> str | None:
@@ -207,6 +227,7 @@ def run() -> dict[str, Any]:
             "p99": _percentile(during, 0.99),
             "max": during[-1] if during else None,
         },
+        "write_latency_by_step_ms": _latency_by_step(acked, steps),
         "move_seconds": round(move_ended - move_started, 2),
         "goals": {"pause_ms_max": 100, "lost": 0},
     }

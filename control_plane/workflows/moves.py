@@ -466,8 +466,9 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     result = await work
     if flipped == CANCEL_DUE:
         return result  # the flip step answers the same, and the job compensates
-    # time.monotonic() of this host, like fenced_at: where benchmarks place the pause.
-    return {**result, "flipped": True, "flipped_at": time.monotonic()}
+    # time.monotonic() instants of this host, like fenced_at: where benchmarks
+    # place the pause, and when the flip's statements were in, waiting to commit.
+    return {**result, "flipped": True, "flipped_at": time.monotonic(), "flip_staged_at": flipped.get("staged_at")}
 
 
 # -- cutover and after (past the point of no return: only forward) ---------------------------------
@@ -535,13 +536,14 @@ async def _flip_route(
             await session.execute(
                 sa.update(locations).where(locations.c.id == uuid.UUID(plan.target.location_id)).values(status="ready")
             )
+        staged_at = time.monotonic()
         if cutover is not None:
             # Nothing above is visible until the commit: it waits for the
             # target to be verified and activated, and a failure rolls it back.
             # Shielded: cancelling this wait must not cancel the cutover's
             # future (its thread runs on, and its outcome is still awaited).
             await asyncio.shield(cutover)
-    return {"route_epoch": plan.new_epoch}
+    return {"route_epoch": plan.new_epoch, "staged_at": staged_at}
 
 
 @DBOS.step(name="tenantctl.move.cleanup", **FORWARD_RETRIES)
