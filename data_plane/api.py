@@ -61,6 +61,11 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(
                 "tenantctl_route_cache_invalidations", "Route cache invalidations (NOTIFY)", routes.invalidations
             )
+            yield CounterMetricFamily(
+                "tenantctl_route_cache_arrivals",
+                "Move flips taken from their NOTIFY (the announced target, no catalog read)",
+                routes.arrivals,
+            )
             yield GaugeMetricFamily("tenantctl_route_listener_up", "LISTEN connection active", int(routes.listening))
         if engines is not None:
             yield GaugeMetricFamily("tenantctl_silo_pools", "Open per-silo connection pools", engines.silo_count)

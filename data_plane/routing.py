@@ -130,6 +130,7 @@ class RouteDirectory:
         self._reads: dict[tuple[uuid.UUID, int], asyncio.Future[asyncpg.Record | None]] = {}
         self.hits = 0
         self.refreshes = 0
+        self.arrivals = 0  # flips taken from their notification, with no catalog read
         self.invalidations = 0
 
     async def start(self) -> None:
@@ -232,10 +233,42 @@ class RouteDirectory:
         if payload == "*":
             self.invalidate()
             return
+        words = str(payload).split(" ")
         try:
-            self.invalidate(uuid.UUID(str(payload)))
+            tenant_id = uuid.UUID(words[0])
         except ValueError:
             self.invalidate()
+            return
+        if not self._arrived(tenant_id, words[1:]):
+            self.invalidate(tenant_id)
+
+    def _arrived(self, tenant_id: uuid.UUID, fields: list[str]) -> bool:
+        """Take a move's flip from its notification: True if the cached route's target became its route.
+
+        ``fields`` (catalog_0013): route epoch, status, tier, placement,
+        location and next location of the tenant after the change. Only the
+        exact arrival the cached route announced (its ``upcoming`` location, at
+        the next epoch, the same tier, no further move) is taken; anything else
+        is an eviction and a catalog read, as before. The route is a cache
+        either way: the database checks the epoch of every transaction.
+        """
+        cached = self._cache.get(tenant_id)
+        upcoming = None if cached is None else cached.route.upcoming
+        if upcoming is None or len(fields) != 6:
+            return False
+        epoch, status, tier, placement, location_id, next_location_id = fields
+        if (epoch, tier, placement, location_id, next_location_id) != (
+            str(upcoming.epoch),
+            upcoming.tier,
+            upcoming.placement,
+            str(upcoming.location_id),
+            "-",
+        ):
+            return False
+        self.invalidate(tenant_id)  # wakes the held requests; in-flight reads are not cached
+        self._cache[tenant_id] = _Cached(route=replace(upcoming, status=status), loaded_at=time.monotonic())
+        self.arrivals += 1
+        return True
 
     def _on_connection_lost(self, _conn: object) -> None:
         self._listening.clear()

@@ -530,3 +530,72 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
             return (await routes.lookup(a.id)).upcoming is None
 
         await _eventually(cleared, timeout=5)
+
+
+async def test_a_flip_to_the_announced_target_is_taken_from_its_notify_without_a_catalog_read(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """The flip's NOTIFY carries the new route: held requests need no catalog read inside the write pause.
+
+    Allowed: the flip to the target the cached route announced is installed
+    from the message, and equals what the catalog says. Denied: a change to
+    any other location (here: back to the pool) is an eviction and a read.
+    """
+    a = world["A"]
+    routes = RouteDirectory(world.endpoints.app_catalog_url, ttl=3600)
+    await routes.start()
+    with world.catalog() as cat:
+        before = cat.execute("SELECT location_id, route_epoch FROM tenants WHERE id = %s", (a.id,)).fetchone()
+        target = cat.execute("SELECT location_id FROM tenants WHERE id = %s", (world["S"].id,)).fetchone()
+    assert before is not None and target is not None
+    try:
+        with world.catalog() as cat:
+            cat.execute("UPDATE tenants SET status = 'moving', next_location_id = %s WHERE id = %s", (target[0], a.id))
+
+        async def announced() -> bool:
+            return (await routes.lookup(a.id)).upcoming is not None
+
+        await _eventually(announced, timeout=5)
+        reads = routes.refreshes
+        with world.catalog() as cat:  # the flip, as the workflow writes it
+            cat.execute(
+                "UPDATE tenants SET status = 'active', placement = 'silo', location_id = %s, "
+                "route_epoch = route_epoch + 1, next_location_id = NULL WHERE id = %s",
+                (target[0], a.id),
+            )
+
+        async def arrived() -> bool:
+            return routes.arrivals == 1
+
+        await _eventually(arrived, timeout=5)
+        route = await routes.lookup(a.id)
+        assert (route.placement, route.location_id, route.epoch, route.status) == (
+            "silo",
+            target[0],
+            before[1] + 1,
+            "active",
+        )
+        assert route.upcoming is None
+        assert routes.refreshes == reads  # taken from the message: no catalog read
+        assert await routes.lookup(a.id, fresh=True) == route  # and the same route the catalog gives
+
+        # Denied: back to the pool -- no announced target, so an eviction and a catalog read.
+        with world.catalog() as cat:
+            cat.execute(
+                "UPDATE tenants SET placement = 'pool', location_id = %s, route_epoch = route_epoch + 1 WHERE id = %s",
+                (before[0], a.id),
+            )
+
+        async def back() -> bool:
+            return (await routes.lookup(a.id)).placement == "pool"
+
+        await _eventually(back, timeout=5)
+        assert routes.arrivals == 1 and routes.refreshes > reads + 1
+    finally:
+        with world.catalog() as cat:
+            cat.execute(
+                "UPDATE tenants SET status = 'active', placement = 'pool', location_id = %s, route_epoch = %s, "
+                "next_location_id = NULL WHERE id = %s",
+                (before[0], before[1], a.id),
+            )
+        await routes.close()
