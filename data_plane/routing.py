@@ -404,6 +404,11 @@ class EngineRegistry:
     def has_engine(self, location_id: uuid.UUID) -> bool:
         return location_id in self._silos
 
+    def open_connections(self, location_id: uuid.UUID) -> int:
+        """Connections the location's pool has open (0 without a pool)."""
+        entry = self._silos.get(location_id)
+        return 0 if entry is None else entry.pool.get_size()
+
     def prewarm(self, route: Route) -> None:
         """Open the pool of the silo a move is taking ``route``'s tenant to, in the background.
 
@@ -430,8 +435,20 @@ class EngineRegistry:
             # open the pool itself (and report it).
             log.info("silo_prewarm_failed", location=route.location_name, error=str(exc))
             return
-        entry.borrowed -= 1
-        entry.last_used = time.monotonic()
+        # Every connection of the pool, not just its first: the requests held
+        # by the fence all come at once after the flip, and the pool would
+        # otherwise open the rest of its connections in the write pause.
+        held: list[asyncpg.pool.PoolConnectionProxy] = []
+        try:
+            for _ in range(self._silo_pool_size):
+                held.append(await entry.pool.acquire())
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.info("silo_prewarm_partial", location=route.location_name, opened=len(held), error=str(exc))
+        finally:
+            for conn in held:
+                await entry.pool.release(conn)
+            entry.borrowed -= 1
+            entry.last_used = time.monotonic()
 
     @contextlib.asynccontextmanager
     async def connection(self, route: Route) -> AsyncIterator[asyncpg.Connection]:

@@ -516,9 +516,11 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
         assert a.canary in response.text and s.canary not in response.text  # still served by the pool
 
         async def warmed() -> bool:
-            return engines.has_engine(target[0])
+            # Every connection of the pool, not only its first: the held requests come at once.
+            return engines.open_connections(target[0]) == dp_settings.silo_pool_size
 
         await _eventually(warmed, timeout=5)
+        assert dp_settings.silo_pool_size > 1  # else "every connection" would be the first one
         # Still nothing of the target reaches A; B (not moving) is untouched.
         response = await client.get("/v1/projects", headers=a.headers)
         assert a.canary in response.text and s.canary not in response.text
