@@ -332,12 +332,14 @@ async def test_suspend_and_resume_notify_the_route_channel(admin: httpx.AsyncCli
     with psycopg.connect(libpq(endpoints.app_catalog_url), autocommit=True) as listener:
         listener.execute("LISTEN tenant_routes")
         await admin.post(f"/v1/tenants/{tenant_id}/suspend")
-        payloads = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
-        assert payloads == [tenant_id]
+        # The payload (catalog_0013): id, route epoch, status, tier, placement, location, next location.
+        payloads = [n.payload.split(" ") for n in listener.notifies(timeout=2, stop_after=1)]
+        assert [(p[0], p[2], len(p)) for p in payloads] == [(tenant_id, "suspended", 7)]
         route = listener.execute("SELECT status FROM tenant_routes WHERE tenant_id = %s", (tenant_id,)).fetchone()
         assert route == ("suspended",)
         await admin.post(f"/v1/tenants/{tenant_id}/resume")
-        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == [tenant_id]
+        payloads = [n.payload.split(" ") for n in listener.notifies(timeout=2, stop_after=1)]
+        assert [(p[0], p[2], p[-1]) for p in payloads] == [(tenant_id, "active", "-")]
 
 
 async def test_a_pool_onboarding_that_died_before_activation_is_resumed_by_a_retry(
