@@ -23,6 +23,9 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = 4.0
 CONCURRENCY = 16
 POOL_SIZE = 10
+# A/B of two versions: BENCH_API_AB_TREE=/path/to/other/checkout adds its
+# tenant API as a third server ("tenantctl_ab"), measured in the same rounds.
+AB_TREE = os.environ.get("BENCH_API_AB_TREE", "")
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:
@@ -38,6 +41,13 @@ def _postgres_cpu_seconds() -> float:
             with contextlib.suppress(psutil.Error):
                 total += _cpu_seconds(proc)
     return total
+
+
+def _server(kind: str, tree: str | None, port: int, env: dict[str, str]) -> contextlib.AbstractContextManager[Any]:
+    if tree is None:
+        return server_process(["-m", "bench.servers", kind, str(port)], port=port, env=env)
+    # Another checkout's code under the same load (-P: not this directory's).
+    return server_process(["-P", "-m", "bench.servers", kind, str(port)], port=port, env={**env, "PYTHONPATH": tree})
 
 
 def run() -> dict[str, Any]:
@@ -61,24 +71,22 @@ def run() -> dict[str, Any]:
             "BENCH_POOL_SIZE": str(POOL_SIZE),
         }
         path = f"/v1/projects/{project_id[0]}"
-        ports = {"tenantctl": free_port(), "baseline": free_port()}
-        rounds: dict[str, list[dict[str, float]]] = {"tenantctl": [], "baseline": []}
-        with (
-            server_process(
-                ["-m", "bench.servers", "tenantctl", str(ports["tenantctl"])],
-                port=ports["tenantctl"],
-                env=env,
-            ) as tenantctl_proc,
-            server_process(
-                ["-m", "bench.servers", "baseline", str(ports["baseline"])], port=ports["baseline"], env=env
-            ) as baseline_proc,
-        ):
-            procs = {"tenantctl": psutil.Process(tenantctl_proc.pid), "baseline": psutil.Process(baseline_proc.pid)}
+        # name -> (server kind, code tree or None for this one)
+        servers: dict[str, tuple[str, str | None]] = {"tenantctl": ("tenantctl", None), "baseline": ("baseline", None)}
+        if AB_TREE:
+            servers["tenantctl_ab"] = ("tenantctl", AB_TREE)
+        ports = {name: free_port() for name in servers}
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+        with contextlib.ExitStack() as running:
+            procs = {
+                name: psutil.Process(running.enter_context(_server(kind, tree, ports[name], env)).pid)
+                for name, (kind, tree) in servers.items()
+            }
             headers = {"Authorization": f"Bearer {token}"}
-            for name in ("tenantctl", "baseline"):  # warm-up: caches, prepared statements, pools
+            for name in servers:  # warm-up: caches, prepared statements, pools
                 load(ports[name], path, headers, seconds=1.0, concurrency=CONCURRENCY)
             for _ in range(ROUNDS):
-                for name in ("baseline", "tenantctl"):
+                for name in ("baseline", *(n for n in servers if n != "baseline")):
                     server_before, postgres_before = _cpu_seconds(procs[name]), _postgres_cpu_seconds()
                     result = load(ports[name], path, headers, seconds=SECONDS, concurrency=CONCURRENCY)
                     summary: dict[str, float] = result.summary()
@@ -94,6 +102,15 @@ def run() -> dict[str, Any]:
         }
         for name, rs in rounds.items()
     }
+    ab: dict[str, Any] = {}
+    if AB_TREE:
+        # Paired round by round against the baseline: the host's drift cancels.
+        def paired(name: str, key: str) -> float:
+            return round(median([r[key] / b[key] for r, b in zip(rounds[name], rounds["baseline"], strict=True)]), 3)
+
+        ab = {"tree": AB_TREE}
+        for label, key in (("throughput_ratio", "rps"), ("server_cpu_ratio", "server_cpu_us")):
+            ab[label] = {name: paired(name, key) for name in ("tenantctl", "tenantctl_ab")}
     ratio = med["tenantctl"]["rps"] / med["baseline"]["rps"]
     p99_delta = med["tenantctl"]["p99_ms"] - med["baseline"]["p99_ms"]
     return {
@@ -115,6 +132,7 @@ def run() -> dict[str, Any]:
             "postgres": round(med["tenantctl"]["postgres_cpu_us"] - med["baseline"]["postgres_cpu_us"], 1),
         },
         "p99_delta_ms": round(p99_delta, 3),
+        **({"ab": ab} if ab else {}),
         "goals": {"throughput_ratio_min": 0.85, "p99_delta_ms_max": 1.0},
         "goals_met": ratio >= 0.85 and p99_delta <= 1.0,
         "summary": f"throughput {ratio:.2f}x baseline "
