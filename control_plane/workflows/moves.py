@@ -386,11 +386,12 @@ def _catch_up(plan: MovePlan) -> int:
     )
 
 
-def _cutover(plan: MovePlan, on_fence: Callable[[], None]) -> dict[str, Any]:
+def _cutover(plan: MovePlan, on_caught_up: Callable[[], None]) -> dict[str, Any]:
     """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating.
 
-    ``on_fence`` is called once the rest is short: at the online fence, and
-    after the offline copy and its verification (a copy may take a while).
+    ``on_caught_up`` is called, inside the fence, once what is left is short
+    and bounded: online, when the final catch-up has arrived (the delta check
+    and the activation remain); offline, after the copy and its verification.
     """
     if plan.mode == "online":
         settings = runtime.current().settings
@@ -400,14 +401,14 @@ def _cutover(plan: MovePlan, on_fence: Callable[[], None]) -> dict[str, Any]:
             max_lag_bytes=settings.move_max_lag_bytes,
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
-            on_fence=on_fence,
+            on_caught_up=on_caught_up,
         )
         return {**details, "activated": True}
     fenced_at = time.monotonic()
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
     verified = engine.verify(plan)
-    on_fence()
+    on_caught_up()
     engine.activate_target(plan)
     return {"copied": copied, "verified": verified, "activated": True, "fenced_at": fenced_at}
 
@@ -422,17 +423,20 @@ catch_up = _before_flip("catch_up", _online_only(_catch_up))
 async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Fence, verify, activate the target -- and flip the route at once, in this step.
 
-    The flip's catalog statements run *while* the fenced verification does
-    (they take 10-50 ms through the ORM on a busy host, as long as the
-    verification itself), in a transaction that commits only once the target
-    is verified and activated; a failed verification rolls them back. What
-    is left in the write pause after the activation is the commit. A step
+    The flip's catalog statements run *while* the fenced delta check and the
+    activation do (they take 10-50 ms through the ORM on a busy host, about
+    as long), in a transaction that commits only once the target is verified
+    and activated; a failed verification rolls them back. What is left in
+    the write pause after the activation is the commit. They start only once
+    the final catch-up has arrived, whose wait is bounded by a timeout of
+    seconds: the transaction holds the tenant's and the job's row locks (a
+    cancel request waits on them), so it must not be open for that long. A step
     boundary inside the pause would cost a checkpoint and the next step's
     start, so none is. ``flip`` stays the point of no return and its own
     step: if the flip here fails, for any reason, even an ambiguous commit,
     nothing is compensated; ``flip`` reads the catalog and finishes it (or
     finds it done). A cancel that is due is honoured by the same check as in
-    ``flip``, in the flip's own transaction, at the fence.
+    ``flip``, in the flip's own transaction.
 
     Replayed after its flip committed (the process died before this step's
     checkpoint), it touches nothing: re-running the verification would unfence
@@ -443,17 +447,17 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         log.info("move_cutover_replayed_after_flip", job_id=job["id"])
         return {"activated": True, "flipped": True}
     loop = asyncio.get_running_loop()
-    fencing = asyncio.Event()
+    caught_up = asyncio.Event()
 
-    def at_fence() -> None:  # called in the cutover's thread
-        loop.call_soon_threadsafe(fencing.set)
+    def signal_caught_up() -> None:  # called in the cutover's thread
+        loop.call_soon_threadsafe(caught_up.set)
 
-    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, at_fence))
-    fenced = asyncio.ensure_future(fencing.wait())
-    await asyncio.wait({work, fenced}, return_when=asyncio.FIRST_COMPLETED)
-    fenced.cancel()
+    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, signal_caught_up))
+    waiting = asyncio.ensure_future(caught_up.wait())
+    await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
     if work.done():
-        work.result()  # it failed before the fence: the step's failure, nothing to flip
+        work.result()  # it failed before catching up: the step's failure, nothing to flip
     await runtime.current().pause()  # test hook: room to cancel or kill before the flip
     try:
         # The verification's own failure surfaces here too (the flip's
