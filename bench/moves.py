@@ -1,8 +1,8 @@
 """Promotion of a 1M-row tenant under a steady 200 writes/s through the tenant API.
 
-Reports the write pause -- from the real fence (``fenced_at`` returned by
-``engine.run_steps``: the second, real fence of incremental verification, drain
-included, not the brief baseline fence before it) to the first acknowledged
+Reports the write pause -- from the fence (``fenced_at`` returned by
+``engine.run_steps``: the fence of incremental verification, drain
+included) to the first acknowledged
 write after the flip, with the max and p99 latency of the writes in flight in
 that window, and how much of it follows the flip's commit (NOTIFY, route read,
 the silo engine opened, the write itself) -- plus per-write latency over the whole run, total move time, the

@@ -343,6 +343,11 @@ class _SiloPool:
     last_used: float
     borrowed: int = 0
 
+    def give_back(self) -> None:
+        """End one borrow (see ``EngineRegistry._borrow_silo``); the idle clock restarts."""
+        self.borrowed -= 1
+        self.last_used = time.monotonic()
+
 
 class EngineRegistry:
     """The pool's connection pool plus a bounded LRU of per-silo pools."""
@@ -447,8 +452,7 @@ class EngineRegistry:
         finally:
             for conn in held:
                 await entry.pool.release(conn)
-            entry.borrowed -= 1
-            entry.last_used = time.monotonic()
+            entry.give_back()
 
     @contextlib.asynccontextmanager
     async def connection(self, route: Route) -> AsyncIterator[asyncpg.Connection]:
@@ -464,8 +468,7 @@ class EngineRegistry:
             async with entry.pool.acquire() as conn:
                 yield cast(asyncpg.Connection, conn)
         finally:
-            entry.borrowed -= 1
-            entry.last_used = time.monotonic()
+            entry.give_back()
 
     async def fetch(self, route: Route, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run one statement, in its own implicit transaction, on ``route``'s database.
@@ -481,8 +484,7 @@ class EngineRegistry:
         try:
             return await entry.pool.fetch(query, *args)
         finally:
-            entry.borrowed -= 1
-            entry.last_used = time.monotonic()
+            entry.give_back()
 
     async def _borrow_silo(self, route: Route) -> _SiloPool:
         """The location's engine, already counted as borrowed.

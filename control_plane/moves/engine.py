@@ -306,7 +306,6 @@ def fence_source(
     *,
     drain_timeout: float = 2.0,
     attempts: int = 3,
-    marker: uuid.UUID | None = None,
     conn: psycopg.Connection[Any] | None = None,
 ) -> None:
     """Drain in-flight tenant transactions, then make the source refuse the tenant (I4).
@@ -329,7 +328,7 @@ def fence_source(
                 # every wal_writer_delay -- measured as 0.4 s of final catch-up
                 # spent with the tenant fenced. 'local': no wait for standbys.
                 src.execute("SELECT set_config('synchronous_commit', 'local', true)")
-                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, marker or plan.move_id))
+                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, plan.move_id))
             return
         except psycopg.errors.LockNotAvailable:
             with connect(plan.source.admin(), autocommit=True) as admin:
@@ -569,7 +568,7 @@ def abort(plan: MovePlan, *, route_epoch: int | None = None) -> None:
         stop_replication(plan)  # also drops the change-tracking triggers
     unfence_source(plan)
     with connect(plan.source.owner()) as src:
-        # The fence's marker and incremental verification's baseline markers (one move per tenant at a time).
+        # The fence's marker (one move per tenant at a time; markers of older code's baseline fences too).
         src.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
     _delete_tenant_rows(plan.target.owner(), plan.tenant_id, batch=5000)
     with connect(plan.target.owner()) as dst:
@@ -584,9 +583,8 @@ def run_steps(plan: MovePlan, *, flip: Any, cleanup: bool = True) -> dict[str, f
     the steps themselves. ``flip`` updates the catalog route (epoch + 1).
 
     Durations are in seconds; ``fenced_at`` is the ``time.monotonic()`` instant
-    the real fence started (online: the second fence of incremental
-    verification, not the brief baseline fence), so a caller can measure the
-    write pause from the fence itself.
+    the fence started (online: inside incremental verification), so a caller
+    can measure the write pause from the fence itself.
     """
     timings: dict[str, float] = {}
 

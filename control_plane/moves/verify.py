@@ -285,7 +285,7 @@ def verify_incremental(
     backoff: Sequence[float] = engine.CATCH_UP_BACKOFF_SECONDS,
     on_caught_up: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Baseline before the fence, fence, final catch-up, delta check; returns timings.
+    """Bulk checksums of two unfenced snapshots, fence, final catch-up, delta check; returns timings.
 
     Leaves the source *fenced* on success -- with ``activate``, the target
     activated at the new epoch too, on the connection the fence already had
