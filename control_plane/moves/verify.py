@@ -18,8 +18,12 @@ milliseconds, and verification is never weakened to make it fit. Instead:
    D; the counts are checked the same way, and (b) row by row. An early pass
    just before the fence reads, for every key recorded so far, its snapshot
    side and its current row; inside the fence only the keys with a change
-   recorded since (by change-row id, per side) are read again -- a key with
+   recorded since are read again -- a key with
    none has not changed since on either side, so its early read is final.
+   Which changes are new is told per side by the transaction that recorded
+   them, against a snapshot taken just before the early pass read the
+   changes (migration ``tenant_0005``): the fence reads only those rows, not
+   every change of the move.
 
 Why S and T need no fence and no common replication position: a key outside
 D has not changed on a side since that side's triggers were created, so S
@@ -171,8 +175,29 @@ def _checksums(conn: psycopg.Connection[Any], tables: list[str], tenant_id: uuid
     return result
 
 
-def _changes(conn: psycopg.Connection[Any], move_id: uuid.UUID) -> Changes:
-    rows = conn.execute(f"SELECT id, tbl, pk::text FROM {CHANGES} WHERE move_id = %s", (move_id,)).fetchall()
+def _snapshot(conn: psycopg.Connection[Any]) -> str:
+    """The snapshot of a statement run now (READ COMMITTED: every statement takes a new one)."""
+    row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _changes(conn: psycopg.Connection[Any], move_id: uuid.UUID, *, unseen_by: str | None = None) -> Changes:
+    """The move's recorded changes on ``conn``'s side; with ``unseen_by``, only those it does not show.
+
+    ``unseen_by`` is a snapshot taken just before an earlier read of the
+    changes. A change that read did not return had not committed when it
+    ran, so this earlier snapshot does not show it either: the rows returned
+    include every change the read missed, and some it returned (which the
+    caller drops by id). The index on ``(move_id, xid)`` (migration
+    ``tenant_0005``) limits the scan to transactions from the snapshot's xmin on.
+    """
+    query = f"SELECT id, tbl, pk::text FROM {CHANGES} WHERE move_id = %s"
+    params: tuple[Any, ...] = (move_id,)
+    if unseen_by is not None:
+        query += " AND xid >= pg_snapshot_xmin(%s::pg_snapshot) AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)"
+        params = (move_id, unseen_by, unseen_by)
+    rows = conn.execute(query, params).fetchall()
     return {int(change_id): (str(table), str(pk)) for change_id, table, pk in rows}
 
 
@@ -336,6 +361,10 @@ def verify_incremental(
             # change recorded since the early pass on either side has not
             # changed since on that side (its trigger records every change,
             # in the same transaction), so its current row is still its final one.
+            # Each side's snapshot first, then its changes: every change the
+            # read misses is one this snapshot does not show either, so the
+            # fence reads only those (a superset of the unseen ones).
+            marks = {"source": _snapshot(source_now), "target": _snapshot(target_now)}
             seen = {"source": _changes(source_now, plan.move_id), "target": _changes(target_now, plan.move_id)}
             early = _keys([*seen["source"].values(), *seen["target"].values()], tables)
             s_early = pool.submit(_side_pass, source_snapshot, source_now, pks, early, early)
@@ -351,8 +380,8 @@ def verify_incremental(
                 on_caught_up()
             delta_start = time.monotonic()
             # READ COMMITTED statements: each sees every change committed before the fence.
-            s_changes = pool.submit(_changes, source_now, plan.move_id)
-            t_changes = pool.submit(_changes, target_now, plan.move_id)
+            s_changes = pool.submit(_changes, source_now, plan.move_id, unseen_by=marks["source"])
+            t_changes = pool.submit(_changes, target_now, plan.move_id, unseen_by=marks["target"])
             since = _keys(
                 [
                     *_new_changes(s_changes.result(), seen["source"]),

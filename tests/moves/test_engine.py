@@ -428,3 +428,35 @@ def test_verification_fences_once_and_needs_no_common_snapshot_position(
     engine.abort(plan, route_epoch=plan.epoch)
     assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
     assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+
+
+def test_the_fence_reads_every_change_the_early_read_missed_even_out_of_id_order(world: World) -> None:
+    """A change whose transaction commits after the early read is read again, whatever its id.
+
+    Change-row ids follow insert order, not commit order: the open
+    transaction's row gets the smaller id yet becomes visible after the read.
+    The fence's read is filtered by the early snapshot, so it returns that
+    row; a change committed before the snapshot is not read again (control).
+    """
+    move = uuid.uuid4()
+    insert = f"INSERT INTO {verify_mod.CHANGES} (move_id, tbl, pk) VALUES (%s, 'projects', %s::jsonb) RETURNING id"
+    dsn = libpq(world.endpoints.pool_url)
+    with (
+        psycopg.connect(dsn) as reader,
+        psycopg.connect(dsn) as open_tx,
+        psycopg.connect(dsn, autocommit=True) as committed,
+    ):
+        before = committed.execute(insert, (move, '{"id": "before"}')).fetchone()
+        late = open_tx.execute(insert, (move, '{"id": "late"}')).fetchone()
+        seen_row = committed.execute(insert, (move, '{"id": "seen"}')).fetchone()
+        assert before is not None and late is not None and seen_row is not None
+        mark = verify_mod._snapshot(reader)
+        seen = verify_mod._changes(reader, move)
+        open_tx.commit()
+        unseen = verify_mod._changes(reader, move, unseen_by=mark)
+        reader.rollback()
+        committed.execute(f"DELETE FROM {verify_mod.CHANGES} WHERE move_id = %s", (move,))
+    assert set(seen) == {before[0], seen_row[0]}
+    assert late[0] < seen_row[0]  # the case an id watermark would miss
+    assert late[0] in unseen
+    assert before[0] not in unseen and seen_row[0] not in unseen
