@@ -48,15 +48,12 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 import asyncpg
 
 from data_plane.exceptions import StaleRouteError, TenantFencedError
+from data_plane.ownership import BEGIN_TENANT, FENCED, NOT_SERVED_HERE, STALE_EPOCH
 from data_plane.routing import EngineRegistry, Route, RouteDirectory
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-BEGIN_TENANT = "SELECT tenantctl.begin_tenant($1, $2)"
-NOT_SERVED_HERE = "TC001"
-FENCED = "TC002"
-STALE_EPOCH = "TC003"
 FENCE_HOLD_SECONDS = 2.0
 FENCE_POLL_MAX_SECONDS = 0.05
 

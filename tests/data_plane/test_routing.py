@@ -15,6 +15,7 @@ import pytest
 from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
 from data_plane.exceptions import TenantFencedError
+from data_plane.ownership import BEGIN_TENANT
 from data_plane.routing import EngineRegistry, RouteDirectory
 from data_plane.session import TenantContext
 from data_plane.settings import DataPlaneSettings
@@ -521,6 +522,22 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
 
         await _eventually(warmed, timeout=5)
         assert dp_settings.silo_pool_size > 1  # else "every connection" would be the first one
+
+        async def prepared() -> list[int]:
+            # Both connections at once: each is one the prewarm opened (and warmed).
+            async with engines.connection(upcoming) as one, engines.connection(upcoming) as two:
+                counts = []
+                for conn in (one, two):
+                    assert not conn.is_in_transaction()
+                    counts.append(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1", BEGIN_TENANT
+                        )
+                    )
+                return counts
+
+        # Each backend has run the tenant transaction's first statement (refused: A is not served there).
+        assert await prepared() == [1, 1]
         # Still nothing of the target reaches A; B (not moving) is untouched.
         response = await client.get("/v1/projects", headers=a.headers)
         assert a.canary in response.text and s.canary not in response.text
