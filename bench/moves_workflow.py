@@ -107,6 +107,10 @@ def _pause_pieces(
     }
 
 
+def _ms(seconds: object) -> float | None:
+    return round(seconds * 1000, 1) if isinstance(seconds, float) else None
+
+
 def _steps(catalog_url: str, tenant_id: uuid.UUID) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
     """The move workflow's steps as (name, started, completed) on this process's monotonic clock,
     and the cutover step's checkpointed result (its in-fence timings).
@@ -218,6 +222,13 @@ def run() -> dict[str, Any]:
         # contains the flip's commit (so it contains fence .. first write after the flip).
         "cutover_write_gap_ms": cutover_gap,
         "cutover_write_gap_pieces_ms": _pause_pieces(acked, flipped, cutover),
+        # Keys compared one by one (all, and those recorded after the early
+        # pass: the fenced part); reading the changes inside the fence (ms).
+        "verification": {
+            "changed_keys": cutover.get("changed_keys"),
+            "changed_keys_in_fence": cutover.get("changed_keys_in_fence"),
+            "fenced_changes_read_ms": _ms(cutover.get("delta_read_seconds")),
+        },
         "longest_write_gap_ms": pause["gap_ms"],
         "longest_write_gap_at_seconds": pause["at_seconds"],
         "longest_write_gap_during_step": None if longest_at is None else _step_at(steps, longest_at),

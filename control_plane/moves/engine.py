@@ -320,15 +320,22 @@ def fence_source(
     """
     for attempt in range(attempts):
         try:
-            with _reuse(conn, plan.source.owner()) as src, src.transaction():
-                src.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(drain_timeout * 1000)}ms",))
-                # The marker's commit must reach the WAL on disk now, and with it
-                # every write before it: a logical walsender only sends flushed
-                # WAL, and under synchronous_commit=off the WAL writer flushes
-                # every wal_writer_delay -- measured as 0.4 s of final catch-up
-                # spent with the tenant fenced. 'local': no wait for standbys.
-                src.execute("SELECT set_config('synchronous_commit', 'local', true)")
-                src.execute("SELECT tenantctl.fence_tenant(%s, %s)", (plan.tenant_id, plan.move_id))
+            with _reuse(conn, plan.source.owner()) as src:
+                # One statement, its own transaction (autocommit): one round
+                # trip inside the pause instead of four. The settings are
+                # transaction-local and computed by the subquery, whose row
+                # the outer SELECT needs before it can call the fence: the
+                # lock timeout is in force when the fence waits for its lock.
+                # The marker's commit must reach the WAL on disk now, and with
+                # it every write before it: a logical walsender only sends
+                # flushed WAL, and under synchronous_commit=off the WAL writer
+                # flushes every wal_writer_delay -- measured as 0.4 s of final
+                # catch-up spent with the tenant fenced. 'local': no wait for standbys.
+                src.execute(
+                    "SELECT tenantctl.fence_tenant(%s, %s) FROM (SELECT set_config('lock_timeout', %s, true), "
+                    "set_config('synchronous_commit', 'local', true) OFFSET 0) AS settings",
+                    (plan.tenant_id, plan.move_id, f"{int(drain_timeout * 1000)}ms"),
+                )
             return
         except psycopg.errors.LockNotAvailable:
             with connect(plan.source.admin(), autocommit=True) as admin:
@@ -459,9 +466,12 @@ def activate_target(plan: MovePlan, *, conn: psycopg.Connection[Any] | None = No
     every request until then (stale epoch), and :func:`abort` can still take
     it back. ``conn``: an autocommit connection to the target as its owner.
     """
-    with _reuse(conn, plan.target.owner()) as dst, dst.transaction():
-        dst.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
-        dst.execute("SELECT tenantctl.claim_tenant(%s, %s)", (plan.tenant_id, plan.new_epoch))
+    with _reuse(conn, plan.target.owner()) as dst:
+        # One statement, one transaction (autocommit): one round trip in the pause.
+        dst.execute(
+            f"WITH markers AS (DELETE FROM {MARKERS} WHERE tenant_id = %s) SELECT tenantctl.claim_tenant(%s, %s)",
+            (plan.tenant_id, plan.tenant_id, plan.new_epoch),
+        )
 
 
 def retire_source(plan: MovePlan) -> None:

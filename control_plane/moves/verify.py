@@ -58,6 +58,8 @@ from control_plane.moves.tables import tenant_tables
 CHANGES = '"tenantctl"."move_changes"'
 Checksum = tuple[int, int]  # (rows, xor of row hashes)
 Changes = dict[int, tuple[str, str]]  # a side's recorded changes: row id -> (table, primary key as jsonb text)
+# A side's pass over some keys: their snapshot checksum per table, their current row hashes per table.
+SidePass = tuple[dict[str, Checksum], dict[str, dict[str, int]]]
 
 
 def _trigger(plan: MovePlan, op: str) -> str:
@@ -265,15 +267,27 @@ def _current_rows(
     return {table: _row_hashes(now, table, pks[table], k) for table, k in keys.items() if k}
 
 
-def _side_pass(
-    snapshot: psycopg.Connection[Any],
-    now: psycopg.Connection[Any],
+def _passes(
+    pool: ThreadPoolExecutor,
+    sides: dict[str, tuple[psycopg.Connection[Any], psycopg.Connection[Any]]],
     pks: dict[str, list[tuple[str, str]]],
     snapshot_keys: dict[str, set[str]],
     current_keys: dict[str, set[str]],
-) -> tuple[dict[str, Checksum], dict[str, dict[str, int]]]:
-    """One side: the snapshot checksum of ``snapshot_keys`` and the current rows of ``current_keys``."""
-    return _snapshot_part(snapshot, pks, snapshot_keys), _current_rows(now, pks, current_keys)
+) -> dict[str, SidePass]:
+    """Per side (its snapshot and its current connection): the snapshot checksum of
+    ``snapshot_keys`` and the current rows of ``current_keys``.
+
+    All four at once, each on its own connection: inside the fence every
+    round trip in sequence lengthens the write pause.
+    """
+    futures = {
+        side: (
+            pool.submit(_snapshot_part, snapshot, pks, snapshot_keys),
+            pool.submit(_current_rows, now, pks, current_keys),
+        )
+        for side, (snapshot, now) in sides.items()
+    }
+    return {side: (checksums.result(), rows.result()) for side, (checksums, rows) in futures.items()}
 
 
 def _current_side(
@@ -349,7 +363,7 @@ def verify_incremental(
             engine.connect(plan.target.owner()) as target_now,
             engine.connect(plan.source.owner(), autocommit=True) as source_control,
             engine.connect(plan.target.owner(), autocommit=True) as target_control,
-            ThreadPoolExecutor(max_workers=2) as pool,
+            ThreadPoolExecutor(max_workers=4) as pool,
         ):
             engine._privileged(source_now)
             engine._privileged(target_now)
@@ -367,9 +381,8 @@ def verify_incremental(
             marks = {"source": _snapshot(source_now), "target": _snapshot(target_now)}
             seen = {"source": _changes(source_now, plan.move_id), "target": _changes(target_now, plan.move_id)}
             early = _keys([*seen["source"].values(), *seen["target"].values()], tables)
-            s_early = pool.submit(_side_pass, source_snapshot, source_now, pks, early, early)
-            t_early = pool.submit(_side_pass, target_snapshot, target_now, pks, early, early)
-            early_pass = {"source": s_early.result(), "target": t_early.result()}
+            sides = {"source": (source_snapshot, source_now), "target": (target_snapshot, target_now)}
+            early_pass = _passes(pool, sides, pks, early, early)
             fenced = time.monotonic()  # the write pause starts here, drain included
             engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
             drained = time.monotonic()
@@ -389,13 +402,9 @@ def verify_incremental(
                 ],
                 tables,
             )
+            timings["delta_read_seconds"] = time.monotonic() - delta_start
             new_keys = {table: since[table] - early[table] for table in tables}
-            # Source and target are checked side by side, each on its own connections.
-            s_delta = pool.submit(_side_pass, source_snapshot, source_now, pks, new_keys, since)
-            t_delta = pool.submit(_side_pass, target_snapshot, target_now, pks, new_keys, since)
-            fenced_pass = {"source": s_delta.result(), "target": t_delta.result()}
-            source_now.rollback()
-            target_now.rollback()
+            fenced_pass = _passes(pool, sides, pks, new_keys, since)
             keys = {table: early[table] | since[table] for table in tables}
             mismatches = _mismatches(tables, bulk, early_pass, fenced_pass, since, keys)
             timings["delta_seconds"] = time.monotonic() - delta_start
@@ -403,15 +412,15 @@ def verify_incremental(
                 activated = time.monotonic()
                 engine.activate_target(plan, conn=target_control)
                 timings["activate_seconds"] = time.monotonic() - activated
+            # Read-only transactions: ended after the activation, not inside the pause.
+            source_now.rollback()
+            target_now.rollback()
         timings["changed_keys"] = sum(len(k) for k in keys.values())
         timings["changed_keys_in_fence"] = sum(len(k) for k in since.values())
         timings["fenced_at"] = fenced
     if mismatches:
         raise VerificationError(f"verification failed: {mismatches}")
     return timings
-
-
-SidePass = tuple[dict[str, Checksum], dict[str, dict[str, int]]]
 
 
 def _mismatches(
