@@ -18,8 +18,8 @@ milliseconds, and verification is never weakened to make it fit. Instead:
    D; the counts are checked the same way, and (b) row by row. An early pass
    just before the fence reads, for every key recorded so far, its snapshot
    side and its current row; inside the fence only the keys with a change
-   recorded since are read again -- a key with
-   none has not changed since on either side, so its early read is final.
+   recorded since are read again -- a key with none has not changed since
+   on either side, so its early read is final.
    Which changes are new is told per side by the transaction that recorded
    them, against a snapshot taken just before the early pass read the
    changes (migration ``tenant_0005``): the fence reads only those rows, not
