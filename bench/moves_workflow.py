@@ -89,21 +89,18 @@ def _pause_pieces(
     before = max((t for t in times if t < fenced), default=None)
     after = min((t for t in times if t > flipped), default=None)
 
-    def ms(seconds: float | None) -> float | None:
-        return None if seconds is None else round(seconds * 1000, 1)
-
     return {
-        "last_ack_to_fence": ms(None if before is None else fenced - before),
-        "drain": ms(in_fence["drain"]),
-        "final_catch_up": ms(in_fence["final_catch_up"]),
-        "delta_check": ms(in_fence["delta"]),
-        "activate_target": ms(in_fence["activate"]),
+        "last_ack_to_fence": _ms(None if before is None else fenced - before),
+        "drain": _ms(in_fence["drain"]),
+        "final_catch_up": _ms(in_fence["final_catch_up"]),
+        "delta_check": _ms(in_fence["delta"]),
+        "activate_target": _ms(in_fence["activate"]),
         # Activation's end to the flip's commit: in the cutover step, or a step boundary and the flip step.
-        "flip": ms(flipped - activated),
+        "flip": _ms(flipped - activated),
         # Of which: the flip's statements (run alongside the fenced part) still
         # under way when the target was activated; the rest is the commit.
-        "flip_statements_after_activation": ms(None if staged is None else max(0.0, staged - activated)),
-        "flip_to_first_ack": ms(None if after is None else after - flipped),
+        "flip_statements_after_activation": _ms(None if staged is None else max(0.0, staged - activated)),
+        "flip_to_first_ack": _ms(None if after is None else after - flipped),
     }
 
 

@@ -50,6 +50,15 @@ def _plan(world: World, silo: Silo, mode: str = "online") -> MovePlan:
     )
 
 
+def _replicating(world: World, silo: Silo) -> MovePlan:
+    """A move's plan with the target prepared, subscribed and through its initial sync."""
+    plan = _plan(world, silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    engine.wait_initial_sync(plan)
+    return plan
+
+
 @pytest.mark.parametrize("mode", ["online", "offline"])
 async def test_promotion_under_writes_loses_nothing(
     client: httpx.AsyncClient, world: World, empty_silo: Silo, mode: str
@@ -95,10 +104,7 @@ async def test_promotion_under_writes_loses_nothing(
 
 def test_verification_mismatch_aborts_with_source_authoritative(world: World, empty_silo: Silo) -> None:
     a = world["A"]
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
     engine.fence_source(plan)
     engine.final_catch_up(plan)
     # Inject a difference on the target (a phantom row), as a buggy copy would.
@@ -174,10 +180,7 @@ def test_incremental_verification_catches_drift(
     """
     a = world["A"]
     _seed_bulk(world, a.id, 50)
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
 
     def corrupt() -> None:
         with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
@@ -220,10 +223,7 @@ def test_a_lagging_target_delays_the_fence_instead_of_failing_the_move(
     backlog and refuse to fence; a later one fences, and verification passes.
     """
     a = world["A"]
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
     original = engine.wait_caught_up
     outcomes: list[str] = []
 
@@ -282,10 +282,7 @@ def test_a_target_activated_in_the_fence_is_taken_back_only_while_the_route_name
     """The cutover activates the target before the flip; only the catalog's epoch can say it is not authoritative."""
     a = world["A"]
     _seed_bulk(world, a.id, 50)
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
     verify_mod.verify_incremental(plan, activate=True)
     assert _ownership(empty_silo.side.owner_dsn, a.id) == ("active", plan.new_epoch)
     assert _ownership(world.endpoints.pool_url, a.id) == ("fenced", plan.epoch)
@@ -312,10 +309,7 @@ def test_a_key_checked_in_the_early_pass_is_checked_again_if_it_changes_before_t
 ) -> None:
     """The early pass reads the current rows of the keys recorded so far; a later change must not hide behind it."""
     a = world["A"]
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
     written = uuid.uuid4()
     original_gate, original_fence = engine.wait_caught_up, engine.fence_source
 
@@ -373,10 +367,7 @@ def test_verification_fences_once_and_needs_no_common_snapshot_position(
     """
     a = world["A"]
     _seed_bulk(world, a.id, 50)
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    plan = _replicating(world, empty_silo)
     original_install, original_fence, original_pin = (
         verify_mod.install_tracking,
         engine.fence_source,
