@@ -97,9 +97,11 @@ def _pause_pieces(
         "activate_target": _ms(in_fence["activate"]),
         # Activation's end to the flip's commit: in the cutover step, or a step boundary and the flip step.
         "flip": _ms(flipped - activated),
-        # Of which: the flip's statements (run alongside the fenced part) still
-        # under way when the target was activated; the rest is the commit.
+        # Of which: the flip's statements still under way when the target was
+        # activated (0 when they went in before the fence); the rest is the commit.
         "flip_statements_after_activation": _ms(None if staged is None else max(0.0, staged - activated)),
+        # The statements were in this long before the fence (negative: after it).
+        "flip_staged_before_fence": _ms(None if staged is None else fenced - staged),
         "flip_to_first_ack": _ms(None if after is None else after - flipped),
     }
 

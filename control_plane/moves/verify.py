@@ -322,7 +322,7 @@ def verify_incremental(
     max_lag_bytes: int = engine.DEFAULT_MAX_LAG_BYTES,
     catch_up_timeout: float = 30.0,
     backoff: Sequence[float] = engine.CATCH_UP_BACKOFF_SECONDS,
-    on_caught_up: Callable[[], None] | None = None,
+    before_fence: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Bulk checksums of two unfenced snapshots, fence, final catch-up, delta check; returns timings.
 
@@ -333,9 +333,8 @@ def verify_incremental(
     while the target lags (:func:`engine.catch_up_gate`): a target that fell
     behind during the bulk checksums delays the fence, it does not abort the
     move. ``fenced_at`` in the result is the ``time.monotonic()`` instant the
-    real fence started. ``on_caught_up`` is called (in this thread) inside the
-    fence once the final catch-up has arrived: what remains, the delta check
-    and the activation, is short and bounded.
+    real fence started. ``before_fence`` is called (in this thread) just
+    before it, once everything the fence needs is open and the early pass done.
     """
     install_tracking(plan)
     timings: dict[str, Any] = {}
@@ -383,14 +382,14 @@ def verify_incremental(
             early = _keys([*seen["source"].values(), *seen["target"].values()], tables)
             sides = {"source": (source_snapshot, source_now), "target": (target_snapshot, target_now)}
             early_pass = _passes(pool, sides, pks, early, early)
+            if before_fence is not None:
+                before_fence()
             fenced = time.monotonic()  # the write pause starts here, drain included
             engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
             drained = time.monotonic()
             timings["drain_seconds"] = drained - fenced
             engine.final_catch_up(plan, conn=target_control)
             timings["final_catch_up_seconds"] = time.monotonic() - drained
-            if on_caught_up is not None:
-                on_caught_up()
             delta_start = time.monotonic()
             # READ COMMITTED statements: each sees every change committed before the fence.
             s_changes = pool.submit(_changes, source_now, plan.move_id, unseen_by=marks["source"])

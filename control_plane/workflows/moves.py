@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -58,6 +59,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 from dbos import DBOS
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog import service
 from control_plane.catalog.lifecycle import Action
@@ -386,12 +388,13 @@ def _catch_up(plan: MovePlan) -> int:
     )
 
 
-def _cutover(plan: MovePlan, on_caught_up: Callable[[], None]) -> dict[str, Any]:
+def _cutover(plan: MovePlan, stage_flip: Callable[[], None]) -> dict[str, Any]:
     """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating.
 
-    ``on_caught_up`` is called, inside the fence, once what is left is short
-    and bounded: online, when the final catch-up has arrived (the delta check
-    and the activation remain); offline, after the copy and its verification.
+    ``stage_flip`` (blocking, bounded) lets the flip's statements go in:
+    online, just before the fence, whose length is then bounded by its own
+    timeouts (drain, final catch-up); offline, after the copy and its
+    verification, since the fenced copy itself may take minutes.
     """
     if plan.mode == "online":
         settings = runtime.current().settings
@@ -401,14 +404,14 @@ def _cutover(plan: MovePlan, on_caught_up: Callable[[], None]) -> dict[str, Any]
             max_lag_bytes=settings.move_max_lag_bytes,
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
-            on_caught_up=on_caught_up,
+            before_fence=stage_flip,
         )
         return {**details, "activated": True}
     fenced_at = time.monotonic()
     engine.fence_source(plan)
     copied = engine.copy_offline(plan)
     verified = engine.verify(plan)
-    on_caught_up()
+    stage_flip()
     engine.activate_target(plan)
     return {"copied": copied, "verified": verified, "activated": True, "fenced_at": fenced_at}
 
@@ -419,18 +422,24 @@ replicate = _before_flip("replicate", _online_only(_replicate))
 catch_up = _before_flip("catch_up", _online_only(_catch_up))
 
 
+# How long the cutover's thread waits for the flip's statements before it fences
+# (they take milliseconds; the test hook may hold them for about a second).
+STAGE_WAIT_SECONDS = 10.0
+
+
 @_move_step("tenantctl.move.cutover")
 async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     """Fence, verify, activate the target -- and flip the route at once, in this step.
 
-    The flip's catalog statements run *while* the fenced delta check and the
-    activation do (they take 10-50 ms through the ORM on a busy host, about
-    as long), in a transaction that commits only once the target is verified
-    and activated; a failed verification rolls them back. What is left in
-    the write pause after the activation is the commit. They start only once
-    the final catch-up has arrived, whose wait is bounded by a timeout of
-    seconds: the transaction holds the tenant's and the job's row locks (a
-    cancel request waits on them), so it must not be open for that long. A step
+    The flip's catalog statements (10-50 ms through the ORM on a busy host)
+    go in *before* the fence, in a transaction that commits only once the
+    target is verified and activated; a failed verification rolls them back.
+    What is left of them in the write pause is the commit. The cutover's
+    thread waits for them (bounded by ``STAGE_WAIT_SECONDS``) after its early
+    pass, once everything the fence needs is open. The transaction then holds
+    the tenant's and the job's row locks through the fence: a cancel request
+    made meanwhile waits for the fence's outcome (bounded by the drain and
+    final catch-up timeouts) and is refused if the flip committed. A step
     boundary inside the pause would cost a checkpoint and the next step's
     start, so none is. ``flip`` stays the point of no return and its own
     step: if the flip here fails, for any reason, even an ambiguous commit,
@@ -447,26 +456,30 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         log.info("move_cutover_replayed_after_flip", job_id=job["id"])
         return {"activated": True, "flipped": True}
     loop = asyncio.get_running_loop()
-    caught_up = asyncio.Event()
+    ready = asyncio.Event()
+    staged = threading.Event()
 
-    def signal_caught_up() -> None:  # called in the cutover's thread
-        loop.call_soon_threadsafe(caught_up.set)
+    def stage_flip() -> None:  # called in the cutover's thread
+        loop.call_soon_threadsafe(ready.set)
+        # Bounded: a slow catalog delays the fence but never wedges the move;
+        # past the bound the fence goes ahead and the statements run alongside.
+        staged.wait(STAGE_WAIT_SECONDS)
 
-    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, signal_caught_up))
+    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, stage_flip))
 
     async def flip_due() -> None:
-        waiting = asyncio.ensure_future(caught_up.wait())
+        waiting = asyncio.ensure_future(ready.wait())
         await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
         if work.done():
-            work.result()  # it failed before catching up: the step's failure, nothing to flip
+            work.result()  # it failed before the fence: the step's failure, nothing to flip
         await runtime.current().pause()  # test hook: room to cancel or kill before the flip
 
     try:
-        # A failure before catching up, or of the verification, surfaces
+        # A failure before the fence, or of the verification, surfaces
         # here too (the flip's statements, if any ran, roll back); below,
         # ``work`` raises it as the step's.
-        flipped = await _flip_route(job, outputs, cutover=work, due=flip_due())
+        flipped = await _flip_route(job, outputs, cutover=work, due=flip_due(), staged=staged.set)
     except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
         result: dict[str, Any] = await work
         log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
@@ -515,6 +528,7 @@ async def _flip_route(
     *,
     cutover: asyncio.Future[dict[str, Any]] | None = None,
     due: Coroutine[Any, Any, None] | None = None,
+    staged: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The flip's transaction; with ``cutover`` (still running), it commits only once that succeeded.
 
@@ -523,51 +537,64 @@ async def _flip_route(
     to 14 ms measured on a loaded host) is then spent before the fence, not
     inside the write pause. The connection holds no transaction and no lock
     while it waits (the driver sends BEGIN with the first statement).
+    ``staged`` is called once the statements are in, or have failed, or
+    found nothing to flip: the cutover's thread waits for it to fence.
     """
-    plan = plan_of(outputs)
-    placement = outputs["plan"]["placement"]
     async with runtime.current().sessions().begin() as session:
-        if due is not None:
-            try:
-                await session.connection()
-            finally:
-                await due  # always awaited; a failed checkout is then the flip's failure
-        current = await service.resolve_tenant(session, plan.tenant_id, lock=True)
-        if current.route_epoch >= plan.new_epoch:
-            return {"route_epoch": current.route_epoch}  # replayed after the commit
-        # The step's entry (and the last chance for a cancel requested during
-        # the cutover), in this transaction: no separate step inside the pause.
-        kind = PROMOTION if placement == "silo" else DEMOTION
-        if await JobRun(runtime.current().sessions(), uuid.UUID(job["id"]), kind).enter_in(session, "flip"):
-            return CANCEL_DUE
-        if cutover is None and not (outputs.get("cutover") or {}).get("activated"):
-            await asyncio.to_thread(engine.activate_target, plan)
-        await service.apply_transition(
-            session,
-            tenant_id=plan.tenant_id,
-            action=Action.FINISH_MOVE,
-            actor=job["created_by"],
-            current=current,
-            values={
-                "placement": placement,
-                "location_id": uuid.UUID(plan.target.location_id),
-                "route_epoch": tenants.c.route_epoch + 1,
-                "next_location_id": None,
-            },
-            detail={"job_id": job["id"], "to": placement, "location_id": plan.target.location_id},
-        )
-        if plan.target.kind == "silo":
-            await session.execute(
-                sa.update(locations).where(locations.c.id == uuid.UUID(plan.target.location_id)).values(status="ready")
-            )
-        staged_at = time.monotonic()
-        if cutover is not None:
+        try:
+            if due is not None:
+                try:
+                    await session.connection()
+                finally:
+                    await due  # always awaited; a failed checkout is then the flip's failure
+            answer = await _flip_statements(session, job, outputs, activate=cutover is None)
+        finally:
+            if staged is not None:
+                staged()
+        if "staged_at" in answer and cutover is not None:
             # Nothing above is visible until the commit: it waits for the
             # target to be verified and activated, and a failure rolls it back.
             # Shielded: cancelling this wait must not cancel the cutover's
             # future (its thread runs on, and its outcome is still awaited).
             await asyncio.shield(cutover)
-    return {"route_epoch": plan.new_epoch, "staged_at": staged_at}
+    return answer
+
+
+async def _flip_statements(
+    session: AsyncSession, job: dict[str, Any], outputs: dict[str, Any], *, activate: bool
+) -> dict[str, Any]:
+    """The flip, uncommitted: CANCEL_DUE, the epoch of a flip already done, or ``staged_at``."""
+    plan = plan_of(outputs)
+    placement = outputs["plan"]["placement"]
+    current = await service.resolve_tenant(session, plan.tenant_id, lock=True)
+    if current.route_epoch >= plan.new_epoch:
+        return {"route_epoch": current.route_epoch}  # replayed after the commit
+    # The step's entry (and the last chance for a cancel requested during
+    # the cutover), in this transaction: no separate step inside the pause.
+    kind = PROMOTION if placement == "silo" else DEMOTION
+    if await JobRun(runtime.current().sessions(), uuid.UUID(job["id"]), kind).enter_in(session, "flip"):
+        return CANCEL_DUE
+    if activate and not (outputs.get("cutover") or {}).get("activated"):
+        await asyncio.to_thread(engine.activate_target, plan)
+    await service.apply_transition(
+        session,
+        tenant_id=plan.tenant_id,
+        action=Action.FINISH_MOVE,
+        actor=job["created_by"],
+        current=current,
+        values={
+            "placement": placement,
+            "location_id": uuid.UUID(plan.target.location_id),
+            "route_epoch": tenants.c.route_epoch + 1,
+            "next_location_id": None,
+        },
+        detail={"job_id": job["id"], "to": placement, "location_id": plan.target.location_id},
+    )
+    if plan.target.kind == "silo":
+        await session.execute(
+            sa.update(locations).where(locations.c.id == uuid.UUID(plan.target.location_id)).values(status="ready")
+        )
+    return {"route_epoch": plan.new_epoch, "staged_at": time.monotonic()}
 
 
 @DBOS.step(name="tenantctl.move.cleanup", **FORWARD_RETRIES)
