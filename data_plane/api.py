@@ -100,7 +100,9 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
     limiter = TenantRateLimiter.from_settings(settings)
     if resolver is None and settings.credentials_source == "aws":
         resolver = AwsSecretsResolver()
-    meter = UsageMeter(catalog_url, interval=settings.usage_flush_seconds)
+    meter = UsageMeter(
+        catalog_url, interval=settings.usage_flush_seconds, sample_every=settings.usage_rows_stored_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

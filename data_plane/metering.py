@@ -8,8 +8,14 @@ the hour bucket of ``tenant_usage`` in the catalog, so any number of replicas
 add up. A failed flush keeps its counts for the next one.
 
 ``rows_stored`` is a gauge, sampled (off the request path) for the tenants that
-wrote since the last flush: a tenant transaction on the tenant's own database
-counts its rows through RLS, exactly as a request would see them.
+wrote since the last flush, each at most every ``sample_every`` seconds: a
+count of every row is a scan, over a second of the database's CPU for a tenant
+of a million rows, and counting every tenant that wrote on every flush of every
+replica would keep the databases busy counting. It is one read through RLS on
+the tenant's own database, exactly as a request would see the rows, on the fused
+read path: a read takes no share of a move's fence, so a long count never holds
+up a fence's drain (which would wait for it, up to its timeout, inside the
+tenant's write pause, and then terminate it).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import structlog
 from data_plane.dsn import libpq
 from data_plane.exceptions import TenantctlError
 from data_plane.routing import EngineRegistry, RouteDirectory
-from data_plane.session import TenantContext, Transaction
+from data_plane.session import TenantContext
 
 log = structlog.get_logger(__name__)
 
@@ -53,16 +59,15 @@ def bucket_of(now: float) -> datetime:
     return datetime.fromtimestamp(now - now % BUCKET_SECONDS, tz=UTC)
 
 
-async def _count_rows(tx: Transaction) -> int:
-    return int(await tx.fetchval(ROWS_STORED))
-
-
 class UsageMeter:
     """In-memory per-tenant counters of one replica."""
 
-    def __init__(self, catalog_dsn: str, *, interval: float = 10.0) -> None:
+    def __init__(self, catalog_dsn: str, *, interval: float = 10.0, sample_every: float = 300.0) -> None:
         self._dsn = libpq(catalog_dsn)
         self._interval = interval
+        self._sample_every = sample_every
+        # tenant -> when its rows stored were last counted (monotonic)
+        self._sampled: dict[uuid.UUID, float] = {}
         # tenant -> [requests, rows_written]; a list is mutated in place, so a
         # request after the first one of a window allocates nothing.
         self._counts: dict[uuid.UUID, list[int]] = {}
@@ -110,7 +115,7 @@ class UsageMeter:
         if not counts:
             return True
         tenants = list(counts)
-        stored = [await self._rows_stored(t) if sample and counts[t][1] else None for t in tenants]
+        stored = [await self._rows_stored(t) if sample and self._sample_due(t, counts[t][1]) else None for t in tenants]
         try:
             conn = await asyncpg.connect(self._dsn, timeout=5)
             try:
@@ -141,13 +146,24 @@ class UsageMeter:
             current[1] += rows
         del bucket
 
+    def _sample_due(self, tenant_id: uuid.UUID, rows_written: int) -> bool:
+        """Whether to count the tenant's rows now: it wrote, and its last count is old enough."""
+        now = time.monotonic()
+        # Forget counts older than the interval: the map stays as small as the
+        # set of tenants sampled recently.
+        self._sampled = {t: at for t, at in self._sampled.items() if now - at < self._sample_every}
+        if not rows_written or tenant_id in self._sampled:
+            return False
+        self._sampled[tenant_id] = now
+        return True
+
     async def _rows_stored(self, tenant_id: uuid.UUID) -> int | None:
         if self._routes is None or self._engines is None:
             return None
         try:
             route = (await self._routes.lookup(tenant_id)).require_servable()
             ctx = TenantContext(tenant_id=tenant_id, route=route, directory=self._routes, engines=self._engines)
-            return await asyncio.wait_for(ctx.run(_count_rows), timeout=SAMPLE_TIMEOUT_SECONDS)
+            return int(await asyncio.wait_for(ctx.reads.fetchval(ROWS_STORED), timeout=SAMPLE_TIMEOUT_SECONDS))
         except (
             TenantctlError,
             OSError,

@@ -145,6 +145,9 @@ class DataPlaneSettings(CommonSettings):
         description="Maximum projects per tenant, by tier; a tier missing here has no quota.",
     )
     usage_flush_seconds: float = Field(default=10.0, gt=0, description="How often metered usage is written.")
+    usage_rows_stored_seconds: float = Field(
+        default=300.0, gt=0, description="How often, at most, a tenant's stored rows are counted (when it writes)."
+    )
     access_log: bool = Field(default=True, description="One structured log line per request.")
 
     @model_validator(mode="after")

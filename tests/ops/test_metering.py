@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
 import pytest
 
+from data_plane import metering
 from data_plane.dsn import libpq
 from data_plane.metering import UsageMeter
+from data_plane.session import TenantContext, Transaction
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
 from tests.data_plane.conftest import World
+from tests.harness import PgServers
 from tests.ops.conftest import dp_app
 
 
@@ -62,6 +67,79 @@ async def test_usage_is_flushed_per_tenant_and_on_shutdown(
     )
     assert earlier.json()["totals"] == {"requests": 0, "rows_written": 0, "rows_stored": None}
     assert (await admin.get(f"/v1/tenants/{b.id}/usage")).json()["totals"]["requests"] == 2
+
+
+async def test_rows_stored_is_counted_at_most_once_per_interval(dp_settings: DataPlaneSettings, world: World) -> None:
+    a = world["A"]  # seeded with one project and one task
+
+    async def write_and_flush(client: httpx.AsyncClient, meter: UsageMeter) -> tuple[int, int, int | None]:
+        assert (await client.post("/v1/projects", json={"name": "p"}, headers=a.headers)).status_code == 201
+        await asyncio.sleep(0.01)
+        assert await meter.flush()
+        [row] = _usage_rows(world, a.id)
+        return row
+
+    app = dp_app(dp_settings, usage_flush_seconds=3600, usage_rows_stored_seconds=3600)
+    async for client in asgi_client(app):
+        assert await write_and_flush(client, app.state.meter) == (1, 1, 3)
+        # Written again within the hour: not counted again (the last count stands).
+        assert await write_and_flush(client, app.state.meter) == (2, 2, 3)
+    # Control: with a short interval every flush after a write counts again.
+    app = dp_app(dp_settings, usage_flush_seconds=3600, usage_rows_stored_seconds=0.001)
+    async for client in asgi_client(app):
+        assert await write_and_flush(client, app.state.meter) == (3, 3, 5)
+        assert await write_and_flush(client, app.state.meter) == (4, 4, 6)
+
+
+async def _sleeping(tx: Transaction) -> None:
+    await tx.execute("SELECT pg_sleep(1)")
+
+
+def _lock_holders(pool_url: str, tenant_id: uuid.UUID) -> int:
+    with psycopg.connect(libpq(pool_url), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM tenantctl.tenant_lock_holders(%s)", (tenant_id,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _running(admin_dsn: str, text: str) -> bool:
+    with psycopg.connect(libpq(admin_dsn), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND strpos(query, %s) > 0 "
+            "AND pid <> pg_backend_pid()",
+            (text,),
+        ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
+async def _until_running(admin_dsn: str, text: str) -> None:
+    for _ in range(200):
+        if await asyncio.to_thread(_running, admin_dsn, text):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no active query containing {text!r}")
+
+
+async def test_the_rows_stored_count_holds_no_share_of_a_fence(
+    dp_settings: DataPlaneSettings, world: World, pg_servers: PgServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long count of a big tenant must not be something a move's fence drains (waits for, then kills)."""
+    a = world["A"]
+    monkeypatch.setattr(metering, "ROWS_STORED", metering.ROWS_STORED + " + (SELECT 0 FROM pg_sleep(1))")
+    app = dp_app(dp_settings, usage_flush_seconds=3600)
+    async for _client in asgi_client(app):
+        meter: UsageMeter = app.state.meter
+        sample = asyncio.ensure_future(meter._rows_stored(a.id))
+        await _until_running(pg_servers.main_admin, "pg_sleep(1)")
+        holders_while_counting = await asyncio.to_thread(_lock_holders, world.endpoints.pool_url, a.id)
+        assert await sample == 2  # its project and its task, through RLS
+        assert holders_while_counting == 0
+        # Control: a tenant transaction holds its share for as long as it runs.
+        route = await app.state.routes.lookup(a.id)
+        ctx = TenantContext(tenant_id=a.id, route=route, directory=app.state.routes, engines=app.state.engines)
+        running = asyncio.ensure_future(ctx.run(_sleeping))
+        await _until_running(pg_servers.main_admin, "pg_sleep(1)")
+        assert await asyncio.to_thread(_lock_holders, world.endpoints.pool_url, a.id) == 1
+        await running
 
 
 async def test_usage_api_validates_and_requires_admin(admin: httpx.AsyncClient, world: World) -> None:
