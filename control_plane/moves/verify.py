@@ -323,6 +323,7 @@ def verify_incremental(
     catch_up_timeout: float = 30.0,
     backoff: Sequence[float] = engine.CATCH_UP_BACKOFF_SECONDS,
     before_fence: Callable[[], None] | None = None,
+    on_activated: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Bulk checksums of two unfenced snapshots, fence, final catch-up, delta check; returns timings.
 
@@ -334,7 +335,9 @@ def verify_incremental(
     behind during the bulk checksums delays the fence, it does not abort the
     move. ``fenced_at`` in the result is the ``time.monotonic()`` instant the
     real fence started. ``before_fence`` is called (in this thread) just
-    before it, once everything the fence needs is open and the early pass done.
+    before it, once everything the fence needs is open and the early pass done;
+    ``on_activated`` once the target is activated, before the read transactions
+    end and the connections close (the caller's flip need not wait for those).
     """
     install_tracking(plan)
     timings: dict[str, Any] = {}
@@ -411,6 +414,8 @@ def verify_incremental(
                 activated = time.monotonic()
                 engine.activate_target(plan, conn=target_control)
                 timings["activate_seconds"] = time.monotonic() - activated
+                if on_activated is not None:
+                    on_activated()
             # Read-only transactions: ended after the activation, not inside the pause.
             source_now.rollback()
             target_now.rollback()

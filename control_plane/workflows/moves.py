@@ -388,13 +388,15 @@ def _catch_up(plan: MovePlan) -> int:
     )
 
 
-def _cutover(plan: MovePlan, stage_flip: Callable[[], None]) -> dict[str, Any]:
+def _cutover(plan: MovePlan, stage_flip: Callable[[], None], activated: Callable[[], None]) -> dict[str, Any]:
     """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating.
 
     ``stage_flip`` (blocking, bounded) lets the flip's statements go in:
     online, just before the fence, whose length is then bounded by its own
     timeouts (drain, final catch-up); offline, after the copy and its
     verification, since the fenced copy itself may take minutes.
+    ``activated`` is called once the target is verified and activated: the
+    flip may commit.
     """
     if plan.mode == "online":
         settings = runtime.current().settings
@@ -405,6 +407,7 @@ def _cutover(plan: MovePlan, stage_flip: Callable[[], None]) -> dict[str, Any]:
             catch_up_timeout=settings.move_catch_up_timeout_seconds,
             backoff=settings.move_catch_up_backoff_seconds,
             before_fence=stage_flip,
+            on_activated=activated,
         )
         return {**details, "activated": True}
     fenced_at = time.monotonic()
@@ -413,6 +416,7 @@ def _cutover(plan: MovePlan, stage_flip: Callable[[], None]) -> dict[str, Any]:
     verified = engine.verify(plan)
     stage_flip()
     engine.activate_target(plan)
+    activated()
     return {"copied": copied, "verified": verified, "activated": True, "fenced_at": fenced_at}
 
 
@@ -432,9 +436,10 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     """Fence, verify, activate the target -- and flip the route at once, in this step.
 
     The flip's catalog statements (10-50 ms through the ORM on a busy host)
-    go in *before* the fence, in a transaction that commits only once the
-    target is verified and activated; a failed verification rolls them back.
-    What is left of them in the write pause is the commit. The cutover's
+    go in *before* the fence, in a transaction that commits as soon as the
+    target is verified and activated (the thread closes the verification's
+    reads after that, outside the pause); a failed verification rolls them
+    back. What is left of them in the write pause is the commit. The cutover's
     thread waits for them (bounded by ``STAGE_WAIT_SECONDS``) after its early
     pass, once everything the fence needs is open. The transaction then holds
     the tenant's and the job's row locks through the fence: a cancel request
@@ -456,7 +461,7 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         log.info("move_cutover_replayed_after_flip", job_id=job["id"])
         return {"activated": True, "flipped": True}
     loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
+    ready, activated = asyncio.Event(), asyncio.Event()
     staged = threading.Event()
 
     def stage_flip() -> None:  # called in the cutover's thread
@@ -465,31 +470,44 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         # past the bound the fence goes ahead and the statements run alongside.
         staged.wait(STAGE_WAIT_SECONDS)
 
-    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, stage_flip))
+    def signal_activated() -> None:  # called in the cutover's thread
+        loop.call_soon_threadsafe(activated.set)
 
-    async def flip_due() -> None:
-        waiting = asyncio.ensure_future(ready.wait())
+    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, stage_flip, signal_activated))
+
+    async def until(event: asyncio.Event) -> None:
+        """Until ``event`` is set; raises the cutover's failure if it ends first."""
+        waiting = asyncio.ensure_future(event.wait())
         await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
-        if work.done():
-            work.result()  # it failed before the fence: the step's failure, nothing to flip
+        if not event.is_set():
+            work.result()  # the step's failure (nothing to flip), raised here and again below
+            raise RuntimeError("the cutover ended without reaching the flip")
+
+    async def flip_due() -> None:
+        await until(ready)
         await runtime.current().pause()  # test hook: room to cancel or kill before the flip
 
     try:
         # A failure before the fence, or of the verification, surfaces
         # here too (the flip's statements, if any ran, roll back); below,
         # ``work`` raises it as the step's.
-        flipped = await _flip_route(job, outputs, cutover=work, due=flip_due(), staged=staged.set)
+        flipped = await _flip_route(job, outputs, verified=until(activated), due=flip_due(), staged=staged.set)
     except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
         result: dict[str, Any] = await work
         log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
         return result
-    result = await work
+    flipped_at = time.monotonic()
     if flipped == CANCEL_DUE:
-        return result  # the flip step answers the same, and the job compensates
+        return await work  # the flip step answers the same, and the job compensates
+    try:
+        result = await work
+    except Exception as exc:  # noqa: BLE001  # the flip committed: what failed is closing the verification's reads
+        log.warning("move_cutover_cleanup_failed", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
+        result = {"activated": True}
     # time.monotonic() instants of this host, like fenced_at: where benchmarks
     # place the pause, and when the flip's statements were in, waiting to commit.
-    return {**result, "flipped": True, "flipped_at": time.monotonic(), "flip_staged_at": flipped.get("staged_at")}
+    return {**result, "flipped": True, "flipped_at": flipped_at, "flip_staged_at": flipped.get("staged_at")}
 
 
 # -- cutover and after (past the point of no return: only forward) ---------------------------------
@@ -526,11 +544,11 @@ async def _flip_route(
     job: dict[str, Any],
     outputs: dict[str, Any],
     *,
-    cutover: asyncio.Future[dict[str, Any]] | None = None,
+    verified: Coroutine[Any, Any, None] | None = None,
     due: Coroutine[Any, Any, None] | None = None,
     staged: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """The flip's transaction; with ``cutover`` (still running), it commits only once that succeeded.
+    """The flip's transaction; with ``verified`` (the cutover's), it commits only once that returned.
 
     With ``due``, the catalog connection is checked out first and the
     statements wait for ``due``: the pool's pre-ping (three round trips, up
@@ -540,24 +558,26 @@ async def _flip_route(
     ``staged`` is called once the statements are in, or have failed, or
     found nothing to flip: the cutover's thread waits for it to fence.
     """
-    async with runtime.current().sessions().begin() as session:
-        try:
-            if due is not None:
-                try:
-                    await session.connection()
-                finally:
-                    await due  # always awaited; a failed checkout is then the flip's failure
-            answer = await _flip_statements(session, job, outputs, activate=cutover is None)
-        finally:
-            if staged is not None:
-                staged()
-        if "staged_at" in answer and cutover is not None:
-            # Nothing above is visible until the commit: it waits for the
-            # target to be verified and activated, and a failure rolls it back.
-            # Shielded: cancelling this wait must not cancel the cutover's
-            # future (its thread runs on, and its outcome is still awaited).
-            await asyncio.shield(cutover)
-    return answer
+    try:
+        async with runtime.current().sessions().begin() as session:
+            try:
+                if due is not None:
+                    try:
+                        await session.connection()
+                    finally:
+                        await due  # always awaited; a failed checkout is then the flip's failure
+                answer = await _flip_statements(session, job, outputs, activate=verified is None)
+            finally:
+                if staged is not None:
+                    staged()
+            if verified is not None and "staged_at" in answer:
+                # Nothing above is visible until the commit: it waits for the
+                # target to be verified and activated, and a failure rolls it back.
+                await verified
+        return answer
+    finally:
+        if verified is not None:
+            verified.close()  # not awaited when there was nothing to commit, or on a failure
 
 
 async def _flip_statements(
