@@ -382,6 +382,41 @@ async def test_a_failure_before_the_flip_is_compensated(
     assert flips == (0,)  # no flip's audit entry: it rolled back with the rest of the flip
 
 
+async def test_a_failure_after_the_activation_does_not_undo_a_committed_flip(
+    wf_admin: httpx.AsyncClient,
+    api: httpx.AsyncClient,
+    wf_settings: ControlPlaneSettings,
+    wf_endpoints: Endpoints,
+    tweak: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flip commits once the target is activated; the cutover's thread still closes its reads after that.
+
+    A failure there (here: after everything) comes after the point of no
+    return: the move must go forward, not compensate a route already flipped.
+    """
+    real = move_workflows.verify_incremental
+
+    def fails_after_activating(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        real(*args, **kwargs)
+        raise OSError("injected: closing the verification's connections failed")
+
+    monkeypatch.setattr(move_workflows, "verify_incremental", fails_after_activating)
+    tweak(move_cleanup_grace_seconds=0)
+    mover = await _tenant(wf_admin, wf_settings)
+    for i in range(3):
+        await api.post("/v1/projects", headers=mover["headers"], json={"name": f"keep-{i}"})
+    before = _ids(wf_endpoints.pool_url, mover["id"])
+    job = (await wf_admin.post(f"/v1/tenants/{mover['id']}/promote")).json()["job"]
+    finished = await _wait_job(wf_admin, job["id"])
+    assert finished["status"] == "succeeded", finished
+    current = (await wf_admin.get(f"/v1/tenants/{mover['id']}")).json()
+    assert current["placement"]["kind"] == "silo" and current["route_epoch"] == mover["route_epoch"] + 1, current
+    assert _ids(_silo_dsn(wf_endpoints.catalog_url, mover["id"]), mover["id"]) == before
+    written = await api.post("/v1/projects", headers=mover["headers"], json={"name": "after-flip"})
+    assert written.status_code == 201, written.text
+
+
 async def _onboard_silo_tenant(
     admin: httpx.AsyncClient, api: httpx.AsyncClient, settings: ControlPlaneSettings
 ) -> dict[str, Any]:
