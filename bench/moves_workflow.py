@@ -8,13 +8,15 @@ pause also pays for the workflow: step checkpoints and job-row updates
 between the cutover and the flip, and the flip's own catalog transaction
 (tenant row lock, lifecycle transition, audit entry).
 
-The pause is measured from the writer's side: the stretch between two
-consecutive acknowledged writes that contains the flip's commit (the cutover
-step's own record of it, else the flip step's end in DBOS's step records),
-which contains the fence-to-first-write-after-the-flip window; at 200
-writes/s the normal gap is 5 ms. The longest such stretch of the whole move
-is reported too, with the step it fell in. Goal (issue 6): <= 100 ms; zero
-lost writes.
+The pause is measured two ways, and the goal applies to the longer: from
+the fence to the first write acknowledged after the flip's commit (the
+issue's definition; the cutover step records both instants), and from the
+writer's side, the stretch between two consecutive acknowledged writes that
+contains the flip's commit. The second can be the shorter: a write sent
+before the fence and drained by it is acknowledged inside the fence. At 200
+writes/s the normal gap is 5 ms. The longest stretch without an
+acknowledgement of the whole move is reported too, with the step it fell in.
+Goal (issue 6): <= 100 ms; zero lost writes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import httpx
 import psycopg
 
 from bench.common import embedded_stack, free_port, server_process, tenant_api
-from bench.moves import PROJECTS, _percentile, _seed, writer_process
+from bench.moves import PROJECTS, _pause, _percentile, _seed, writer_process
 from bench.seed import add_pool_tenants
 from control_plane import keys
 from control_plane.api import create_app as create_admin_app
@@ -211,15 +213,28 @@ def run() -> dict[str, Any]:
     pause = _longest_ack_gap(acked, move_started, move_ended)
     flipped = _flip_instant(steps, cutover)
     cutover_gap = None if flipped is None else _gap_around(acked, flipped)
+    fenced_at = cutover.get("fenced_at")
+    first_after = None if flipped is None else min((e["acked"] for e in acked if e["acked"] >= flipped), default=None)
+    in_pause = (
+        _pause(log, float(fenced_at), first_after)
+        if isinstance(fenced_at, float)
+        else {"gap_ms": None, "p99": None, "max": None, "writes": 0, "non_2xx": 0}
+    )
+    measured = [g for g in (cutover_gap, in_pause["gap_ms"]) if g is not None]
+    write_pause = max(measured) if measured else None
     longest_at = None if pause["at_seconds"] is None else move_started + float(pause["at_seconds"])
     result: dict[str, Any] = {
         "benchmark": "promotion of a 1M-row tenant under 200 writes/s, through the admin API and the DBOS workflow",
         "rows": 2 * PROJECTS,
         "job": {"status": job["status"], "error": job.get("error"), "detail": job.get("detail")},
         "writes": {"sent": len(log), "acknowledged": len(acked), "non_2xx": len(log) - len(acked), "lost": len(lost)},
-        # The write pause: the stretch without an acknowledged write that
-        # contains the flip's commit (so it contains fence .. first write after the flip).
+        # The write pause (the goal's measure): the longer of the two below.
+        "write_pause_ms": write_pause,
+        "fence_to_first_write_after_flip_ms": in_pause["gap_ms"],
+        # The stretch without an acknowledged write that contains the flip's commit.
         "cutover_write_gap_ms": cutover_gap,
+        # The writes in flight at any moment of fence .. first write after the flip.
+        "write_latency_in_pause_ms": {k: in_pause[k] for k in ("p99", "max", "writes", "non_2xx")},
         "cutover_write_gap_pieces_ms": _pause_pieces(acked, flipped, cutover),
         # Keys compared one by one (all, and those recorded after the early
         # pass: the fenced part); reading the changes inside the fence (ms).
@@ -242,11 +257,12 @@ def run() -> dict[str, Any]:
         "goals": {"pause_ms_max": 100, "lost": 0},
     }
     result["goals_met"] = bool(
-        job["status"] == "succeeded" and cutover_gap is not None and cutover_gap <= 100 and not lost
+        job["status"] == "succeeded" and write_pause is not None and write_pause <= 100 and not lost
     )
     latency = result["write_latency_during_move_ms"]
     result["summary"] = (
-        f"job {job['status']}, write pause around the flip {cutover_gap} ms; longest gap between "
+        f"job {job['status']}, write pause {write_pause} ms (fence to first write after the flip "
+        f"{in_pause['gap_ms']} ms, gap between acknowledgements around the flip {cutover_gap} ms); longest gap between "
         f"acknowledged writes {pause['gap_ms']} ms (during {result['longest_write_gap_during_step']}), "
         f"writes during the move p99 {latency['p99']:.0f} ms "
         f"max {latency['max']:.0f} ms, lost {len(lost)}, "
