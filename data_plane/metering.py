@@ -115,7 +115,13 @@ class UsageMeter:
         if not counts:
             return True
         tenants = list(counts)
-        stored = [await self._rows_stored(t) if sample and self._sample_due(t, counts[t][1]) else None for t in tenants]
+        # Forget counts older than the interval: the map stays as small as the
+        # set of tenants counted recently.
+        mono = time.monotonic()
+        self._sampled = {t: at for t, at in self._sampled.items() if mono - at < self._sample_every}
+        stored = [
+            await self._rows_stored(t) if sample and counts[t][1] and t not in self._sampled else None for t in tenants
+        ]
         try:
             conn = await asyncpg.connect(self._dsn, timeout=5)
             try:
@@ -146,24 +152,13 @@ class UsageMeter:
             current[1] += rows
         del bucket
 
-    def _sample_due(self, tenant_id: uuid.UUID, rows_written: int) -> bool:
-        """Whether to count the tenant's rows now: it wrote, and its last count is old enough."""
-        now = time.monotonic()
-        # Forget counts older than the interval: the map stays as small as the
-        # set of tenants sampled recently.
-        self._sampled = {t: at for t, at in self._sampled.items() if now - at < self._sample_every}
-        if not rows_written or tenant_id in self._sampled:
-            return False
-        self._sampled[tenant_id] = now
-        return True
-
     async def _rows_stored(self, tenant_id: uuid.UUID) -> int | None:
         if self._routes is None or self._engines is None:
             return None
         try:
             route = (await self._routes.lookup(tenant_id)).require_servable()
             ctx = TenantContext(tenant_id=tenant_id, route=route, directory=self._routes, engines=self._engines)
-            return int(await asyncio.wait_for(ctx.reads.fetchval(ROWS_STORED), timeout=SAMPLE_TIMEOUT_SECONDS))
+            value = await asyncio.wait_for(ctx.reads.fetchval(ROWS_STORED), timeout=SAMPLE_TIMEOUT_SECONDS)
         except (
             TenantctlError,
             OSError,
@@ -175,6 +170,9 @@ class UsageMeter:
             # Suspended, fenced or moving: sample it next time it writes.
             log.info("usage_rows_stored_skipped", tenant_id=str(tenant_id), reason=type(exc).__name__)
             return None
+        # Counted: not again within the interval (a skipped count is tried at the next flush).
+        self._sampled[tenant_id] = time.monotonic()
+        return None if value is None else int(value)
 
     def pending(self) -> Sequence[uuid.UUID]:
         return list(self._counts)
