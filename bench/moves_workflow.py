@@ -87,9 +87,8 @@ def _pause_pieces(
     activated = fenced + sum(in_fence.values())
     staged = cutover.get("flip_staged_at")
     staged = staged if isinstance(staged, float) else None
-    times = sorted(e["acked"] for e in acked)
-    before = max((t for t in times if t < fenced), default=None)
-    after = min((t for t in times if t > flipped), default=None)
+    before = max((e["acked"] for e in acked if e["acked"] < fenced), default=None)
+    after = _first_ack_after(acked, flipped)
 
     return {
         "last_ack_to_fence": _ms(None if before is None else fenced - before),
@@ -137,12 +136,15 @@ def _steps(catalog_url: str, tenant_id: uuid.UUID) -> tuple[list[tuple[str, floa
     return steps, cutover
 
 
+def _first_ack_after(acked: list[dict[str, Any]], instant: float) -> float | None:
+    return min((e["acked"] for e in acked if e["acked"] >= instant), default=None)
+
+
 def _gap_around(acked: list[dict[str, Any]], instant: float) -> float | None:
     """The stretch between the last acknowledgement before ``instant`` and the first after it (ms)."""
-    times = sorted(e["acked"] for e in acked)
-    before = [t for t in times if t < instant]
-    after = [t for t in times if t >= instant]
-    return round((after[0] - before[-1]) * 1000, 1) if before and after else None
+    before = max((e["acked"] for e in acked if e["acked"] < instant), default=None)
+    after = _first_ack_after(acked, instant)
+    return round((after - before) * 1000, 1) if before is not None and after is not None else None
 
 
 def _latency_by_step(acked: list[dict[str, Any]], steps: list[tuple[str, float, float]]) -> dict[str, Any]:
@@ -214,12 +216,9 @@ def run() -> dict[str, Any]:
     flipped = _flip_instant(steps, cutover)
     cutover_gap = None if flipped is None else _gap_around(acked, flipped)
     fenced_at = cutover.get("fenced_at")
-    first_after = None if flipped is None else min((e["acked"] for e in acked if e["acked"] >= flipped), default=None)
-    in_pause = (
-        _pause(log, float(fenced_at), first_after)
-        if isinstance(fenced_at, float)
-        else {"gap_ms": None, "p99": None, "max": None, "writes": 0, "non_2xx": 0}
-    )
+    timed = flipped is not None and isinstance(fenced_at, float)
+    # Without both instants, _pause reports no pause (no first write to measure to).
+    in_pause = _pause(log, fenced_at if timed else 0.0, _first_ack_after(acked, flipped) if timed else None)
     measured = [g for g in (cutover_gap, in_pause["gap_ms"]) if g is not None]
     write_pause = max(measured) if measured else None
     longest_at = None if pause["at_seconds"] is None else move_started + float(pause["at_seconds"])

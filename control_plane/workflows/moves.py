@@ -560,16 +560,7 @@ async def _flip_route(
     """
     try:
         async with runtime.current().sessions().begin() as session:
-            try:
-                if due is not None:
-                    try:
-                        await session.connection()
-                    finally:
-                        await due  # always awaited; a failed checkout is then the flip's failure
-                answer = await _flip_statements(session, job, outputs, activate=verified is None)
-            finally:
-                if staged is not None:
-                    staged()
+            answer = await _staged_flip(session, job, outputs, due=due, staged=staged, activate=verified is None)
             if verified is not None and "staged_at" in answer:
                 # Nothing above is visible until the commit: it waits for the
                 # target to be verified and activated, and a failure rolls it back.
@@ -578,6 +569,28 @@ async def _flip_route(
     finally:
         if verified is not None:
             verified.close()  # not awaited when there was nothing to commit, or on a failure
+
+
+async def _staged_flip(
+    session: AsyncSession,
+    job: dict[str, Any],
+    outputs: dict[str, Any],
+    *,
+    due: Coroutine[Any, Any, None] | None,
+    staged: Callable[[], None] | None,
+    activate: bool,
+) -> dict[str, Any]:
+    """:func:`_flip_statements` once ``due`` (the connection checked out first); ``staged`` whatever the outcome."""
+    try:
+        if due is not None:
+            try:
+                await session.connection()
+            finally:
+                await due  # always awaited; a failed checkout is then the flip's failure
+        return await _flip_statements(session, job, outputs, activate=activate)
+    finally:
+        if staged is not None:
+            staged()
 
 
 async def _flip_statements(
