@@ -49,8 +49,13 @@ async def tenant_context(request: Request) -> TenantContext:
 Tenant = Annotated[TenantContext, Depends(tenant_context)]
 
 
-def quotas(request: Request) -> Quotas:
-    """The tier quotas (only write routes that create rows depend on this)."""
+async def quotas(request: Request) -> Quotas:
+    """The tier quotas (only write routes that create rows depend on this).
+
+    ``async`` although it awaits nothing: FastAPI runs a plain ``def``
+    dependency in a worker thread, a thread hop per create request (and, on a
+    saturated host, a wait for that thread to be scheduled).
+    """
     value: Quotas = request.app.state.quotas
     return value
 

@@ -31,7 +31,8 @@ class CatalogState:
     verifier: TokenVerifier
 
 
-def catalog_state(request: Request) -> CatalogState:
+async def catalog_state(request: Request) -> CatalogState:
+    """The app's catalog state (``async``: FastAPI would run a ``def`` in a worker thread)."""
     state: CatalogState = request.app.state.catalog
     return state
 
