@@ -556,6 +556,29 @@ def cleanup_source(plan: MovePlan, *, batch: int = 5000) -> int:
     return _delete_tenant_rows(plan.source.owner(), plan.tenant_id, batch=batch)
 
 
+def take_back_target(plan: MovePlan, *, route_epoch: int | None) -> bool:
+    """Retire a target activated by this move whose route never reached it; True if it was.
+
+    ``route_epoch`` is the tenant's route epoch in the catalog, read by the
+    caller. An active target is taken back only when that proves the route
+    never named it (``route_epoch == plan.epoch``); otherwise it is treated as
+    authoritative and this raises :class:`MoveError`. The source's fence
+    marker goes too: the activation deleted the target's copy, and a fence
+    that starts again (a replayed cutover) must write one that reaches the
+    target, or its final catch-up would wait for a marker that never comes.
+    """
+    with connect(plan.target.owner()) as dst:
+        owned = _ownership(dst, plan.tenant_id)
+        if owned is None or owned[0] != "active":
+            return False
+        if owned[1] != plan.new_epoch or route_epoch != plan.epoch:
+            raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
+        dst.execute("SELECT tenantctl.claim_tenant(%s, %s, 'moved')", (plan.tenant_id, plan.epoch))
+    with connect(plan.source.owner()) as src:
+        src.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))
+    return True
+
+
 def abort(plan: MovePlan, *, route_epoch: int | None = None) -> None:
     """Undo a move before its flip: source authoritative and untouched, target emptied.
 
@@ -568,12 +591,7 @@ def abort(plan: MovePlan, *, route_epoch: int | None = None) -> None:
     Without that proof an active target is treated as authoritative and the
     abort is refused.
     """
-    with connect(plan.target.owner()) as dst:
-        owned = _ownership(dst, plan.tenant_id)
-        if owned is not None and owned[0] == "active":
-            if owned[1] != plan.new_epoch or route_epoch != plan.epoch:
-                raise MoveError("the target already serves the tenant; the move is past its flip and cannot be aborted")
-            dst.execute("SELECT tenantctl.claim_tenant(%s, %s, 'moved')", (plan.tenant_id, plan.epoch))
+    take_back_target(plan, route_epoch=route_epoch)
     if plan.mode == "online":
         stop_replication(plan)  # also drops the change-tracking triggers
     unfence_source(plan)

@@ -388,8 +388,15 @@ def _catch_up(plan: MovePlan) -> int:
     )
 
 
-def _cutover(plan: MovePlan, stage_flip: Callable[[], None], activated: Callable[[], None]) -> dict[str, Any]:
+def _cutover(
+    plan: MovePlan, stage_flip: Callable[[], None], activated: Callable[[], None], *, route_epoch: int
+) -> dict[str, Any]:
     """Fence, verify, activate the target; ``activated`` in the checkpoint lets ``flip`` skip activating.
+
+    A target that an earlier attempt activated (the process died before the
+    flip; ``route_epoch`` proves the route never named it) is taken back
+    first: the verification starts again from a target that does not serve
+    the tenant, whose change triggers record every write (migration tenant_0006).
 
     ``stage_flip`` (blocking, bounded) lets the flip's statements go in:
     online, just before the fence, whose length is then bounded by its own
@@ -398,6 +405,8 @@ def _cutover(plan: MovePlan, stage_flip: Callable[[], None], activated: Callable
     ``activated`` is called once the target is verified and activated: the
     flip may commit.
     """
+    if engine.take_back_target(plan, route_epoch=route_epoch):
+        log.info("move_cutover_target_taken_back", move_id=str(plan.move_id))
     if plan.mode == "online":
         settings = runtime.current().settings
         details = verify_incremental(
@@ -457,7 +466,8 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     the source, which must stay fenced once the route names the target.
     """
     plan = plan_of(outputs)
-    if int((await _tenant_row(plan.tenant_id)).route_epoch) >= plan.new_epoch:
+    route_epoch = int((await _tenant_row(plan.tenant_id)).route_epoch)
+    if route_epoch >= plan.new_epoch:
         log.info("move_cutover_replayed_after_flip", job_id=job["id"])
         return {"activated": True, "flipped": True}
     loop = asyncio.get_running_loop()
@@ -473,7 +483,9 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     def signal_activated() -> None:  # called in the cutover's thread
         loop.call_soon_threadsafe(activated.set)
 
-    work = asyncio.ensure_future(asyncio.to_thread(_cutover, plan, stage_flip, signal_activated))
+    work = asyncio.ensure_future(
+        asyncio.to_thread(functools.partial(_cutover, plan, stage_flip, signal_activated, route_epoch=route_epoch))
+    )
 
     async def until(event: asyncio.Event) -> None:
         """Until ``event`` is set; raises the cutover's failure if it ends first."""
@@ -488,11 +500,15 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         await until(ready)
         await runtime.current().pause()  # test hook: room to cancel or kill before the flip
 
+    async def verified() -> None:
+        await until(activated)
+        await runtime.current().pause()  # test hook: room to kill between the activation and the flip
+
     try:
         # A failure before the fence, or of the verification, surfaces
         # here too (the flip's statements, if any ran, roll back); below,
         # ``work`` raises it as the step's.
-        flipped = await _flip_route(job, outputs, verified=until(activated), due=flip_due(), staged=staged.set)
+        flipped = await _flip_route(job, outputs, verified=verified(), due=flip_due(), staged=staged.set)
     except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
         result: dict[str, Any] = await work
         log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")

@@ -186,3 +186,45 @@ async def test_worker_killed_during_a_promotion_resumes_and_finishes(
         await _assert_promoted_exactly_once(client, endpoints, pg_servers, tenant, job_id, workers)
     finally:
         workers.stop()
+
+
+def _target_state(endpoints: Endpoints, tenant_id: str) -> tuple[str, int] | None:
+    with psycopg.connect(libpq(endpoints.catalog_url)) as cat:
+        row = cat.execute("SELECT dsn FROM locations WHERE tenant_id = %s AND kind = 'silo'", (tenant_id,)).fetchone()
+    if row is None or not row[0]:
+        return None
+    with psycopg.connect(libpq(row[0])) as silo:
+        owned = silo.execute(
+            "SELECT state, epoch FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (tenant_id,)
+        ).fetchone()
+    return None if owned is None else (str(owned[0]), int(owned[1]))
+
+
+async def test_worker_killed_between_the_activation_and_the_flip_resumes_and_finishes(
+    client: httpx.AsyncClient,
+    cp_settings: ControlPlaneSettings,
+    endpoints: Endpoints,
+    pg_servers: PgServers,
+    tmp_path: Path,
+) -> None:
+    """The replayed cutover takes the activated target back, fences again and verifies it again.
+
+    Killed while the target serves the tenant and the flip is not committed:
+    the activation deleted the target's copy of the fence marker, so the
+    replayed fence must write one that reaches it (it used to wait 30 s for a
+    marker that never came, then abort the move).
+    """
+    workers = Workers(_env(cp_settings, endpoints, grace=0.0), tmp_path / "w.log")
+    try:
+        tenant, job_id = await _promote(client, endpoints, "crash-activated")
+        await _wait_for_step(client, job_id, "cutover", workers)
+        deadline = time.monotonic() + 60
+        while _target_state(endpoints, tenant["id"]) != ("active", tenant["route_epoch"] + 1):
+            assert time.monotonic() < deadline, workers.tail()
+            await asyncio.sleep(0.01)
+        # The flip waits out the test pause after the activation: the route still names the pool.
+        assert (await client.get(f"/v1/tenants/{tenant['id']}")).json()["route_epoch"] == tenant["route_epoch"]
+        workers.kill_and_restart()
+        await _assert_promoted_exactly_once(client, endpoints, pg_servers, tenant, job_id, workers)
+    finally:
+        workers.stop()
