@@ -5,7 +5,9 @@ milliseconds, and verification is never weakened to make it fit. Instead:
 
 1. Per-move row triggers on both sides record the primary key of every row of
    the tenant that changes (``tenantctl.move_changes``; ``ENABLE ALWAYS`` on
-   the target, so replication apply fires them).
+   the target, so replication apply fires them, and there only while the
+   target does not serve the tenant: until its activation, which follows the
+   verification).
 2. Once the triggers exist on both sides, a REPEATABLE READ snapshot S is
    pinned on the source and T on the target, with no fence: the tenant keeps
    writing. Full per-table counts and XOR checksums of S and T are computed
@@ -94,11 +96,16 @@ def install_tracking(
                 columns = [c for c, _ in _pk(conn, table)]
                 args = sql.SQL(", ").join(sql.Literal(a) for a in [str(plan.move_id), *columns])
                 tenant = sql.Literal(str(plan.tenant_id))
-                for op, event, when in (
-                    ("i", "INSERT", sql.SQL("NEW.tenant_id = {}::uuid").format(tenant)),
-                    ("u", "UPDATE", sql.SQL("NEW.tenant_id = {t}::uuid OR OLD.tenant_id = {t}::uuid").format(t=tenant)),
-                    ("d", "DELETE", sql.SQL("OLD.tenant_id = {}::uuid").format(tenant)),
+                # The target records only until it serves the tenant (migration
+                # tenant_0006): verification is over by then, and the tenant's
+                # own writes after the flip would otherwise fire the triggers.
+                until = sql.SQL(" AND NOT tenantctl.serves_tenant({}::uuid)").format(tenant) if always else sql.SQL("")
+                for op, event, rows in (
+                    ("i", "INSERT", "NEW.tenant_id = {t}::uuid"),
+                    ("u", "UPDATE", "(NEW.tenant_id = {t}::uuid OR OLD.tenant_id = {t}::uuid)"),
+                    ("d", "DELETE", "OLD.tenant_id = {t}::uuid"),
                 ):
+                    when = sql.SQL(rows + "{u}").format(t=tenant, u=until)
                     name = _trigger(plan, op)
                     exists = conn.execute(
                         "SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s", (table, name)

@@ -451,3 +451,85 @@ def test_the_fence_reads_every_change_the_early_read_missed_even_out_of_id_order
     assert late[0] < seen_row[0]  # the case an id watermark would miss
     assert late[0] in unseen
     assert before[0] not in unseen and seen_row[0] not in unseen
+
+
+def _recorded(dsn: str, plan: MovePlan) -> int:
+    with psycopg.connect(libpq(dsn)) as conn:
+        row = conn.execute("SELECT count(*) FROM tenantctl.move_changes WHERE move_id = %s", (plan.move_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _app_write(world: World, silo: Silo, tenant_id: uuid.UUID, epoch: int) -> None:
+    """A tenant transaction of the application role on the silo, as a request after the flip runs it."""
+    with world.catalog() as cat:
+        row = cat.execute("SELECT app_dsn FROM locations WHERE id = %s", (silo.location_id,)).fetchone()
+    assert row is not None
+    with psycopg.connect(libpq(str(row[0]))) as conn:
+        conn.execute("SELECT tenantctl.begin_tenant(%s, %s)", (tenant_id, epoch))
+        conn.execute(
+            "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'after the flip')", (tenant_id, uuid.uuid4())
+        )
+
+
+def test_the_target_records_changes_only_until_it_serves_the_tenant(world: World, empty_silo: Silo) -> None:
+    """Verification is over before the activation: the tenant's own writes after it fire no trigger on the target."""
+    a = world["A"]
+    plan = _replicating(world, empty_silo)
+    verify_mod.install_tracking(plan)
+    target, source = empty_silo.side.owner_dsn, world.endpoints.pool_url
+    # Recorded: a write on the target before it serves the tenant, whoever makes it.
+    with psycopg.connect(libpq(target)) as conn:
+        conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'stray')", (a.id, uuid.uuid4()))
+    assert _recorded(target, plan) == 1
+    engine.fence_source(plan)
+    engine.activate_target(plan)
+    # Not recorded: the tenant's transactions once the target serves it (the
+    # application role evaluates the triggers' condition: the write succeeds).
+    _app_write(world, empty_silo, a.id, plan.new_epoch)
+    assert _recorded(target, plan) == 1
+    assert len(rows_of(target, a.id)["projects"]) == 3  # the seeded row, the stray one, the one after the activation
+    # The source's triggers record whatever its state.
+    before = _recorded(source, plan)
+    with psycopg.connect(libpq(source)) as conn:
+        conn.execute("UPDATE projects SET name = 'renamed' WHERE tenant_id = %s", (a.id,))
+    assert _recorded(source, plan) == before + 2  # an update records the old and the new key
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+
+
+@pytest.mark.parametrize("drift", [True, False])
+def test_a_target_activated_before_a_crash_is_taken_back_and_verified_again(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch, drift: bool
+) -> None:
+    """A replayed cutover (the worker died between the activation and the flip) starts from a target that records."""
+    a = world["A"]
+    _seed_bulk(world, a.id, 20)
+    plan = _replicating(world, empty_silo)
+    verify_mod.verify_incremental(plan, activate=True)
+    assert _ownership(empty_silo.side.owner_dsn, a.id) == ("active", plan.new_epoch)
+    with pytest.raises(MoveError, match="past its flip"):  # the route has reached the target: authoritative
+        engine.take_back_target(plan, route_epoch=plan.new_epoch)
+    assert engine.take_back_target(plan, route_epoch=plan.epoch) is True
+    assert _ownership(empty_silo.side.owner_dsn, a.id) == ("moved", plan.epoch)
+    assert engine.take_back_target(plan, route_epoch=plan.epoch) is False
+    original_fence = engine.fence_source
+
+    def drift_then_fence(p: MovePlan, **kw: object) -> None:
+        if drift and kw.get("conn") is not None:  # after the replayed early pass, before its fence
+            with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+                conn.execute(
+                    "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'phantom')", (a.id, uuid.uuid4())
+                )
+        original_fence(p, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "fence_source", drift_then_fence)
+    if drift:
+        with pytest.raises(VerificationError):
+            verify_mod.verify_incremental(plan, activate=True)
+        assert _ownership(empty_silo.side.owner_dsn, a.id) == ("moved", plan.epoch)
+    else:
+        verify_mod.verify_incremental(plan, activate=True)  # control: the replay without drift passes
+        assert _ownership(empty_silo.side.owner_dsn, a.id) == ("active", plan.new_epoch)
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
