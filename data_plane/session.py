@@ -7,6 +7,23 @@ as the work it guards. Two shapes:
 
 * :meth:`TenantContext.run` -- ``BEGIN``, ``begin_tenant``, the work function's
   statements, ``COMMIT``: for writes and multi-statement work;
+* :attr:`TenantContext.writes` -- a single ``INSERT ... SELECT ... FROM
+  $tenant_guard``, run as one statement (its own transaction, one round trip)
+  whose only row source is ``begin_tenant`` itself::
+
+      INSERT INTO t (...) SELECT <values> FROM
+          (SELECT tenantctl.begin_tenant(tenant, epoch) AS ok OFFSET 0) AS _guard
+      RETURNING ...
+
+  The inserted row is produced by scanning ``_guard``, so nothing is written
+  before ``begin_tenant`` has taken the tenant's shared lock, checked
+  ownership (its own statements read fresh snapshots, taken after the lock:
+  a fence is never missed) and bound the setting that the values and the
+  policy's check read (InitPlans, evaluated when first needed). The lock is
+  held to the statement's commit, so the fence drains it like any tenant
+  transaction. A query that is not fused fails: ``$tenant_guard`` is not SQL.
+  Writes of more than one statement, and any UPDATE or DELETE (whose scan
+  order the planner chooses), use :meth:`TenantContext.run`;
 * :attr:`TenantContext.reads` -- a single SELECT *fused* with the ownership
   check into one statement and one round trip (the hot read path)::
 
@@ -101,6 +118,26 @@ class Transaction:
 
 _FUSED: dict[tuple[str, int], str] = {}
 
+# Where a fused INSERT takes its row from: replaced by :func:`fused_insert`.
+TENANT_GUARD = "$tenant_guard"
+_FUSED_INSERTS: dict[tuple[str, int], str] = {}
+
+
+def fused_insert(query: str, nargs: int) -> str:
+    """``query`` (one ``INSERT ... SELECT ... FROM $tenant_guard`` with ``$1..$nargs``) guarded by ``begin_tenant``.
+
+    The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
+    """
+    key = (query, nargs)
+    sql = _FUSED_INSERTS.get(key)
+    if sql is None:
+        if not query.lstrip().upper().startswith("INSERT") or query.count(TENANT_GUARD) != 1:
+            raise ValueError(f"a fused write is one INSERT ... SELECT ... FROM {TENANT_GUARD}; run others with run()")
+        guard = f"(SELECT tenantctl.begin_tenant(${nargs + 1}::uuid, ${nargs + 2}::bigint) AS ok OFFSET 0) AS _guard"
+        sql = query.replace(TENANT_GUARD, guard)
+        _FUSED_INSERTS[key] = sql
+    return sql
+
 
 def fused(query: str, nargs: int) -> str:
     """``query`` (one SELECT with ``$1..$nargs``) fused with the ownership check.
@@ -135,14 +172,22 @@ class TenantContext:
     directory: RouteDirectory
     engines: EngineRegistry
     fence_hold_seconds: float = FENCE_HOLD_SECONDS
-    _reader: _FusedReader | None = field(default=None, repr=False)
+    _reader: _Fused | None = field(default=None, repr=False)
+    _writer: _Fused | None = field(default=None, repr=False)
 
     @property
     def reads(self) -> TenantQueries:
         """Single-statement reads, each its own one-round-trip tenant transaction."""
         if self._reader is None:
-            self._reader = _FusedReader(self)
+            self._reader = _Fused(self, fused)
         return self._reader
+
+    @property
+    def writes(self) -> TenantQueries:
+        """Single-INSERT writes (``FROM $tenant_guard``), each its own one-round-trip tenant transaction."""
+        if self._writer is None:
+            self._writer = _Fused(self, fused_insert)
+        return self._writer
 
     async def run(
         self,
@@ -195,13 +240,16 @@ class TenantContext:
                 self.route = (await self.directory.lookup(self.tenant_id, fresh=True)).require_servable()
 
 
-class _FusedReader:
-    def __init__(self, ctx: TenantContext) -> None:
+class _Fused:
+    """:class:`TenantQueries` whose statements each carry their own ownership check (``fuse``)."""
+
+    def __init__(self, ctx: TenantContext, fuse: Callable[[str, int], str]) -> None:
         self._ctx = ctx
+        self._fuse = fuse
 
     async def _fetch(self, query: str, args: Sequence[Any]) -> list[asyncpg.Record]:
         ctx = self._ctx
-        sql = fused(query, len(args))
+        sql = self._fuse(query, len(args))
 
         async def attempt() -> list[asyncpg.Record]:
             return await ctx.engines.fetch(ctx.route, sql, *args, ctx.tenant_id, ctx.route.epoch)

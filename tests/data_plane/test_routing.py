@@ -16,8 +16,9 @@ from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
 from data_plane.exceptions import TenantFencedError
 from data_plane.ownership import BEGIN_TENANT
+from data_plane.resources.projects.service import TENANT
 from data_plane.routing import EngineRegistry, RouteDirectory
-from data_plane.session import TenantContext
+from data_plane.session import TENANT_GUARD, TenantContext
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
 from tests.data_plane.conftest import World, add_pool_tenant
@@ -436,6 +437,69 @@ async def test_fused_read_binds_only_for_its_statement(world: World) -> None:
             assert await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)") == ""
         with pytest.raises(ValueError, match="single SELECT"):
             await ctx_a.reads.fetch("DELETE FROM projects RETURNING id")
+    finally:
+        await engines.close()
+        await directory.close()
+
+
+def _lock_holders(world: World, tenant_id: uuid.UUID) -> int:
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        row = conn.execute("SELECT count(*) FROM tenantctl.tenant_lock_holders(%s)", (tenant_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_fused_insert_is_drained_by_the_fence_and_refused_after_it(world: World) -> None:
+    """One statement, one transaction: it holds the tenant's share of the fence's lock until it commits."""
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    engines = EngineRegistry(world.endpoints.app_pool_url)
+    await directory.start()
+    await engines.start()
+    try:
+        a, b = world["A"], world["B"]
+        ctx_a = TenantContext(
+            tenant_id=a.id,
+            route=await directory.lookup(a.id),
+            directory=directory,
+            engines=engines,
+            fence_hold_seconds=0.1,
+        )
+        # The sleep is an InitPlan of the values: evaluated after the guard has bound the tenant.
+        slow = (
+            f"INSERT INTO projects (tenant_id, id, name) SELECT {TENANT}, $1, (SELECT $2::text FROM pg_sleep(0.6)) "
+            f"FROM {TENANT_GUARD} RETURNING id, tenant_id"
+        )
+        assert _lock_holders(world, a.id) == 0
+        written = uuid.uuid4()
+        insert = asyncio.create_task(ctx_a.writes.fetchrow(slow, written, "drained"))
+
+        async def holds_share() -> bool:
+            return _lock_holders(world, a.id) == 1
+
+        await _eventually(holds_share)  # the statement holds its share
+        started = time.monotonic()
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            pool.execute("SELECT tenantctl.fence_tenant(%s)", (a.id,))  # the drain waits for the insert
+            waited = time.monotonic() - started
+            pool.commit()
+            assert pool.execute("SELECT tenant_id FROM projects WHERE id = %s", (written,)).fetchone() == (a.id,)
+        row = await insert
+        assert row is not None and (row["id"], row["tenant_id"]) == (written, a.id)
+        assert waited > 0.2
+        # Denied after the fence: held, then 503; nothing written.
+        refused = uuid.uuid4()
+        with pytest.raises(TenantFencedError):
+            await ctx_a.writes.fetchrow(slow.replace("0.6", "0"), refused, "after the fence")
+        # Allowed: another tenant's fused insert on the same database.
+        ctx_b = TenantContext(tenant_id=b.id, route=await directory.lookup(b.id), directory=directory, engines=engines)
+        other = await ctx_b.writes.fetchrow(slow.replace("0.6", "0"), uuid.uuid4(), "other tenant")
+        assert other is not None and other["tenant_id"] == b.id
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as pool:
+            assert pool.execute("SELECT count(*) FROM projects WHERE id = %s", (refused,)).fetchone() == (0,)
+        with pytest.raises(ValueError, match="one INSERT"):
+            await ctx_b.writes.fetchrow("INSERT INTO projects (tenant_id, id, name) VALUES ($1, $2, 'x')", b.id, b.id)
+        with pytest.raises(ValueError, match="one INSERT"):
+            await ctx_b.writes.fetch(f"DELETE FROM projects USING {TENANT_GUARD} RETURNING id")
     finally:
         await engines.close()
         await directory.close()

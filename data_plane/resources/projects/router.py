@@ -24,7 +24,11 @@ async def list_projects(tenant: Tenant, limit: Limit = DEFAULT_LIMIT, cursor: Cu
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_project(tenant: Tenant, quotas: TierQuotas, body: ProjectCreate) -> Project:
-    row = await tenant.run(service.create_project, data=body, quota=quotas.projects(tenant.route.tier))
+    quota = quotas.projects(tenant.route.tier)
+    if quota is None:
+        row = await service.create_project(tenant.writes, data=body)
+    else:
+        row = await tenant.run(service.create_project_under_quota, data=body, quota=quota)
     return Project.model_validate(dict(row))
 
 

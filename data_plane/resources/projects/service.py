@@ -14,14 +14,15 @@ import asyncpg
 
 from data_plane.exceptions import NotFoundError, QuotaExceededError
 from data_plane.resources.projects.schemas import ProjectCreate, ProjectUpdate
-from data_plane.session import TenantQueries
+from data_plane.session import TENANT_GUARD, TenantQueries
 
 TENANT = "(SELECT nullif(current_setting('app.current_tenant_id', true), ''))::uuid"
 COLUMNS = "id, name, status, created_at, updated_at"
 
+# One fused statement (TenantContext.writes): the row comes from the tenant guard.
 INSERT = f"""
 INSERT INTO projects (tenant_id, id, name, status)
-VALUES ({TENANT}, $1, $2, $3) RETURNING {COLUMNS}
+SELECT {TENANT}, $1, $2, $3 FROM {TENANT_GUARD} RETURNING {COLUMNS}
 """
 # A quota'd insert: the tenant's project-creating transactions are serialized
 # by a transaction-scoped advisory lock (taken in a statement of its own, so
@@ -55,12 +56,15 @@ DELETE = f"DELETE FROM projects WHERE tenant_id = {TENANT} AND id = $1 RETURNING
 NOT_FOUND = "project not found"
 
 
-async def create_project(db: TenantQueries, *, data: ProjectCreate, quota: int | None = None) -> asyncpg.Record:
-    """Insert a project; with a ``quota``, refuse (422 quota_exceeded) once the tenant has that many."""
-    if quota is None:
-        row = await db.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
-        assert row is not None
-        return row
+async def create_project(db: TenantQueries, *, data: ProjectCreate) -> asyncpg.Record:
+    """Insert a project, in one statement: ``db`` is :attr:`TenantContext.writes`."""
+    row = await db.fetchrow(INSERT, uuid.uuid4(), data.name, data.status.value)
+    assert row is not None
+    return row
+
+
+async def create_project_under_quota(db: TenantQueries, *, data: ProjectCreate, quota: int) -> asyncpg.Record:
+    """Insert a project in a transaction (:meth:`TenantContext.run`); refuse (422 quota_exceeded) at ``quota``."""
     await db.fetchval(QUOTA_LOCK)
     row = await db.fetchrow(INSERT_UNDER_QUOTA, uuid.uuid4(), data.name, data.status.value, quota)
     if row is None:

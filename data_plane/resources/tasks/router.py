@@ -26,7 +26,7 @@ async def list_tasks(
 
 @router.post("/v1/projects/{project_id}/tasks", status_code=status.HTTP_201_CREATED)
 async def create_task(tenant: Tenant, project_id: uuid.UUID, body: TaskCreate) -> Task:
-    row = await tenant.run(service.create_task, project_id=project_id, data=body)
+    row = await service.create_task(tenant.writes, project_id=project_id, data=body)
     return Task.model_validate(dict(row))
 
 

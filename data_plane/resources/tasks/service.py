@@ -1,4 +1,4 @@
-"""Task queries. Every function runs inside a tenant transaction."""
+"""Task queries. Every function runs as, or inside, a tenant transaction."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from data_plane.exceptions import NotFoundError
 from data_plane.resources.projects import service as projects
 from data_plane.resources.projects.service import TENANT
 from data_plane.resources.tasks.schemas import TaskCreate, TaskUpdate
-from data_plane.session import TenantQueries
+from data_plane.session import TENANT_GUARD, TenantQueries
 
 COLUMNS = "id, project_id, title, done, created_at, updated_at"
 
+# One fused statement (TenantContext.writes): the row comes from the tenant guard.
 INSERT = f"""
 INSERT INTO tasks (tenant_id, id, project_id, title, done)
-VALUES ({TENANT}, $1, $2, $3, $4) RETURNING {COLUMNS}
+SELECT {TENANT}, $1, $2, $3, $4 FROM {TENANT_GUARD} RETURNING {COLUMNS}
 """
 GET = f"SELECT {COLUMNS} FROM tasks WHERE tenant_id = {TENANT} AND id = $1"
 LIST_FIRST = f"""
@@ -38,6 +39,7 @@ NOT_FOUND = "task not found"
 
 
 async def create_task(db: TenantQueries, *, project_id: uuid.UUID, data: TaskCreate) -> asyncpg.Record:
+    """Insert a task, in one statement: ``db`` is :attr:`TenantContext.writes`."""
     try:
         row = await db.fetchrow(INSERT, uuid.uuid4(), project_id, data.title, data.done)
     except asyncpg.ForeignKeyViolationError as exc:
