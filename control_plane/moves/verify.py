@@ -159,10 +159,18 @@ def drop_tracking(plan: MovePlan) -> None:
 
 @contextlib.contextmanager
 def pinned_snapshot(dsn: str) -> Iterator[psycopg.Connection[Any]]:
-    """A read-only REPEATABLE READ transaction whose snapshot is taken on entry."""
+    """A read-only REPEATABLE READ transaction whose snapshot is taken on entry.
+
+    Its bulk checksums run without parallel workers: they are background work
+    on a shared database, and with workers each side's scan took every core
+    of the benchmark's two-core host for a second or two, starving the tenant
+    API until it fell seconds behind -- a backlog the write pause then
+    started with.
+    """
     with engine.connect(dsn) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         engine._privileged(conn)
+        conn.execute("SELECT set_config('max_parallel_workers_per_gather', '0', true)")
         conn.execute("SELECT 1 FROM tenantctl.tenant_ownership LIMIT 1")  # takes the snapshot now
         try:
             yield conn

@@ -533,3 +533,12 @@ def test_a_target_activated_before_a_crash_is_taken_back_and_verified_again(
         assert _ownership(empty_silo.side.owner_dsn, a.id) == ("active", plan.new_epoch)
     engine.abort(plan, route_epoch=plan.epoch)
     assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
+
+
+def test_the_bulk_checksums_run_without_parallel_workers(world: World) -> None:
+    """Background work on a shared database: one backend per side (bench/verify_load: concurrent writes' p99 8x lower)."""
+    with verify_mod.pinned_snapshot(world.endpoints.pool_url) as conn:
+        assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
+        assert conn.execute("SHOW transaction_isolation").fetchone() == ("repeatable read",)
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:  # control: only that transaction
+        assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone() != ("0",)
