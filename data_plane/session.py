@@ -3,7 +3,7 @@
 ``tenantctl.begin_tenant(tenant, epoch)`` binds ``app.current_tenant_id``
 transaction-locally (a bound parameter, never string-built SQL) and verifies that
 *this* database serves the tenant at the route's epoch, in the same round trip
-as the work it guards. Two shapes:
+as the work it guards. Three shapes:
 
 * :meth:`TenantContext.run` -- ``BEGIN``, ``begin_tenant``, the work function's
   statements, ``COMMIT``: for writes and multi-statement work;
@@ -118,6 +118,31 @@ class Transaction:
 
 _FUSED: dict[tuple[str, int], str] = {}
 
+
+def fused(query: str, nargs: int) -> str:
+    """``query`` (one SELECT with ``$1..$nargs``) fused with the ownership check.
+
+    The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
+    """
+    key = (query, nargs)
+    sql = _FUSED.get(key)
+    if sql is None:
+        if not query.lstrip().upper().startswith("SELECT"):
+            raise ValueError("only a single SELECT can be fused; run writes with TenantContext.writes or .run")
+        tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
+        sql = (
+            "SELECT q.* FROM (SELECT CASE"
+            f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
+            f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
+            f" ELSE tenantctl.refuse_tenant(_want.tenant_id, o.state, o.epoch, {epoch}) END AS ok"
+            f" FROM (SELECT {tenant} AS tenant_id) AS _want"
+            " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
+            f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
+        )
+        _FUSED[key] = sql
+    return sql
+
+
 # Where a fused INSERT takes its row from: replaced by :func:`fused_insert`.
 TENANT_GUARD = "$tenant_guard"
 _FUSED_INSERTS: dict[tuple[str, int], str] = {}
@@ -136,30 +161,6 @@ def fused_insert(query: str, nargs: int) -> str:
         guard = f"(SELECT tenantctl.begin_tenant(${nargs + 1}::uuid, ${nargs + 2}::bigint) AS ok OFFSET 0) AS _guard"
         sql = query.replace(TENANT_GUARD, guard)
         _FUSED_INSERTS[key] = sql
-    return sql
-
-
-def fused(query: str, nargs: int) -> str:
-    """``query`` (one SELECT with ``$1..$nargs``) fused with the ownership check.
-
-    The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
-    """
-    key = (query, nargs)
-    sql = _FUSED.get(key)
-    if sql is None:
-        if not query.lstrip().upper().startswith("SELECT"):
-            raise ValueError("only a single SELECT can be fused; run writes with TenantContext.run")
-        tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
-        sql = (
-            "SELECT q.* FROM (SELECT CASE"
-            f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
-            f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
-            f" ELSE tenantctl.refuse_tenant(_want.tenant_id, o.state, o.epoch, {epoch}) END AS ok"
-            f" FROM (SELECT {tenant} AS tenant_id) AS _want"
-            " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
-            f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
-        )
-        _FUSED[key] = sql
     return sql
 
 
