@@ -19,30 +19,21 @@ import time
 import uuid
 from typing import Any
 
-import psycopg
-
 from bench.common import embedded_stack, free_port, server_process, tenant_api
 from bench.moves import _percentile, _seed, writer_process
 from bench.seed import add_pool_tenants
 from control_plane.moves import verify
-from data_plane.dsn import libpq
 
 ROUNDS = 4
 SETTLE_SECONDS = 3.0  # between scans: the writer's latency back to normal
-CHECKSUM = "SELECT count(*), coalesce(bit_xor(hash_record_extended(t, 0)), 0) FROM {} AS t WHERE tenant_id = %s"
 
 
 def _scan(dsn: str, tenant_id: uuid.UUID, workers: int | None) -> None:
-    """One side's bulk checksums; ``workers=None`` is the product's snapshot, else that many workers."""
-    if workers is None:
-        with verify.pinned_snapshot(dsn) as conn:
-            verify._checksums(conn, ["projects", "tasks"], tenant_id)
-        return
-    with psycopg.connect(libpq(dsn)) as conn:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        conn.execute("SELECT set_config('max_parallel_workers_per_gather', %s, true)", (str(workers),))
-        for table in ("projects", "tasks"):
-            conn.execute(CHECKSUM.format(table), (tenant_id,)).fetchone()
+    """One side's bulk checksums in the product's snapshot; with ``workers``, that many put back."""
+    with verify.pinned_snapshot(dsn) as conn:
+        if workers is not None:
+            conn.execute("SELECT set_config('max_parallel_workers_per_gather', %s, true)", (str(workers),))
+        verify._checksums(conn, ["projects", "tasks"], tenant_id)
 
 
 def _both_sides(dsn: str, tenant_id: uuid.UUID, workers: int | None) -> tuple[float, float]:

@@ -55,6 +55,7 @@ a retry: at that point nothing has run, so a write is never applied twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -116,52 +117,40 @@ class Transaction:
         return await self.conn.execute(query, *args)
 
 
-_FUSED: dict[tuple[str, int], str] = {}
-
-
+@functools.cache  # the statements are module constants: one build each
 def fused(query: str, nargs: int) -> str:
     """``query`` (one SELECT with ``$1..$nargs``) fused with the ownership check.
 
     The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
     """
-    key = (query, nargs)
-    sql = _FUSED.get(key)
-    if sql is None:
-        if not query.lstrip().upper().startswith("SELECT"):
-            raise ValueError("only a single SELECT can be fused; run writes with TenantContext.writes or .run")
-        tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
-        sql = (
-            "SELECT q.* FROM (SELECT CASE"
-            f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
-            f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
-            f" ELSE tenantctl.refuse_tenant(_want.tenant_id, o.state, o.epoch, {epoch}) END AS ok"
-            f" FROM (SELECT {tenant} AS tenant_id) AS _want"
-            " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
-            f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
-        )
-        _FUSED[key] = sql
-    return sql
+    if not query.lstrip().upper().startswith("SELECT"):
+        raise ValueError("only a single SELECT can be fused; run writes with TenantContext.writes or .run")
+    tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
+    return (
+        "SELECT q.* FROM (SELECT CASE"
+        f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
+        f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
+        f" ELSE tenantctl.refuse_tenant(_want.tenant_id, o.state, o.epoch, {epoch}) END AS ok"
+        f" FROM (SELECT {tenant} AS tenant_id) AS _want"
+        " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
+        f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
+    )
 
 
 # Where a fused INSERT takes its row from: replaced by :func:`fused_insert`.
 TENANT_GUARD = "$tenant_guard"
-_FUSED_INSERTS: dict[tuple[str, int], str] = {}
 
 
+@functools.cache
 def fused_insert(query: str, nargs: int) -> str:
     """``query`` (one ``INSERT ... SELECT ... FROM $tenant_guard`` with ``$1..$nargs``) guarded by ``begin_tenant``.
 
     The tenant and the route's epoch are parameters ``$nargs+1`` and ``$nargs+2``.
     """
-    key = (query, nargs)
-    sql = _FUSED_INSERTS.get(key)
-    if sql is None:
-        if not query.lstrip().upper().startswith("INSERT") or query.count(TENANT_GUARD) != 1:
-            raise ValueError(f"a fused write is one INSERT ... SELECT ... FROM {TENANT_GUARD}; run others with run()")
-        guard = f"(SELECT tenantctl.begin_tenant(${nargs + 1}::uuid, ${nargs + 2}::bigint) AS ok OFFSET 0) AS _guard"
-        sql = query.replace(TENANT_GUARD, guard)
-        _FUSED_INSERTS[key] = sql
-    return sql
+    if not query.lstrip().upper().startswith("INSERT") or query.count(TENANT_GUARD) != 1:
+        raise ValueError(f"a fused write is one INSERT ... SELECT ... FROM {TENANT_GUARD}; run others with run()")
+    guard = f"(SELECT tenantctl.begin_tenant(${nargs + 1}::uuid, ${nargs + 2}::bigint) AS ok OFFSET 0) AS _guard"
+    return query.replace(TENANT_GUARD, guard)
 
 
 @dataclass
