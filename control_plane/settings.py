@@ -54,6 +54,14 @@ class ControlPlaneSettings(CommonSettings):
     worker_adopt_interval_seconds: float = Field(
         default=10.0, gt=0, description="How often an executor adopts the jobs of executors that died."
     )
+    worker_lease_check_seconds: float = Field(
+        default=1.0, gt=0, description="How often an executor checks the catalog connection that holds its lease."
+    )
+    worker_lease_grace_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long an executor that lost its lease tries to take it back before it exits (code 75).",
+    )
     move_cleanup_grace_seconds: float = Field(
         default=300.0, ge=0, description="Wait after a move's flip before the source rows are deleted."
     )
