@@ -75,12 +75,59 @@ FLEET_RUNNING_MESSAGE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class FleetLock:
     """The interlock as held by a runner; ``conn`` is its catalog session."""
 
     conn: psycopg.Connection[tuple[object, ...]]
     waited_s: float
+    catalog_dsn: str
+
+    def lost(self) -> str | None:
+        """None while the runner holds the interlock; else why it must start no more targets.
+
+        The lock dies with its session, and a catalog failover or a network
+        cut ends the session under a live runner: a move may then have marked
+        its tenant and started on the databases this run migrates. So a lost
+        lock is taken back on a new session only if it is free and no tenant
+        is moving; otherwise the run stops (in-flight migrations finish).
+        """
+        try:
+            self.conn.execute("SELECT 1")
+            return None
+        except psycopg.Error:
+            self.conn.close()
+        try:
+            conn = _connect(self.catalog_dsn)
+        except psycopg.Error as exc:
+            return f"its catalog session ended and the catalog is unreachable ({str(exc).strip()})"
+        try:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
+            ).fetchone()
+            if row is None or not row[0]:
+                holders = describe_holders(conn, INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
+                conn.close()
+                return f"its catalog session ended and it is now held by {holders}"
+            moving = moving_tenants(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            return f"its catalog session ended and could not be taken back ({str(exc).strip()})"
+        if moving:
+            conn.close()  # releases the lock
+            return f"its catalog session ended and meanwhile a move started: {', '.join(moving)}"
+        self.conn = conn
+        return None
+
+    def release(self) -> None:
+        """Unlock and close; a session that already ended holds nothing any more."""
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
+        self.conn.close()
+
+
+def _connect(catalog_dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(libpq(catalog_dsn), autocommit=True, application_name=APPLICATION_NAME)
 
 
 def describe_holders(conn: psycopg.Connection[tuple[object, ...]], namespace: int, key: int) -> str:
@@ -135,23 +182,24 @@ def fleet_migration_lock(catalog_dsn: str, *, timeout_s: float = 10.0) -> Iterat
     tenant whose status is ``'moving'``. The lock dies with the session, so a
     crashed runner never leaves the catalog locked.
     """
-    conn: psycopg.Connection[tuple[object, ...]] = psycopg.connect(
-        libpq(catalog_dsn), autocommit=True, application_name=APPLICATION_NAME
-    )
+    conn = _connect(catalog_dsn)
     try:
         waited = _acquire_exclusive(conn, timeout_s)
-        try:
-            moving = moving_tenants(conn)
-            if moving:
-                raise OperationLockedError(
-                    f"{len(moving)} tenant(s) are being moved: {', '.join(moving)}; "
-                    "a fleet migration cannot run during a move, retry when the moves have finished"
-                )
-            yield FleetLock(conn=conn, waited_s=waited)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
-    finally:
+    except BaseException:
         conn.close()
+        raise
+    lock = FleetLock(conn=conn, waited_s=waited, catalog_dsn=catalog_dsn)
+    try:
+        moving = moving_tenants(conn)
+        if moving:
+            raise OperationLockedError(
+                f"{len(moving)} tenant(s) are being moved: {', '.join(moving)}; "
+                "a fleet migration cannot run during a move, retry when the moves have finished"
+            )
+        yield lock
+    finally:
+        # Never lets a dead session's error replace the run's report.
+        lock.release()
 
 
 @contextlib.contextmanager

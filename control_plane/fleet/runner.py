@@ -24,8 +24,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import forkserver, process
@@ -181,6 +181,9 @@ class _Run:
     results: dict[str, TargetResult] = field(default_factory=dict)
     executor: ProcessPoolExecutor | None = None
     workers: int = 0
+    # Asked before each target starts: None to go on, else why to stop (the interlock was lost).
+    may_start: Callable[[], str | None] = lambda: None
+    halted: str | None = None
 
     def record(self, result: TargetResult) -> None:
         self.results[result.target] = result
@@ -204,23 +207,31 @@ class _Run:
             return True
         executor = self.executor
         assert executor is not None, "start_workers() first"
-        futures: dict[Future[Outcome], Target] = {}
+        waiting = list(reversed(jobs))
+        running: dict[Future[Outcome], Target] = {}
         try:
-            for target, job in jobs:
-                futures[executor.submit(worker.migrate_one, job)] = target
-            for future in as_completed(futures):
-                self.record(TargetResult.of(futures[future], _outcome(future)))
+            while waiting or running:
+                # Submitted one by one, as workers free up, so that a lost
+                # interlock stops the run before the next target, not after the wave.
+                while waiting and len(running) < self.workers and self.halted is None:
+                    self.halted = self.may_start()
+                    if self.halted is None:
+                        target, job = waiting.pop()
+                        running[executor.submit(worker.migrate_one, job)] = target
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self.record(TargetResult.of(running.pop(future), _outcome(future)))
         except KeyboardInterrupt:
-            # Unstarted jobs are cancelled; running ones finish (workers ignore
-            # SIGINT) and are recorded, so the report says where each target is.
-            for future in futures:
-                future.cancel()
-            for future, target in futures.items():
-                if future.cancelled():
-                    continue
+            # Unstarted jobs are never submitted; running ones finish (workers
+            # ignore SIGINT) and are recorded, so the report says where each target is.
+            for future, target in running.items():
                 self.record(TargetResult.of(target, _outcome(future)))
             self.not_run(jobs, "interrupted before it started")
             raise
+        if self.halted is not None:
+            return False
         return all(self.results[t.name].status is not TargetStatus.FAILED for t, _ in jobs)
 
 
@@ -278,18 +289,26 @@ def _plan(run: _Run, probes: dict[str, Probe]) -> list[tuple[Target, Job]]:
 
 
 def migrate_targets(
-    targets: Sequence[Target], options: FleetOptions, *, progress: Progress | None = None
+    targets: Sequence[Target],
+    options: FleetOptions,
+    *,
+    progress: Progress | None = None,
+    may_start: Callable[[], str | None] | None = None,
 ) -> FleetReport:
     """Migrate ``targets`` (pool first if present) without taking the catalog interlock.
 
     Callers that run against a catalog use :func:`run_fleet`, which holds the
-    interlock; this function is the engine underneath.
+    interlock; this function is the engine underneath. ``may_start`` is asked
+    before each target starts: a reason stops the run there (in-flight
+    migrations finish, unstarted targets are reported not run).
     """
     started = time.monotonic()
     script = ScriptInfo.load(options.script_location)
     if not ScriptInfo.is_relative(options.revision):
         script.absolute(options.revision)  # an unknown revision fails the whole run up front
     run = _Run(targets=targets, options=options, progress=progress or _NoProgress(), script=script)
+    if may_start is not None:
+        run.may_start = may_start
     probes = probe_all(targets)
     jobs = _plan(run, probes)
     run.progress.planned(len(targets), len(jobs))
@@ -308,8 +327,10 @@ def migrate_targets(
             stopped = f"a canary silo failed; the remaining {len(rest)} silo(s) were not migrated"
         else:
             run.wave(rest)
+        if run.halted is not None:
+            stopped = f"the migration/move interlock was lost: {run.halted}; unstarted targets were not migrated"
         if stopped:
-            run.not_run(silo_jobs, stopped)
+            run.not_run(jobs, stopped)
     except KeyboardInterrupt:
         interrupted = True
         stopped = "interrupted (Ctrl-C); migrations in flight completed"
@@ -346,7 +367,7 @@ def run_fleet(
     """
     with fleet_migration_lock(catalog_dsn, timeout_s=options.lock_timeout_s) as lock:
         targets = load_targets(catalog_dsn, pool_dsn, selector)
-        report = migrate_targets(targets, options, progress=progress)
+        report = migrate_targets(targets, options, progress=progress, may_start=lock.lost)
     report.lock_waited_s = lock.waited_s
     return report
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -12,7 +13,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from control_plane.exceptions import IllegalTransitionError, OperationLockedError
-from control_plane.fleet import FleetOptions, run_fleet
+from control_plane.fleet import FleetOptions, TargetStatus, run_fleet
+from control_plane.fleet.models import TargetResult
 from control_plane.interlock import fleet_migration_lock, mark_tenant_moving, mark_tenant_moving_async
 from data_plane.dsn import async_url, libpq, sync_url
 from tests.fleet.conftest import BASE, REV2, Fleet, revision_of
@@ -137,3 +139,85 @@ def test_a_silo_still_onboarding_is_migrated_by_a_fleet_run(fleet: Fleet, script
     assert revision_of(onboarding.dsn) == REV2
     assert revision_of(ready.dsn) == REV2
     assert revision_of(failed_move.dsn) == BASE
+
+
+def _interlock_holder(fleet: Fleet) -> int | None:
+    """The pid holding the interlock exclusively (a runner's catalog session), if any."""
+    with psycopg.connect(libpq(fleet.catalog), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'"
+            " AND classid = 7302 AND objid = 1 AND objsubid = 2"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+class _DropTheInterlockAfterThePool:
+    """Progress that cuts the runner's catalog session once the pool is done (a catalog failover)."""
+
+    def __init__(self, fleet: Fleet, *, then: Callable[[], None] = lambda: None) -> None:
+        self.fleet, self.then = fleet, then
+        self.dropped: int | None = None
+        self.holders_later: list[int | None] = []
+
+    def planned(self, total: int, to_migrate: int) -> None:
+        pass
+
+    def finished(self, result: TargetResult) -> None:
+        if result.target != "pool":
+            self.holders_later.append(_interlock_holder(self.fleet))
+            return
+        self.dropped = _interlock_holder(self.fleet)
+        assert self.dropped is not None, "the runner holds the interlock"
+        with psycopg.connect(libpq(self.fleet.catalog), autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (self.dropped,))
+        deadline = time.monotonic() + 10
+        while _interlock_holder(self.fleet) is not None:  # the server has ended the session
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        self.then()
+
+
+def test_a_runner_whose_interlock_session_drops_takes_it_back_and_goes_on(fleet: Fleet, scripts: str) -> None:
+    silos = fleet.add_silos(3)
+    progress = _DropTheInterlockAfterThePool(fleet)
+
+    report = run_fleet(
+        fleet.catalog, fleet.pool, FleetOptions(concurrency=1, script_location=scripts), progress=progress
+    )
+
+    assert not report.failed, report.to_json()
+    assert all(revision_of(s.dsn) == REV2 for s in silos)
+    # Every silo ran under the interlock again, held by a new session.
+    assert len(progress.holders_later) == 3
+    assert all(pid is not None and pid != progress.dropped for pid in progress.holders_later)
+    assert _interlock_holder(fleet) is None  # released at the end
+
+
+def test_a_runner_that_lost_its_interlock_to_a_move_starts_no_more_targets(
+    fleet: Fleet, catalog_engine: Engine, scripts: str
+) -> None:
+    silos = fleet.add_silos(3)
+
+    def a_move_starts() -> None:
+        # The interlock is free: a move can mark its tenant (nothing else stops it).
+        with catalog_engine.begin() as conn:
+            mark_tenant_moving(conn, _tenant_id(fleet, silos[2].slug))
+
+    progress = _DropTheInterlockAfterThePool(fleet, then=a_move_starts)
+    report = run_fleet(
+        fleet.catalog, fleet.pool, FleetOptions(concurrency=1, script_location=scripts), progress=progress
+    )
+
+    assert revision_of(fleet.pool) == REV2  # in flight when the session dropped: it finished
+    assert all(revision_of(s.dsn) == BASE for s in silos)
+    by_target = {r.target: r for r in report.results}
+    assert by_target["pool"].status is TargetStatus.SUCCEEDED
+    assert len(by_target) == 4
+    assert {r.status for name, r in by_target.items() if name != "pool"} == {TargetStatus.NOT_RUN}
+    assert report.stopped_reason is not None
+    assert "interlock was lost" in report.stopped_reason and silos[2].slug in report.stopped_reason
+    assert progress.holders_later == [None, None, None]
+    # The runner let go: its check did not keep the lock from the move's side.
+    assert _interlock_holder(fleet) is None
+    assert _status(fleet, silos[2].slug) == "moving"
