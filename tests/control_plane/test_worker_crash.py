@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,44 @@ async def _poll(client: httpx.AsyncClient, job_id: str, done: Any, timeout: floa
         await asyncio.sleep(0.05)
 
 
+@dataclass
+class _Scene:
+    """An admin client, and `tenantctl worker` processes logging to one file."""
+
+    client: httpx.AsyncClient
+    endpoints: Endpoints
+    env: dict[str, str]
+    log: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        self.workers.append(_worker(self.env, self.log, name))
+        return self.workers[-1]
+
+    async def offboard(self, slug: str) -> tuple[dict[str, Any], str]:
+        """A 40-row tenant whose offboarding job is running its delete step."""
+        tenant = await _doomed_tenant(self.client, self.endpoints, slug)
+        job_id = (await self.client.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
+        await _poll(self.client, job_id, lambda j: j["step"] == "delete", timeout=60, log=self.log)
+        return tenant, job_id
+
+    async def finished(self, job_id: str) -> dict[str, Any]:
+        return await _poll(self.client, job_id, lambda j: j["status"] not in ("pending", "running"), 60, self.log)
+
+
+@pytest.fixture
+async def scene(cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path) -> AsyncIterator[_Scene]:
+    clients = asgi_client(create_app(cp_settings, endpoints))
+    client = await anext(clients)
+    client.headers.update(admin_headers(cp_settings))
+    scene = _Scene(client, endpoints, _worker_env(cp_settings, endpoints), tmp_path / "worker.log")
+    try:
+        yield scene
+    finally:
+        await clients.aclose()
+        _stop_all(scene.workers)
+
+
 @pytest.mark.parametrize(
     "successor",
     [
@@ -107,70 +147,44 @@ async def _poll(client: httpx.AsyncClient, job_id: str, done: Any, timeout: floa
     ],
 )
 async def test_killing_the_worker_mid_offboarding_and_restarting_finishes_exactly_once(
-    cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path, successor: str
+    scene: _Scene, cp_settings: ControlPlaneSettings, endpoints: Endpoints, successor: str
 ) -> None:
-    env = _worker_env(cp_settings, endpoints)
-    log = tmp_path / "worker.log"
-    workers: list[subprocess.Popen[bytes]] = []
-    clients = asgi_client(create_app(cp_settings, endpoints))
-    client = await anext(clients)
-    client.headers.update(admin_headers(cp_settings))
-    try:
-        tenant = await _doomed_tenant(client, endpoints, "doomed")
+    client = scene.client
+    tenant = await _doomed_tenant(client, endpoints, "doomed")
 
-        workers.append(_worker(env, log))
-        job_id = (await client.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
-        mid = await _poll(
-            client,
-            job_id,
-            lambda j: j["step"] == "delete" and j["detail"].get("rows_deleted", 0) >= 8,
-            timeout=60,
-            log=log,
-        )
-        assert mid["status"] == "running"
-        manifest_path = export.export_dir_for(cp_settings.export_dir, uuid.UUID(tenant["id"])) / "manifest.json"
-        manifest_before = manifest_path.read_text()
+    worker = scene.start("crashy")
+    job_id = (await client.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
+    mid = await _poll(
+        client,
+        job_id,
+        lambda j: j["step"] == "delete" and j["detail"].get("rows_deleted", 0) >= 8,
+        timeout=60,
+        log=scene.log,
+    )
+    assert mid["status"] == "running"
+    manifest_path = export.export_dir_for(cp_settings.export_dir, uuid.UUID(tenant["id"])) / "manifest.json"
+    manifest_before = manifest_path.read_text()
 
-        workers[0].kill()  # SIGKILL: no cleanup, no graceful shutdown
-        workers[0].wait(10)
-        left = _pool_rows(endpoints.pool_url, tenant["id"])
-        assert 0 < left < 40, "the kill should land in the middle of the delete"
-        await asyncio.sleep(0.5)
-        assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
+    worker.kill()  # SIGKILL: no cleanup, no graceful shutdown
+    worker.wait(10)
+    left = _pool_rows(endpoints.pool_url, tenant["id"])
+    assert 0 < left < 40, "the kill should land in the middle of the delete"
+    await asyncio.sleep(0.5)
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "running"
 
-        env["TENANTCTL_TEST_STEP_DELAY_SECONDS"] = "0"
-        workers.append(_worker(env, log, successor))
-        final = await _poll(client, job_id, lambda j: j["status"] not in ("pending", "running"), 60, log)
+    scene.env["TENANTCTL_TEST_STEP_DELAY_SECONDS"] = "0"
+    scene.start(successor)
+    final = await scene.finished(job_id)
 
-        assert final["status"] == "succeeded", final
-        assert final["progress"] == 1.0
-        assert _pool_rows(endpoints.pool_url, tenant["id"]) == 0
-        assert (await client.get(f"/v1/tenants/{tenant['id']}")).json()["status"] == "deleted"
-        # Exactly once: the export was not redone, the tombstone happened once.
-        assert manifest_path.read_text() == manifest_before
-        manifest = json.loads(manifest_before)
-        assert sum(t["rows"] for t in manifest["tables"]) == 40
-        actions = [action for _, action in audit_entries(endpoints.catalog_url, tenant["id"])]
-        assert actions.count("tenant.offboard") == 1
-        assert actions.count("tenant.tombstone") == 1
-        with psycopg.connect(libpq(endpoints.catalog_url)) as conn:
-            row = conn.execute(
-                "SELECT status, executor_id, recovery_attempts FROM dbos.workflow_status WHERE workflow_uuid = %s",
-                (job_id,),
-            ).fetchone()
-        assert row is not None
-        assert row[0] == "SUCCESS"
-        assert row[1] == successor
-    finally:
-        await clients.aclose()
-        for proc in workers:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    assert final["status"] == "succeeded", final
+    assert final["progress"] == 1.0
+    assert (await client.get(f"/v1/tenants/{tenant['id']}")).json()["status"] == "deleted"
+    # Exactly once: the export was not redone, the tombstone happened once.
+    assert manifest_path.read_text() == manifest_before
+    manifest = json.loads(manifest_before)
+    assert sum(t["rows"] for t in manifest["tables"]) == 40
+    _assert_offboarded_once(endpoints, tenant["id"])
+    assert await _finished_workflow(endpoints.catalog_url, job_id) == ("SUCCESS", successor)
 
 
 def _lease_holder(catalog_url: str, name: str) -> int | None:
@@ -237,79 +251,53 @@ def _assert_offboarded_once(endpoints: Endpoints, tenant_id: str) -> None:
     assert actions.count("tenant.tombstone") == 1
 
 
-async def test_a_worker_whose_lease_connection_drops_takes_it_back_and_keeps_its_job(
-    cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path
-) -> None:
+async def test_a_worker_whose_lease_connection_drops_takes_it_back_and_keeps_its_job(scene: _Scene) -> None:
     """A catalog failover cuts every connection, the lease's too: a live worker is not a dead one."""
-    env = _worker_env(cp_settings, endpoints)
-    log = tmp_path / "worker.log"
-    workers: list[subprocess.Popen[bytes]] = []
-    clients = asgi_client(create_app(cp_settings, endpoints))
-    client = await anext(clients)
-    client.headers.update(admin_headers(cp_settings))
-    try:
-        tenant = await _doomed_tenant(client, endpoints, "dropped-lease")
-        workers.append(_worker(env, log, "keeper"))
-        job_id = (await client.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
-        await _poll(client, job_id, lambda j: j["step"] == "delete", timeout=60, log=log)
-        old = _lease_holder(endpoints.catalog_url, "keeper")
-        assert old is not None, "a running worker holds its lease"
+    catalog = scene.endpoints.catalog_url
+    worker = scene.start("keeper")
+    tenant, job_id = await scene.offboard("dropped-lease")
+    old = _lease_holder(catalog, "keeper")
+    assert old is not None, "a running worker holds its lease"
 
-        _drop_backend(endpoints.catalog_url, old)
-        await _new_lease_holder(endpoints.catalog_url, "keeper", old)
+    _drop_backend(catalog, old)
+    await _new_lease_holder(catalog, "keeper", old)
 
-        final = await _poll(client, job_id, lambda j: j["status"] not in ("pending", "running"), 60, log)
-        assert final["status"] == "succeeded", final
-        assert workers[0].poll() is None, "the worker took its lease back and kept running"
-        assert await _finished_workflow(endpoints.catalog_url, job_id) == ("SUCCESS", "keeper")
-        _assert_offboarded_once(endpoints, tenant["id"])
-        assert "executor_lease_restored" in log.read_text()
-    finally:
-        await clients.aclose()
-        _stop_all(workers)
+    final = await scene.finished(job_id)
+    assert final["status"] == "succeeded", final
+    assert worker.poll() is None, "the worker took its lease back and kept running"
+    assert await _finished_workflow(catalog, job_id) == ("SUCCESS", "keeper")
+    _assert_offboarded_once(scene.endpoints, tenant["id"])
+    assert "executor_lease_restored" in scene.log.read_text()
 
 
-async def test_a_worker_that_cannot_take_its_lease_back_exits_before_its_job_is_adopted(
-    cp_settings: ControlPlaneSettings, endpoints: Endpoints, tmp_path: Path
-) -> None:
+async def test_a_worker_that_cannot_take_its_lease_back_exits_before_its_job_is_adopted(scene: _Scene) -> None:
     """The lease is lost to an adopter while its holder is frozen (a GC pause, a stopped VM).
 
     The holder must stop running the job before the adopter starts it: two
     executors of one move would both fence, copy and flip.
     """
-    env = _worker_env(cp_settings, endpoints)
-    log = tmp_path / "worker.log"
-    workers: list[subprocess.Popen[bytes]] = []
-    clients = asgi_client(create_app(cp_settings, endpoints))
-    client = await anext(clients)
-    client.headers.update(admin_headers(cp_settings))
-    try:
-        tenant = await _doomed_tenant(client, endpoints, "lost-lease")
-        workers.append(_worker(env, log, "frozen"))
-        job_id = (await client.delete(f"/v1/tenants/{tenant['id']}")).json()["job"]["id"]
-        await _poll(client, job_id, lambda j: j["step"] == "delete", timeout=60, log=log)
-        workers.append(_worker(env, log, "rescuer"))
-        old = _lease_holder(endpoints.catalog_url, "frozen")
-        assert old is not None
+    catalog = scene.endpoints.catalog_url
+    frozen = scene.start("frozen")
+    tenant, job_id = await scene.offboard("lost-lease")
+    scene.start("rescuer")
+    old = _lease_holder(catalog, "frozen")
+    assert old is not None
 
-        workers[0].send_signal(signal.SIGSTOP)
-        _drop_backend(endpoints.catalog_url, old)
-        # Only the rescuer's adopter can hold it now: the frozen worker cannot run.
-        await _new_lease_holder(endpoints.catalog_url, "frozen", old)
-        workers[0].send_signal(signal.SIGCONT)
+    frozen.send_signal(signal.SIGSTOP)
+    _drop_backend(catalog, old)
+    # Only the rescuer's adopter can hold it now: the frozen worker cannot run.
+    await _new_lease_holder(catalog, "frozen", old)
+    frozen.send_signal(signal.SIGCONT)
 
-        deadline = time.monotonic() + 60
-        while _workflow_owner(endpoints.catalog_url, job_id) == ("PENDING", "frozen"):
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.01)
-        assert workers[0].poll() is not None, "the job was re-enqueued while its worker still ran it"
-        assert workers[0].returncode == EXIT_LEASE_LOST
+    deadline = time.monotonic() + 60
+    while _workflow_owner(catalog, job_id) == ("PENDING", "frozen"):
+        assert time.monotonic() < deadline, scene.log.read_text()
+        await asyncio.sleep(0.01)
+    assert frozen.poll() is not None, "the job was re-enqueued while its worker still ran it"
+    assert frozen.returncode == EXIT_LEASE_LOST
 
-        final = await _poll(client, job_id, lambda j: j["status"] not in ("pending", "running"), 60, log)
-        assert final["status"] == "succeeded", final
-        assert await _finished_workflow(endpoints.catalog_url, job_id) == ("SUCCESS", "rescuer")
-        _assert_offboarded_once(endpoints, tenant["id"])
-        assert "executor_lease_lost" in log.read_text()
-    finally:
-        await clients.aclose()
-        _stop_all(workers)
+    final = await scene.finished(job_id)
+    assert final["status"] == "succeeded", final
+    assert await _finished_workflow(catalog, job_id) == ("SUCCESS", "rescuer")
+    _assert_offboarded_once(scene.endpoints, tenant["id"])
+    assert "executor_lease_lost" in scene.log.read_text()
