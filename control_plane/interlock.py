@@ -221,7 +221,25 @@ def fleet_migration_excluded(catalog_dsn: str) -> Iterator[None]:
         try:
             yield
         finally:
-            conn.execute("SELECT pg_advisory_unlock_shared(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
+            held = _unlock_shared(conn)
+        if not held:
+            # The lock died with its session (a catalog failover): a fleet run
+            # may have started meanwhile, so the block's work is not known to
+            # be excluded. The caller's step retries it under a fresh lock.
+            raise MigrationInProgressError(
+                "the migration/move interlock's catalog session ended during the work; retry it"
+            )
+
+
+def _unlock_shared(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Release the shared interlock; False if it was no longer held (its session ended)."""
+    try:
+        row = conn.execute(
+            "SELECT pg_advisory_unlock_shared(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
+        ).fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
 
 
 def _refuse_if_not_moved(status: object, tenant_id: uuid.UUID) -> None:

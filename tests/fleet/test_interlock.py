@@ -12,10 +12,15 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from control_plane.exceptions import IllegalTransitionError, OperationLockedError
+from control_plane.exceptions import IllegalTransitionError, MigrationInProgressError, OperationLockedError
 from control_plane.fleet import FleetOptions, TargetStatus, run_fleet
 from control_plane.fleet.models import TargetResult
-from control_plane.interlock import fleet_migration_lock, mark_tenant_moving, mark_tenant_moving_async
+from control_plane.interlock import (
+    fleet_migration_excluded,
+    fleet_migration_lock,
+    mark_tenant_moving,
+    mark_tenant_moving_async,
+)
 from data_plane.dsn import async_url, libpq, sync_url
 from tests.fleet.conftest import BASE, REV2, Fleet, revision_of
 
@@ -221,3 +226,18 @@ def test_a_runner_that_lost_its_interlock_to_a_move_starts_no_more_targets(
     # The runner let go: its check did not keep the lock from the move's side.
     assert _interlock_holder(fleet) is None
     assert _status(fleet, silos[2].slug) == "moving"
+
+
+def test_a_block_whose_shared_interlock_session_drops_fails_for_a_retry(fleet: Fleet) -> None:
+    with fleet_migration_excluded(fleet.catalog):  # control: undisturbed, it passes
+        pass
+    with pytest.raises(MigrationInProgressError, match="session ended"), fleet_migration_excluded(fleet.catalog):
+        with psycopg.connect(libpq(fleet.catalog), autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND mode = 'ShareLock' AND classid = 7302 AND objid = 1 AND objsubid = 2"
+            ).fetchall()
+        assert killed == [(True,)]
+    # Nothing left held: a fleet run can take the interlock.
+    with fleet_migration_lock(fleet.catalog, timeout_s=0):
+        pass
