@@ -235,10 +235,13 @@ def run() -> dict[str, Any]:
         # The writes in flight at any moment of fence .. first write after the flip.
         "write_latency_in_pause_ms": {k: in_pause[k] for k in ("p99", "max", "writes", "non_2xx")},
         "cutover_write_gap_pieces_ms": _pause_pieces(acked, flipped, cutover),
-        # Keys compared one by one (all, and those recorded after the early
-        # pass: the fenced part); reading the changes inside the fence (ms).
+        # Keys compared one by one (all, each early pass's, and those recorded
+        # after the last early pass: the fenced part); reading the changes
+        # inside the fence (ms).
         "verification": {
             "changed_keys": cutover.get("changed_keys"),
+            "early_pass_keys": cutover.get("early_pass_keys"),
+            "before_fence_ms": _ms(cutover.get("before_fence_seconds")),
             "changed_keys_in_fence": cutover.get("changed_keys_in_fence"),
             "fenced_changes_read_ms": _ms(cutover.get("delta_read_seconds")),
         },

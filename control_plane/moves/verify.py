@@ -17,11 +17,12 @@ milliseconds, and verification is never weakened to make it fit. Instead:
    so the move is correct iff (a) checksum(S) ^ checksum(S ∩ D) equals
    checksum(T) ^ checksum(T ∩ D) -- the untouched rows agree -- and (b) the
    rows of D agree in the final state. Both are computed from index lookups of
-   D; the counts are checked the same way, and (b) row by row. An early pass
-   just before the fence reads, for every key recorded so far, its snapshot
-   side and its current row; inside the fence only the keys with a change
-   recorded since are read again -- a key with none has not changed since
-   on either side, so its early read is final.
+   D; the counts are checked the same way, and (b) row by row. Early passes
+   just before the fence read, for every key recorded so far, its snapshot
+   side and its current row, each pass the keys changed during the one
+   before; inside the fence only the keys with a change recorded since are
+   read again -- a key with none has not changed since on either side, so
+   its early read is final.
    Which changes are new is told per side by the transaction that recorded
    them, against a snapshot taken just before the early pass read the
    changes (migration ``tenant_0005``): the fence reads only those rows, not
@@ -47,6 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -329,6 +331,77 @@ def _new_changes(changes: Changes, seen: Changes) -> list[tuple[str, str]]:
     return [change for change_id, change in changes.items() if change_id not in seen]
 
 
+# Each pass reads the keys that changed during the one before it, so under a
+# steady write rate the sets shrink (pre-copy, as in live VM migration): the
+# fence is left with the changes of the last, shortest pass. Measured under
+# 200 writes/s: one pass left 57-95 keys to the fence, its check 16-66 ms.
+MAX_EARLY_PASSES = 3
+
+
+@dataclass
+class _EarlyPasses:
+    """Unfenced passes over the recorded changes, each over the keys changed since the one before.
+
+    Holds every key read, the passes' combined result per side (snapshot
+    checksums of disjoint key sets XOR-composed; each key's latest current
+    row), the changes seen and the snapshot each side took just before its
+    last read of them, and the number of keys each pass read.
+
+    Each side's snapshot first, then its changes: every change the read
+    misses is one this snapshot does not show either, so the next read
+    (``unseen_by`` it) returns it (a superset of the unseen ones).
+    """
+
+    move_id: uuid.UUID
+    sides: dict[str, tuple[psycopg.Connection[Any], psycopg.Connection[Any]]]
+    pks: dict[str, list[tuple[str, str]]]
+    tables: list[str]
+    keys: dict[str, set[str]] = field(init=False)
+    combined: dict[str, SidePass] = field(init=False)
+    seen: dict[str, Changes] = field(init=False)
+    marks: dict[str, str] = field(default_factory=dict, init=False)
+    counts: list[int] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = {table: set() for table in self.tables}
+        self.combined = {side: ({}, {}) for side in self.sides}
+        self.seen = {side: {} for side in self.sides}
+
+    def run(self, pool: ThreadPoolExecutor, *, passes: int) -> None:
+        """Up to ``passes`` passes; stops early when a read finds no new change."""
+        for _ in range(passes):
+            new: list[tuple[str, str]] = []
+            for side, (_, now) in self.sides.items():
+                mark = _snapshot(now)
+                changes = _changes(now, self.move_id, unseen_by=self.marks.get(side))
+                new += _new_changes(changes, self.seen[side])
+                self.seen[side].update(changes)
+                self.marks[side] = mark
+            delta = _keys(new, self.tables)
+            if not any(delta.values()):
+                return
+            snapshot_keys = {table: delta[table] - self.keys[table] for table in self.tables}
+            for side, (checksums, rows) in _passes(pool, self.sides, self.pks, snapshot_keys, delta).items():
+                _merge(self.combined[side], checksums, rows, delta)
+            for table in self.tables:
+                self.keys[table] |= delta[table]
+            self.counts.append(sum(len(k) for k in delta.values()))
+
+
+def _merge(
+    into: SidePass, checksums: dict[str, Checksum], rows: dict[str, dict[str, int]], read: dict[str, set[str]]
+) -> None:
+    """Add a pass's snapshot checksums (of keys not read before) and replace the current rows it read again."""
+    for table, checksum in checksums.items():
+        before = into[0].get(table, (0, 0))
+        into[0][table] = before[0] + checksum[0], before[1] ^ checksum[1]
+    for table, k in read.items():
+        current = into[1].setdefault(table, {})
+        for key in k:
+            current.pop(key, None)  # a row deleted since its last read has no entry now
+        current.update(rows.get(table, {}))
+
+
 def verify_incremental(
     plan: MovePlan,
     *,
@@ -385,23 +458,23 @@ def verify_incremental(
             engine._privileged(source_now)
             engine._privileged(target_now)
             engine.catch_up_gate(plan, max_lag_bytes=max_lag_bytes, timeout=catch_up_timeout, backoff=backoff)
-            # Early pass, still unfenced, over every change recorded so far:
+            # Early passes, still unfenced, over every change recorded so far:
             # the snapshot side of each key (snapshots do not change) and its
             # current row. Inside the fence only the keys recorded since need
             # either: XOR over disjoint key sets composes, and a key with no
-            # change recorded since the early pass on either side has not
+            # change recorded since its last read on either side has not
             # changed since on that side (its trigger records every change,
             # in the same transaction), so its current row is still its final one.
-            # Each side's snapshot first, then its changes: every change the
-            # read misses is one this snapshot does not show either, so the
-            # fence reads only those (a superset of the unseen ones).
-            marks = {"source": _snapshot(source_now), "target": _snapshot(target_now)}
-            seen = {"source": _changes(source_now, plan.move_id), "target": _changes(target_now, plan.move_id)}
-            early = _keys([*seen["source"].values(), *seen["target"].values()], tables)
             sides = {"source": (source_snapshot, source_now), "target": (target_snapshot, target_now)}
-            early_pass = _passes(pool, sides, pks, early, early)
+            passes = _EarlyPasses(plan.move_id, sides, pks, tables)
+            passes.run(pool, passes=MAX_EARLY_PASSES)
             if before_fence is not None:
+                staging = time.monotonic()
                 before_fence()
+                timings["before_fence_seconds"] = time.monotonic() - staging
+                passes.run(pool, passes=1)  # the changes made while the flip was staged
+            early, early_pass, seen, marks = passes.keys, passes.combined, passes.seen, passes.marks
+            timings["early_pass_keys"] = passes.counts
             fenced = time.monotonic()  # the write pause starts here, drain included
             engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
             drained = time.monotonic()

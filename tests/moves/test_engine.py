@@ -339,6 +339,50 @@ def test_a_key_checked_in_the_early_pass_is_checked_again_if_it_changes_before_t
     assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
 
 
+@pytest.mark.parametrize("drift", [True, False])
+def test_a_row_deleted_on_the_target_between_early_passes_fails_verification(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch, drift: bool
+) -> None:
+    """A later pass re-reads a key: a row gone since its first read must not keep that read's hash."""
+    a = world["A"]
+    plan = _replicating(world, empty_silo)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    original_gate, original_passes = engine.wait_caught_up, verify_mod._passes
+    calls: list[int] = []
+
+    def source_write(project: uuid.UUID, p: MovePlan) -> None:
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+            conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'live')", (a.id, project))
+        engine.final_catch_up(p, marker=_marker(world, a.id))
+
+    def write_then_wait(p: MovePlan, **kw: object) -> int:
+        source_write(first, p)  # recorded on both sides before the first early pass
+        return original_gate(p, **kw)  # type: ignore[arg-type]  # kw: the gate's max_lag_bytes and timeout
+
+    def passes_then_change(*args: object) -> object:
+        result = original_passes(*args)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 1:  # after the first early pass: something for a second one
+            if drift:
+                with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+                    conn.execute("DELETE FROM projects WHERE id = %s", (first,))
+            else:
+                source_write(second, plan)
+        return result
+
+    monkeypatch.setattr(engine, "wait_caught_up", write_then_wait)
+    monkeypatch.setattr(verify_mod, "_passes", passes_then_change)
+    if drift:
+        with pytest.raises(VerificationError, match="changed_rows"):
+            verify_mod.verify_incremental(plan)
+    else:
+        timings = verify_mod.verify_incremental(plan)  # control: the same passes without the drift
+        assert len(timings["early_pass_keys"]) >= 2
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+
+
 def _marker(world: World, tenant_id: uuid.UUID) -> uuid.UUID:
     """A marker written on the source now (no fence): once on the target, so is every earlier write."""
     marker = uuid.uuid4()
