@@ -314,10 +314,7 @@ def test_a_key_checked_in_the_early_pass_is_checked_again_if_it_changes_before_t
     original_gate, original_fence = engine.wait_caught_up, engine.fence_source
 
     def write_then_wait(p: MovePlan, **kw: object) -> int:
-        # A tenant write after the baseline, replicated before the early pass reads it.
-        with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
-            conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'live')", (a.id, written))
-        engine.final_catch_up(p, marker=_marker(world, a.id))
+        _live_write(world, p, a.id, written)  # after the baseline, replicated before the early pass reads it
         return original_gate(p, **kw)  # type: ignore[arg-type]  # kw: the gate's max_lag_bytes and timeout
 
     def drift_then_fence(p: MovePlan, **kw: object) -> None:
@@ -334,9 +331,7 @@ def test_a_key_checked_in_the_early_pass_is_checked_again_if_it_changes_before_t
     else:
         timings = verify_mod.verify_incremental(plan)  # control: the same move without the drift passes
         assert timings["changed_keys"] >= 1
-    engine.abort(plan, route_epoch=plan.epoch)
-    assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
-    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
 
 
 @pytest.mark.parametrize("drift", [True, False])
@@ -350,13 +345,8 @@ def test_a_row_deleted_on_the_target_between_early_passes_fails_verification(
     original_gate, original_passes = engine.wait_caught_up, verify_mod._passes
     calls: list[int] = []
 
-    def source_write(project: uuid.UUID, p: MovePlan) -> None:
-        with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
-            conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'live')", (a.id, project))
-        engine.final_catch_up(p, marker=_marker(world, a.id))
-
     def write_then_wait(p: MovePlan, **kw: object) -> int:
-        source_write(first, p)  # recorded on both sides before the first early pass
+        _live_write(world, p, a.id, first)  # recorded on both sides before the first early pass
         return original_gate(p, **kw)  # type: ignore[arg-type]  # kw: the gate's max_lag_bytes and timeout
 
     def passes_then_change(*args: object) -> object:
@@ -367,7 +357,7 @@ def test_a_row_deleted_on_the_target_between_early_passes_fails_verification(
                 with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
                     conn.execute("DELETE FROM projects WHERE id = %s", (first,))
             else:
-                source_write(second, plan)
+                _live_write(world, plan, a.id, second)
         return result
 
     monkeypatch.setattr(engine, "wait_caught_up", write_then_wait)
@@ -378,8 +368,19 @@ def test_a_row_deleted_on_the_target_between_early_passes_fails_verification(
     else:
         timings = verify_mod.verify_incremental(plan)  # control: the same passes without the drift
         assert len(timings["early_pass_keys"]) >= 2
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
+
+
+def _live_write(world: World, plan: MovePlan, tenant_id: uuid.UUID, project: uuid.UUID) -> None:
+    """A tenant write on the source, on the target too when this returns (no fence)."""
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'live')", (tenant_id, project))
+    engine.final_catch_up(plan, marker=_marker(world, tenant_id))
+
+
+def _abort_leaves_the_source_authoritative(world: World, plan: MovePlan, tenant_id: uuid.UUID) -> None:
     engine.abort(plan, route_epoch=plan.epoch)
-    assert _ownership(world.endpoints.pool_url, a.id) == ("active", plan.epoch)
+    assert _ownership(world.endpoints.pool_url, tenant_id) == ("active", plan.epoch)
     assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
 
 
