@@ -5,7 +5,9 @@ FLEET_MIGRATION_KEY)`` = ``(7302, 1)``, arbitrates between the two:
 
 * the fleet migration runner holds it **exclusively at session level** for its
   whole run (:func:`fleet_migration_lock`) and, once it holds it, refuses to
-  start while any tenant has status ``'moving'``;
+  start while any tenant has status ``'moving'``; before each target it checks
+  that its session still holds it (:meth:`FleetLock.lost`: a session ended by a
+  catalog failover releases the lock);
 * :func:`fleet_migration_excluded` holds it shared for a block of work that
   no ``'moving'`` tenant covers (a new tenant's silo being migrated);
 * a move marks its tenant ``'moving'`` inside a catalog transaction that first
