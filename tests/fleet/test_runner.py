@@ -18,6 +18,7 @@ from control_plane.fleet import (
     pool_revision,
     run_fleet,
 )
+from control_plane.fleet.models import TargetResult
 from control_plane.interlock import (
     INTERLOCK_NAMESPACE,
     TARGET_MIGRATION_KEY,
@@ -189,3 +190,36 @@ def test_migrate_new_silo_excludes_fleet_runs(fleet: Fleet, scripts: str) -> Non
             run_fleet(fleet.catalog, fleet.pool, FleetOptions(lock_timeout_s=0.2, script_location=scripts))
         result = migrate_new_silo(dsn, fleet.pool, catalog_dsn=fleet.catalog, script_location=scripts)
         assert result.to_revision == BASE == revision_of(fleet.pool) == revision_of(dsn)
+
+
+class _CtrlCAfterTheFirstSilo:
+    """Progress whose first silo result arrives with a Ctrl-C (SIGINT lands in the runner's main thread)."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def planned(self, total: int, to_migrate: int) -> None:
+        pass
+
+    def finished(self, result: TargetResult) -> None:
+        if result.target != "pool" and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_lets_running_migrations_finish_and_starts_no_more(fleet: Fleet, scripts: str) -> None:
+    silos = fleet.add_silos(5)
+    opts = FleetOptions(concurrency=2, canary=0, script_location=scripts)
+
+    report = run_fleet(fleet.catalog, fleet.pool, opts, progress=_CtrlCAfterTheFirstSilo())
+
+    assert report.interrupted
+    statuses = [r.status for r in report.results if r.target != "pool"]
+    done = statuses.count(TargetStatus.SUCCEEDED)
+    # The interrupted one and the one beside it ran to the end; nothing started after the Ctrl-C.
+    assert 1 <= done <= 2, report.to_json()
+    assert statuses.count(TargetStatus.NOT_RUN) == 5 - done
+    assert sum(revision_of(s.dsn) == REV2 for s in silos) == done
+    assert revision_of(fleet.pool) == REV2
+    with fleet_migration_lock(fleet.catalog, timeout_s=0):  # released
+        pass
