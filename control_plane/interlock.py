@@ -104,14 +104,11 @@ class FleetLock:
         except psycopg.Error as exc:
             return f"its catalog session ended and the catalog is unreachable ({str(exc).strip()})"
         try:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
-            ).fetchone()
-            if row is None or not row[0]:
-                holders = describe_holders(conn, INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY)
-                conn.close()
-                return f"its catalog session ended and it is now held by {holders}"
+            _acquire_exclusive(conn, 0)
             moving = moving_tenants(conn)
+        except OperationLockedError as exc:  # names the holder
+            conn.close()
+            return f"its catalog session ended, and {exc.message}"
         except psycopg.Error as exc:
             conn.close()
             return f"its catalog session ended and could not be taken back ({str(exc).strip()})"

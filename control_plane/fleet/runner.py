@@ -182,7 +182,7 @@ class _Run:
     executor: ProcessPoolExecutor | None = None
     workers: int = 0
     # Asked before each target starts: None to go on, else why to stop (the interlock was lost).
-    may_start: Callable[[], str | None] = lambda: None
+    may_start: Callable[[], str | None] | None = None
     halted: str | None = None
 
     def record(self, result: TargetResult) -> None:
@@ -214,7 +214,7 @@ class _Run:
                 # Submitted one by one, as workers free up, so that a lost
                 # interlock stops the run before the next target, not after the wave.
                 while waiting and len(running) < self.workers and self.halted is None:
-                    self.halted = self.may_start()
+                    self.halted = self.may_start() if self.may_start is not None else None
                     if self.halted is None:
                         target, job = waiting.pop()
                         running[executor.submit(worker.migrate_one, job)] = target
@@ -306,9 +306,7 @@ def migrate_targets(
     script = ScriptInfo.load(options.script_location)
     if not ScriptInfo.is_relative(options.revision):
         script.absolute(options.revision)  # an unknown revision fails the whole run up front
-    run = _Run(targets=targets, options=options, progress=progress or _NoProgress(), script=script)
-    if may_start is not None:
-        run.may_start = may_start
+    run = _Run(targets=targets, options=options, progress=progress or _NoProgress(), script=script, may_start=may_start)
     probes = probe_all(targets)
     jobs = _plan(run, probes)
     run.progress.planned(len(targets), len(jobs))

@@ -141,12 +141,11 @@ class Executor:
         )
         conn = psycopg.connect(conninfo, autocommit=True)
         try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LEASE_NAMESPACE, self.name)).fetchone()
+            if self._try_lock(conn, self.name):
+                return conn
         except psycopg.Error:
             conn.close()
             raise
-        if row and row[0]:
-            return conn
         conn.close()
         return None
 
