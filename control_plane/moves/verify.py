@@ -307,15 +307,6 @@ def _passes(
     return {side: (checksums.result(), rows.result()) for side, (checksums, rows) in futures.items()}
 
 
-def _current_side(
-    early: dict[str, dict[str, int]], fenced: dict[str, dict[str, int]], since: dict[str, set[str]], table: str
-) -> dict[str, int]:
-    """The final rows of a table's changed keys: read inside the fence if changed since the early pass."""
-    rows = {key: digest for key, digest in early.get(table, {}).items() if key not in since[table]}
-    rows.update(fenced.get(table, {}))
-    return rows
-
-
 def _summary(rows: dict[str, int]) -> Checksum:
     digest = 0
     for value in rows.values():
@@ -380,12 +371,16 @@ class _EarlyPasses:
             delta = _keys(new, self.tables)
             if not any(delta.values()):
                 return
-            snapshot_keys = {table: delta[table] - self.keys[table] for table in self.tables}
-            for side, (checksums, rows) in _passes(pool, self.sides, self.pks, snapshot_keys, delta).items():
-                _merge(self.combined[side], checksums, rows, delta)
-            for table in self.tables:
-                self.keys[table] |= delta[table]
+            self.read(pool, delta)
             self.counts.append(sum(len(k) for k in delta.values()))
+
+    def read(self, pool: ThreadPoolExecutor, delta: dict[str, set[str]]) -> None:
+        """Read ``delta``'s keys: the snapshot side of those not read before, the current row of all."""
+        snapshot_keys = {table: delta[table] - self.keys[table] for table in self.tables}
+        for side, (checksums, rows) in _passes(pool, self.sides, self.pks, snapshot_keys, delta).items():
+            _merge(self.combined[side], checksums, rows, delta)
+        for table in self.tables:
+            self.keys[table] |= delta[table]
 
 
 def _merge(
@@ -473,7 +468,7 @@ def verify_incremental(
                 before_fence()
                 timings["before_fence_seconds"] = time.monotonic() - staging
                 passes.run(pool, passes=1)  # the changes made while the flip was staged
-            early, early_pass, seen, marks = passes.keys, passes.combined, passes.seen, passes.marks
+            seen, marks = passes.seen, passes.marks
             timings["early_pass_keys"] = passes.counts
             fenced = time.monotonic()  # the write pause starts here, drain included
             engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
@@ -493,10 +488,8 @@ def verify_incremental(
                 tables,
             )
             timings["delta_read_seconds"] = time.monotonic() - delta_start
-            new_keys = {table: since[table] - early[table] for table in tables}
-            fenced_pass = _passes(pool, sides, pks, new_keys, since)
-            keys = {table: early[table] | since[table] for table in tables}
-            mismatches = _mismatches(tables, bulk, early_pass, fenced_pass, since, keys)
+            passes.read(pool, since)
+            mismatches = _mismatches(tables, bulk, passes.combined, passes.keys)
             timings["delta_seconds"] = time.monotonic() - delta_start
             if activate and not mismatches:
                 activated = time.monotonic()
@@ -507,7 +500,7 @@ def verify_incremental(
             # Read-only transactions: ended after the activation, not inside the pause.
             source_now.rollback()
             target_now.rollback()
-        timings["changed_keys"] = sum(len(k) for k in keys.values())
+        timings["changed_keys"] = sum(len(k) for k in passes.keys.values())
         timings["changed_keys_in_fence"] = sum(len(k) for k in since.values())
         timings["fenced_at"] = fenced
     if mismatches:
@@ -518,9 +511,7 @@ def verify_incremental(
 def _mismatches(
     tables: list[str],
     bulk: dict[str, dict[str, Checksum]],
-    early: dict[str, SidePass],
-    fenced: dict[str, SidePass],
-    since: dict[str, set[str]],
+    changed: dict[str, SidePass],
     keys: dict[str, set[str]],
 ) -> dict[str, Any]:
     """Per table that differs: (a) the rows no change touched, (b) the final rows of the changed keys.
@@ -533,11 +524,9 @@ def _mismatches(
         stable: dict[str, Checksum] = {}
         final: dict[str, dict[str, int]] = {}
         for side in ("source", "target"):
-            stable[side] = bulk[side][table]
-            for part in (early[side][0], fenced[side][0]):
-                if table in part:
-                    stable[side] = _remove(stable[side], part[table])
-            final[side] = _current_side(early[side][1], fenced[side][1], since, table)
+            snapshot_part, current = changed[side]
+            stable[side] = _remove(bulk[side][table], snapshot_part.get(table, (0, 0)))
+            final[side] = current.get(table, {})
         if stable["source"] != stable["target"] or final["source"] != final["target"]:
             differing = {
                 k
