@@ -279,8 +279,12 @@ class LocalProvisioner:
 
     @contextmanager
     def _silo_lock(self, database: str) -> Iterator[psycopg.Connection[Any]]:
-        with psycopg.connect(libpq(self.server_url), autocommit=True) as conn:
-            conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        # lock_timeout as a startup option of this private session: the lock
+        # waits (this one and ROLES_LOCK's) give up instead of hanging on a
+        # stuck holder, with no session-level SET statement to leak anywhere.
+        with psycopg.connect(
+            libpq(self.server_url), autocommit=True, options=f"-c lock_timeout={LOCK_TIMEOUT}"
+        ) as conn:
             conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, database))
             # Closing the session releases the lock, including when we crash.
             yield conn

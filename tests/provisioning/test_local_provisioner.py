@@ -17,7 +17,14 @@ from psycopg import sql
 
 from control_plane import bootstrap, schema
 from control_plane.exceptions import ProvisioningError, SiloOwnershipError
-from control_plane.provisioning import LocalProvisioner, RetryPolicy, SiloLocation, SiloSpec, location_for_cleanup
+from control_plane.provisioning import (
+    LocalProvisioner,
+    RetryPolicy,
+    SiloLocation,
+    SiloSpec,
+    local,
+    location_for_cleanup,
+)
 from control_plane.provisioning.local import Marker, is_transient
 from control_plane.provisioning.naming import silo_database_name
 from data_plane.dsn import libpq, with_database, with_user
@@ -292,3 +299,21 @@ def test_an_unrecorded_silo_can_be_cleaned_up_from_the_spec_alone(
         provisioner.deprovision(location_for_cleanup(SiloSpec(uuid.uuid4(), spec.slug, "enterprise"), provider="local"))
     provisioner.deprovision(stub)
     assert _db_row(pg_servers.silo_admin, silo_database_name(spec.slug)) is None
+
+
+def test_a_stuck_holder_of_the_silo_lock_makes_provisioning_give_up_not_hang(
+    provisioner: LocalProvisioner, spec: SiloSpec, pg_servers: PgServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The silo lock's wait is bounded by ``lock_timeout``; each attempt times out, then it is reported."""
+    monkeypatch.setattr(local, "LOCK_TIMEOUT", "100ms")
+    database = silo_database_name(spec.slug)
+    with psycopg.connect(libpq(pg_servers.silo_admin), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (local.LOCK_NAMESPACE, database))
+        with structlog.testing.capture_logs() as logs, pytest.raises(ProvisioningError) as info:
+            provisioner.provision(spec)
+        assert "LockNotAvailable" in info.value.message
+        assert [entry["attempt"] for entry in logs if entry["event"] == "provisioning.retry"] == [1, 2]
+        assert _db_row(pg_servers.silo_admin, database) is None  # nothing made while the lock was held
+    # Control: the holder has gone, and the same provisioner makes the silo.
+    location = provisioner.provision(spec)
+    assert location.database == database and _db_row(pg_servers.silo_admin, database) is not None
