@@ -90,6 +90,20 @@ def mount_flat(app: FastAPI, router: APIRouter) -> None:
     app.router.routes.extend(router.routes)
 
 
+def docs_last(app: FastAPI) -> None:
+    """Move FastAPI's own documentation routes behind the API's routes.
+
+    FastAPI registers ``/openapi.json``, ``/docs``, its OAuth2 redirect and
+    ``/redoc`` first, and routing tries routes in order: every tenant request
+    paid four failed matches before reaching its own route, about 12,000
+    instructions each (measured with callgrind on the ``bench api`` request:
+    ~47,000 of ~974,000 per request). The docs are requested rarely, and their
+    paths overlap no API path, so they can be tried last.
+    """
+    docs = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url} - {None}
+    app.router.routes.sort(key=lambda route: getattr(route, "path", None) in docs)  # stable: API order kept
+
+
 def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretResolver | None = None) -> FastAPI:
     settings = settings or DataPlaneSettings()
     if settings.app_catalog_url is None or settings.app_pool_url is None:
@@ -173,6 +187,7 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    docs_last(app)
     app.add_middleware(
         RequestMetrics, registry=registry, prefix="tenantctl_api", meter=meter, access_log=settings.access_log
     )

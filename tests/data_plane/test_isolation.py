@@ -187,6 +187,10 @@ async def test_openapi_documents_error_responses(client: httpx.AsyncClient) -> N
     responses = spec["paths"]["/v1/projects/{project_id}"]["get"]["responses"]
     assert {"401", "403", "404", "422"} <= set(responses)
     assert "ErrorResponse" in spec["components"]["schemas"]
+    # The docs pages are served too (they are routed after the API's own routes).
+    for page in ("/docs", "/redoc"):
+        docs = await client.get(page)
+        assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
 @pytest.fixture
