@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 import structlog
@@ -171,8 +172,8 @@ class AccessLog:
         timestamp = self._timestamp()
         line = (
             f'{{"event": "request", "level": "info", "timestamp": "{timestamp}", "method": {_json(method)}, '
-            f'"route": {_json(route)}, "path": {json.dumps(path)}, "status": {status}, "duration_ms": {duration_ms}, '
-            f'"request_id": {json.dumps(request_id)}'
+            f'"route": {_json(route)}, "path": {_encode(path)}, "status": {status}, "duration_ms": {duration_ms}, '
+            f'"request_id": {_encode(request_id)}'
         )
         if tenant is not None:
             line += (
@@ -182,6 +183,8 @@ class AccessLog:
         self._stream.write(line + "}\n")
 
 
+# What ``json.dumps`` does for a str (ensure_ascii), without its encoder set-up.
+_encode = encode_basestring_ascii
 _ENCODED: dict[str, str] = {}
 
 
