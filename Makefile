@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run test bench lint clean
+.PHONY: install system-deps bench-deps run test bench lint clean
 
 install: $(STAMP) system-deps
 
@@ -15,6 +15,14 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
 	  else echo "redis-server is missing: install it (Debian: apt-get install redis-server)" >&2; fi; }
+
+# valgrind counts the instructions of a request (bench api_instructions); the
+# other benchmarks run without it, and that one says it was skipped.
+bench-deps:
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null; \
+	  else echo "valgrind is missing: bench api_instructions will be skipped (Debian: apt-get install valgrind)" >&2; fi; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +36,7 @@ run: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install
+bench: install bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install

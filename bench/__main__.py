@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ("api", "rls", "fleet", "moves", "moves_workflow", "verify_load")
+BENCHES = ("api", "api_instructions", "rls", "fleet", "moves", "moves_workflow", "verify_load")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

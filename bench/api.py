@@ -17,6 +17,8 @@ import psycopg
 
 from bench.common import embedded_stack, free_port, load, median, server_process, tenant_api
 from bench.seed import add_pool_tenants
+from control_plane.dev import EmbeddedStack
+from control_plane.stack import Endpoints
 from data_plane.dsn import libpq
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -50,27 +52,32 @@ def _server(kind: str, tree: str | None, port: int, env: dict[str, str]) -> cont
     return server_process(["-P", "-m", "bench.servers", kind, str(port)], port=port, env={**env, "PYTHONPATH": tree})
 
 
+def api_world(stack: EmbeddedStack, endpoints: Endpoints) -> tuple[str, str, dict[str, str]]:
+    """1000 pool tenants with 20 projects each: the request path, its token, the servers' environment."""
+    tenants = add_pool_tenants(endpoints, 1000)
+    with psycopg.connect(libpq(endpoints.pool_url)) as pool:
+        pool.execute(
+            "INSERT INTO projects (tenant_id, id, name) "
+            "SELECT t, gen_random_uuid(), 'p' || g FROM unnest(%s::uuid[]) t, generate_series(1, 20) g",
+            (tenants,),
+        )
+        pool.execute("ANALYZE projects")
+        tenant_id = tenants[0]
+        project_id = pool.execute("SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)).fetchone()
+        assert project_id is not None
+    token, env = tenant_api(stack, endpoints, tenant_id)
+    env |= {
+        "TENANTCTL_POOL_SIZE": str(POOL_SIZE),
+        "BENCH_BASELINE_DSN": endpoints.pool_url,
+        "BENCH_TENANT_ID": str(tenant_id),
+        "BENCH_POOL_SIZE": str(POOL_SIZE),
+    }
+    return f"/v1/projects/{project_id[0]}", token, env
+
+
 def run() -> dict[str, Any]:
     with embedded_stack() as (stack, endpoints):
-        tenants = add_pool_tenants(endpoints, 1000)
-        with psycopg.connect(libpq(endpoints.pool_url)) as pool:
-            pool.execute(
-                "INSERT INTO projects (tenant_id, id, name) "
-                "SELECT t, gen_random_uuid(), 'p' || g FROM unnest(%s::uuid[]) t, generate_series(1, 20) g",
-                (tenants,),
-            )
-            pool.execute("ANALYZE projects")
-            tenant_id = tenants[0]
-            project_id = pool.execute("SELECT id FROM projects WHERE tenant_id = %s LIMIT 1", (tenant_id,)).fetchone()
-            assert project_id is not None
-        token, env = tenant_api(stack, endpoints, tenant_id)
-        env |= {
-            "TENANTCTL_POOL_SIZE": str(POOL_SIZE),
-            "BENCH_BASELINE_DSN": endpoints.pool_url,
-            "BENCH_TENANT_ID": str(tenant_id),
-            "BENCH_POOL_SIZE": str(POOL_SIZE),
-        }
-        path = f"/v1/projects/{project_id[0]}"
+        path, token, env = api_world(stack, endpoints)
         # name -> (server kind, code tree or None for this one)
         servers: dict[str, tuple[str, str | None]] = {"tenantctl": ("tenantctl", None), "baseline": ("baseline", None)}
         if AB_TREE:

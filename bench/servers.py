@@ -55,17 +55,20 @@ def baseline_app(dsn: str, tenant_id: uuid.UUID, pool_size: int) -> FastAPI:
     return app
 
 
+def app_for(kind: str) -> FastAPI:
+    """The app of a server kind, configured from the environment the benchmark sets."""
+    if kind == "tenantctl":
+        return create_app(DataPlaneSettings())
+    return baseline_app(
+        os.environ["BENCH_BASELINE_DSN"],
+        uuid.UUID(os.environ["BENCH_TENANT_ID"]),
+        int(os.environ["BENCH_POOL_SIZE"]),
+    )
+
+
 def main() -> None:
     kind, port = sys.argv[1], int(sys.argv[2])
-    if kind == "tenantctl":
-        app = create_app(DataPlaneSettings())
-    else:
-        app = baseline_app(
-            os.environ["BENCH_BASELINE_DSN"],
-            uuid.UUID(os.environ["BENCH_TENANT_ID"]),
-            int(os.environ["BENCH_POOL_SIZE"]),
-        )
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    uvicorn.run(app_for(kind), host="127.0.0.1", port=port, log_level="error", access_log=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""``python -m bench.asgi_driver KIND N``: N sequential requests straight into a server's ASGI app.
+
+The request of ``bench api`` (``BENCH_DRIVER_PATH`` with ``BENCH_DRIVER_TOKEN``),
+after a warm-up, on the event loop uvicorn would use, with no HTTP parsing or
+load generator: ``bench api_instructions`` runs this under callgrind and counts
+the instructions the app itself spends per request. Every response must be 200.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import uvloop
+from fastapi import FastAPI
+
+from bench.servers import app_for
+
+WARM_UP = 200
+
+
+def _scope(path: str, token: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def _request(app: FastAPI, scope: dict[str, Any]) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(dict(scope), receive, send)
+    if sent[0]["status"] != 200:
+        raise RuntimeError(f"the benchmark request failed: {sent}")
+
+
+async def _drive(kind: str, count: int) -> None:
+    app = app_for(kind)
+    scope = _scope(os.environ["BENCH_DRIVER_PATH"], os.environ["BENCH_DRIVER_TOKEN"])
+    async with app.router.lifespan_context(app):
+        for _ in range(WARM_UP + count):
+            await _request(app, scope)
+
+
+if __name__ == "__main__":
+    uvloop.run(_drive(sys.argv[1], int(sys.argv[2])))
