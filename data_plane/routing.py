@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -38,6 +39,20 @@ from data_plane.exceptions import (
 from data_plane.ownership import BEGIN_TENANT, REFUSALS
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def detached_task(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """A task that a request starts but that is not part of it, run in an empty context.
+
+    A task copies the context it is created in: a task started while serving a
+    request would otherwise log with that request's id and tenant (and see its
+    ``current_tenant``), although it serves others too or none (PITFALLS:
+    ContextVars copy into tasks at creation).
+    """
+    return asyncio.create_task(coro, name=name, context=contextvars.Context())
+
 
 CHANNEL = "tenant_routes"
 # Catalog reads per lookup while invalidations keep arriving mid-read; the last
@@ -216,7 +231,7 @@ class RouteDirectory:
         key = (tenant_id, generation)
         task = self._reads.get(key) if join else None
         if task is None:
-            task = asyncio.ensure_future(self._read(tenant_id))
+            task = detached_task(self._read(tenant_id), name=f"route-read-{tenant_id}")
             self._reads[key] = task
             task.add_done_callback(lambda done: self._reads.pop(key, None) if self._reads.get(key) is done else None)
         # Shielded: a cancelled request must not cancel the read others wait on.
@@ -453,7 +468,7 @@ class EngineRegistry:
             return
         if upcoming.location_id in self._silos or upcoming.location_id in self._warming:
             return
-        task = asyncio.create_task(self._prewarm(upcoming), name=f"prewarm-{upcoming.location_name}")
+        task = detached_task(self._prewarm(upcoming), name=f"prewarm-{upcoming.location_name}")
         self._warming[upcoming.location_id] = task
         task.add_done_callback(lambda _: self._warming.pop(upcoming.location_id, None))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -97,6 +98,49 @@ async def test_logs_carry_request_context_and_never_tokens_or_rows(
     # ...but never logged: no token, no header, no row content.
     assert a.token not in output and secret_name not in output and a.canary not in output
     assert "authorization" not in output.lower() and "bearer" not in output.lower()
+
+
+async def test_a_task_a_request_starts_does_not_log_as_that_request(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """A moving tenant's request starts the opening of the move's target (prewarm) in a task of its own.
+
+    Tasks copy the context they are created in: without care, that task's log
+    lines would carry the id of whichever request happened to start it.
+    """
+    a = world["A"]
+    app = dp_app(dp_settings, log_format=LogFormat.JSON)
+    stream = io.StringIO()
+    configure_logging(app.state.settings, stream=stream)
+    nowhere = "postgresql://nobody@127.0.0.1:1/nothing"  # refused at once: the prewarm fails and says so
+    with world.catalog() as cat:
+        target = cat.execute(
+            "INSERT INTO locations (name, kind, provider, dsn, app_dsn) VALUES (%s, 'silo', 'local', %s, %s) "
+            "RETURNING id",
+            (f"silo-unreachable-{secrets.token_hex(4)}", nowhere, nowhere),
+        ).fetchone()
+        assert target is not None
+        cat.execute("UPDATE tenants SET status = 'moving', next_location_id = %s WHERE id = %s", (target[0], a.id))
+    try:
+        async for client in asgi_client(app):
+            got = await client.get("/v1/projects", headers={**a.headers, "X-Request-ID": "req-moving"})
+            assert got.status_code == 200 and a.canary in got.text  # still served by the pool
+            for _ in range(100):
+                if "silo_prewarm_failed" in stream.getvalue():
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        structlog.reset_defaults()
+        with world.catalog() as cat:
+            cat.execute("UPDATE tenants SET status = 'active', next_location_id = NULL WHERE id = %s", (a.id,))
+            cat.execute("DELETE FROM locations WHERE id = %s", (target[0],))
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    prewarm = [line for line in lines if line["event"] == "silo_prewarm_failed"]
+    assert len(prewarm) == 1
+    assert "request_id" not in prewarm[0] and "tenant_id" not in prewarm[0]
+    # Control: the request's own line carries its id and tenant.
+    (access,) = [line for line in lines if line["event"] == "request"]
+    assert access["request_id"] == "req-moving" and access["tenant_id"] == str(a.id)
 
 
 def test_redaction_of_secret_shaped_values() -> None:
