@@ -2,8 +2,9 @@
 
 ``bench api`` measures throughput, which on a small, shared machine moves by
 +-20% from one round to the next. This counts what the same request costs the
-server process in executed instructions, under valgrind's callgrind: the same
-number on every run (to well under 1%), so a change of a few percent is seen.
+server process in executed instructions, under valgrind's callgrind: nearly the same
+number from run to run (repeat runs differed by ~0.6% per request), so a change
+of a few percent is seen.
 
 Each app runs in ``bench.asgi_driver``: the request goes straight into its ASGI
 app (no HTTP parsing, no load generator), after a warm-up. The per-request cost
