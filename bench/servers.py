@@ -39,7 +39,9 @@ def baseline_app(dsn: str, tenant_id: uuid.UUID, pool_size: int) -> FastAPI:
         yield
         await state["pool"].close()
 
-    app = FastAPI(lifespan=lifespan)
+    # FastAPI's native OpenTelemetry off, as in tenantctl by default
+    # (CommonSettings.fastapi_telemetry): a framework setting, not tenancy.
+    app = FastAPI(lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -79,6 +79,7 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
         title="tenantctl control plane",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry=settings.fastapi_telemetry,
         description="Tenant catalog, lifecycle and jobs. Bearer token with aud `tenantctl-admin` "
         "and scope `tenantctl:admin`; tenant tokens are refused.",
     )

@@ -141,7 +141,13 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
             await engines.close()
             await routes.close()
 
-    app = FastAPI(title="tenantctl tenant API", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES)
+    app = FastAPI(
+        title="tenantctl tenant API",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        telemetry=settings.fastapi_telemetry,
+    )
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.limiter = limiter

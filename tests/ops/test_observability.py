@@ -7,9 +7,12 @@ import io
 import json
 import re
 import secrets
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 import structlog
 
 from data_plane.logs import configure_logging
@@ -186,3 +189,63 @@ async def test_fenced_responses_count_fences_only_not_other_503s(dp_settings: Da
         match = fenced_total.search(text)
         assert match is not None and float(match.group(1)) == 1.0
         assert 'route="/v1/projects",status="503",tier="none"} 1.0' in text  # it was counted as a request
+
+
+# Run in a child process: OpenTelemetry's global tracer provider can be set
+# once per process, and this test must not leave one behind for the others.
+_SPANS_OF_ONE_REQUEST = """
+import asyncio, sys
+import httpx
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+plane, enabled = sys.argv[1], sys.argv[2] == "on"
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)  # what an application's OpenTelemetry SDK setup does
+common = dict(state_dir="/nonexistent", jwt_hs256_secret="k" * 40, opentelemetry=enabled)
+if plane == "tenant":
+    from data_plane.api import create_app
+    from data_plane.settings import DataPlaneSettings
+    app = create_app(DataPlaneSettings(app_catalog_url="postgresql://u@127.0.0.1:1/c",
+                                       app_pool_url="postgresql://u@127.0.0.1:1/p", **common))
+else:
+    from control_plane.api import create_app
+    from control_plane.settings import ControlPlaneSettings
+    from control_plane.stack import Endpoints
+    app = create_app(ControlPlaneSettings(**common), Endpoints(*["postgresql://u@127.0.0.1:1/x"] * 6))
+
+async def main() -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/v1/no-such-route")  # served without the lifespan's databases
+    assert response.status_code == 404, response.status_code
+    print(len(exporter.get_finished_spans()))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("plane", ["tenant", "admin"])
+def test_fastapi_opentelemetry_is_off_unless_enabled(plane: str) -> None:
+    """TENANTCTL_OPENTELEMETRY turns on FastAPI's native spans; off, a configured SDK gets none.
+
+    Off by default because FastAPI, enabled, asks OpenTelemetry on every request
+    whether a provider has been configured (a per-request cost with none).
+    """
+
+    def spans(enabled: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _SPANS_OF_ONE_REQUEST, plane, enabled],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert DataPlaneSettings().opentelemetry is False
+    assert spans("off") == 0
+    assert spans("on") >= 1  # control: the same SDK setup receives the request's span
