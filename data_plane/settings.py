@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
-from fastapi.telemetry import TelemetryConfig
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # settings are read by every CLI command: no web framework import for a type
+    from fastapi.telemetry import TelemetryConfig
 
 DEV_HS256_SECRETS = frozenset({"", "secret", "changeme", "change-me", "dev", "tenantctl"})
 
@@ -95,9 +97,10 @@ class CommonSettings(BaseSettings):
         """``FastAPI(telemetry=...)``: FastAPI's defaults when enabled, every signal off otherwise.
 
         Off, because FastAPI otherwise asks OpenTelemetry on every request
-        whether a global provider has been configured since: ~12 us per request
-        on this project's benchmark host with none configured (the same cost in
-        ``bench api``'s baseline, which turns it off too).
+        whether a global provider has been configured since: ~35,000
+        instructions per request with none configured (``bench
+        api_instructions``; ~12 us on the benchmark host). ``bench api``'s
+        baseline turns it off too.
         """
         if self.opentelemetry:
             return {}
