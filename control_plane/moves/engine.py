@@ -184,16 +184,20 @@ def start_replication(plan: MovePlan) -> None:
     name = sql.Identifier(plan.name)
     tenant = sql.Literal(str(plan.tenant_id))
     with connect(plan.source.owner(), autocommit=True) as src:
-        tables = tenant_tables(src)
+        tables = [*tenant_tables(src), MARKERS]
+        binary = binary_safe(src, tables)
         exists = src.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (plan.name,)).fetchone()
         if not exists:
             # DDL takes no bind parameters; the tenant id is a UUID rendered as
             # a quoted literal by psycopg, never spliced as text.
             members = [
-                sql.SQL("{t} WHERE (tenant_id = {id}::uuid)").format(t=sql.SQL(table), id=tenant)
-                for table in [*tables, MARKERS]
+                sql.SQL("{t} WHERE (tenant_id = {id}::uuid)").format(t=sql.SQL(table), id=tenant) for table in tables
             ]
             src.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(name, sql.SQL(", ").join(members)))
+    if not binary:
+        log.warning(
+            "move_copy_in_text", move_id=str(plan.move_id), reason="a column type is not binary-safe between databases"
+        )
     with connect(plan.target.admin(), autocommit=True) as dst:
         if dst.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone():
             return
@@ -204,9 +208,35 @@ def start_replication(plan: MovePlan) -> None:
         dst.execute(
             sql.SQL(
                 "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
-                "WITH (copy_data = true, create_slot = true, slot_name = {}, streaming = on)"
-            ).format(name, sql.Literal(plan.source.replication()), name, sql.Literal(plan.name))
+                "WITH (copy_data = true, create_slot = true, slot_name = {}, streaming = on, binary = {})"
+            ).format(name, sql.Literal(plan.source.replication()), name, sql.Literal(plan.name), sql.Literal(binary))
         )
+
+
+# Binary transfer (PostgreSQL 16+ uses it for the initial copy too, not only
+# for changes) skips every value's text output on the source and parsing on
+# the target: ~27% less CPU across both servers for a 1M-row tenant's initial
+# copy, which also finished ~20% sooner (3 alternating pairs, ad hoc). It is
+# only safe for types whose binary form means the same on both servers:
+# built-in types with send and receive functions (fixed OIDs), enums (sent as
+# their label) and domains over either. An array or a composite of a
+# user-defined type carries that type's OID, which differs between the two
+# databases, and receiving it fails ("wrong element type"); a type with no
+# binary functions fails the copy outright. A move with any such column keeps
+# the text protocol.
+_NOT_BINARY_SAFE = """
+SELECT count(*) FROM pg_attribute AS a
+JOIN pg_type AS t ON t.oid = a.atttypid
+JOIN pg_type AS b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE a.attrelid = ANY(%s::regclass[]) AND a.attnum > 0 AND NOT a.attisdropped
+  AND NOT (b.typtype = 'e' OR (b.oid < 16384 AND b.typsend::oid <> 0 AND b.typreceive::oid <> 0))
+"""
+
+
+def binary_safe(conn: psycopg.Connection[Any], tables: list[str]) -> bool:
+    """Whether every column of ``tables`` can be replicated in binary between two databases (see above)."""
+    row = conn.execute(_NOT_BINARY_SAFE, (tables,)).fetchone()
+    return row is not None and int(row[0]) == 0
 
 
 def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
