@@ -75,6 +75,12 @@ class ControlPlaneSettings(CommonSettings):
         default_factory=lambda: [5.0, 20.0, 80.0],
         description="Pauses between catch-up attempts while the lag stays large; then the move is aborted.",
     )
+    move_initial_copy_stall_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A move's initial copy has no deadline while it progresses; it fails after this long without "
+        "progress (or after 3 failed table syncs).",
+    )
     offboard_batch_size: int = Field(default=1000, ge=1, description="Rows deleted per transaction.")
     test_step_delay_seconds: float = Field(
         default=0.0,

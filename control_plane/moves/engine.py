@@ -248,22 +248,62 @@ def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
     return ""
 
 
-def wait_initial_sync(plan: MovePlan, *, timeout: float = 600.0) -> None:
-    """Wait until every table of the subscription finished its initial copy."""
-    deadline = time.monotonic() + timeout
+# What the initial copy has done so far, read on the target without taking a
+# lock on its tables: each table's sync state, the target database's size (a
+# COPY extends its table as it goes) and the rows that running table syncs
+# have copied (pg_stat_progress_copy; NULL without pg_read_all_stats).
+_SYNC_PROGRESS = """
+SELECT count(*), count(*) FILTER (WHERE r.srsubstate <> 'r'),
+       string_agg(r.srsubstate::text, '' ORDER BY r.srrelid) || ':' || pg_database_size(current_database())
+           || ':' || coalesce((SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy AS p
+                               WHERE p.datid = s.subdbid), 0),
+       coalesce((SELECT sync_error_count FROM pg_stat_subscription_stats WHERE subid = s.oid), 0)
+FROM pg_subscription_rel AS r JOIN pg_subscription AS s ON s.oid = r.srsubid
+WHERE s.subname = %s GROUP BY s.oid
+"""
+INITIAL_SYNC_STALL_SECONDS = 300.0
+INITIAL_SYNC_MAX_ERRORS = 3
+
+
+def wait_initial_sync(
+    plan: MovePlan,
+    *,
+    stall_timeout: float = INITIAL_SYNC_STALL_SECONDS,
+    max_errors: int = INITIAL_SYNC_MAX_ERRORS,
+) -> None:
+    """Wait until every table of the subscription finished its initial copy.
+
+    For as long as the copy makes progress: a large tenant's copy takes as long
+    as it takes, and a fixed deadline would fail every tenant above some size
+    (600 s was ~50M rows on the benchmark host). The wait ends in failure when
+    nothing has moved for ``stall_timeout`` (MoveNotReadyError), or when table
+    syncs have failed ``max_errors`` times (MoveError): PostgreSQL retries a
+    failed sync forever, and a persistent cause -- a row the target rejects, a
+    type it cannot receive -- would otherwise look like slow progress, since
+    each retry copies (and extends the table) again.
+    """
     with connect(plan.target.admin(), autocommit=True) as dst:
+        errors_before: int | None = None
+        last, moved_at = None, time.monotonic()
         while True:
-            row = dst.execute(
-                "SELECT count(*), count(*) FILTER (WHERE r.srsubstate <> 'r') FROM pg_subscription_rel r "
-                "JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = %s",
-                (plan.name,),
-            ).fetchone()
-            assert row is not None
-            if row[0] > 0 and row[1] == 0:
+            row = dst.execute(_SYNC_PROGRESS, (plan.name,)).fetchone()
+            if row is None:
+                raise MoveError(f"subscription {plan.name} is missing on the target")
+            tables, unfinished, progress, errors = int(row[0]), int(row[1]), row[2], int(row[3])
+            if tables > 0 and unfinished == 0:
                 return
-            if time.monotonic() > deadline:
+            errors_before = errors if errors_before is None else errors_before
+            if errors - errors_before >= max_errors:
+                raise MoveError(
+                    f"the initial copy keeps failing ({errors - errors_before} failed table syncs)"
+                    f"{_subscription_errors(dst, plan.name)}"
+                )
+            now = time.monotonic()
+            if progress != last:
+                last, moved_at = progress, now
+            elif now - moved_at > stall_timeout:
                 raise MoveNotReadyError(
-                    f"initial copy not finished after {timeout:.0f}s{_subscription_errors(dst, plan.name)}"
+                    f"the initial copy made no progress for {stall_timeout:.0f}s{_subscription_errors(dst, plan.name)}"
                 )
             time.sleep(0.05)
 

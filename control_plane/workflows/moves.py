@@ -375,7 +375,7 @@ def _online_only(fn: Callable[[MovePlan], Any]) -> Callable[[MovePlan], Any]:
 
 def _replicate(plan: MovePlan) -> None:
     engine.start_replication(plan)
-    engine.wait_initial_sync(plan)
+    engine.wait_initial_sync(plan, stall_timeout=runtime.current().settings.move_initial_copy_stall_seconds)
 
 
 def _catch_up(plan: MovePlan) -> int:

@@ -632,3 +632,51 @@ def test_binary_replication_only_for_types_whose_binary_form_is_the_same_in_both
         assert not engine.binary_safe(conn, ["acl"])
         assert not engine.binary_safe(conn, ["safe", "moods"])
         conn.rollback()
+
+
+def test_an_initial_copy_that_stops_moving_is_reported_and_one_that_resumes_finishes(
+    world: World, empty_silo: Silo
+) -> None:
+    """The wait has no overall deadline (a large tenant's copy takes as long as it takes), only a stall limit."""
+    a = world["A"]
+    _seed_bulk(world, a.id, 200)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    # Someone holds the target's tasks table: that table's sync cannot write a row.
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as holder:
+        holder.execute("LOCK TABLE tasks IN SHARE MODE")  # blocks the sync's COPY, not CREATE SUBSCRIPTION
+        engine.start_replication(plan)
+        started = time.monotonic()
+        with pytest.raises(MoveNotReadyError, match="no progress for 2s"):
+            engine.wait_initial_sync(plan, stall_timeout=2.0)
+        assert time.monotonic() - started >= 2.0
+        holder.rollback()
+    # Control: once the table is free the same copy moves again and finishes.
+    engine.wait_initial_sync(plan, stall_timeout=2.0)
+    assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+
+
+def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world: World, empty_silo: Silo) -> None:
+    """PostgreSQL retries a failed table sync forever; the move counts the failures and gives up."""
+    a = world["A"]
+    _seed_bulk(world, a.id, 20)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:  # a row the target rejects, every time
+        conn.execute("ALTER TABLE projects ADD CONSTRAINT no_bulk_7 CHECK (name <> 'bulk-7')")
+    engine.start_replication(plan)
+    started = time.monotonic()
+    with pytest.raises(MoveError, match=r"keeps failing \([1-9]\d* failed table syncs\).*sync [1-9]") as failed:
+        engine.wait_initial_sync(plan, max_errors=1)
+    assert not isinstance(failed.value, MoveNotReadyError)
+    assert time.monotonic() - started < 60  # not the stall limit: the failure itself ends the wait
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+    # Control: without the constraint the same tenant copies (the abort emptied the target).
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+        conn.execute("ALTER TABLE projects DROP CONSTRAINT no_bulk_7")
+    plan = _replicating(world, empty_silo)
+    assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
+    engine.abort(plan, route_epoch=plan.epoch)
