@@ -161,8 +161,14 @@ def _latency_by_step(acked: list[dict[str, Any]], steps: list[tuple[str, float, 
     return by_step
 
 
-def _step_at(steps: list[tuple[str, float, float]], instant: float) -> str | None:
-    return next((name for name, start, end in steps if start <= instant <= end), None)
+def _step_at(steps: list[tuple[str, float, float]], instant: float) -> str:
+    """The step running at ``instant``, or the two it fell between (a checkpoint, the next step's start)."""
+    inside = next((name for name, start, end in steps if start <= instant <= end), None)
+    if inside is not None:
+        return inside
+    before = [name for name, _, end in steps if end < instant]
+    after = [name for name, start, _ in steps if start > instant]
+    return f"between {before[-1] if before else 'the start'} and {after[0] if after else 'the end'}"
 
 
 def _longest_ack_gap(acked: list[dict[str, Any]], start: float, end: float) -> dict[str, float | None]:

@@ -283,9 +283,13 @@ def wait_initial_sync(
     syncs have failed ``max_errors`` times (MoveError): PostgreSQL retries a
     failed sync forever, and a persistent cause -- a row the target rejects, a
     type it cannot receive -- would otherwise look like slow progress, since
-    each retry copies (and extends the table) again.
+    each retry copies (and extends the table) again. A slot the source has
+    invalidated ends it at once (MoveError, see :func:`_slot_lag`).
     """
-    with connect(plan.target.admin(), autocommit=True) as dst:
+    with (
+        connect(plan.target.admin(), autocommit=True) as dst,
+        connect(plan.source.admin(), autocommit=True) as src,
+    ):
         errors_before: int | None = None
         last, moved_at, pause = None, time.monotonic(), 0.05
         while True:
@@ -295,6 +299,9 @@ def wait_initial_sync(
             tables, unfinished, progress, errors = int(row[0]), int(row[1]), row[2], int(row[3])
             if tables > 0 and unfinished == 0:
                 return
+            # A long copy under heavy pool writes is how a slot gets lost:
+            # the copy's tables would never become ready, seen only as a stall.
+            _slot_lag(src, plan)
             errors_before = errors if errors_before is None else errors_before
             if errors - errors_before >= max_errors:
                 raise MoveError(
@@ -312,15 +319,35 @@ def wait_initial_sync(
             pause = min(pause * 1.5, 0.5)
 
 
+def _slot_lag(src: psycopg.Connection[Any], plan: MovePlan) -> int | None:
+    """Bytes of source WAL the move's slot has not confirmed (None: no slot); MoveError if the slot is lost.
+
+    A slot that falls more than ``max_slot_wal_keep_size`` behind is
+    invalidated by the source (its WAL removed, so that an abandoned slot
+    cannot fill the disk): the subscription can never catch up, and waiting
+    for it would only look like lag or a stalled copy until a timeout. Not
+    retried (a MoveError, not MoveNotReadyError): the move is compensated and
+    can be started again, with a fresh copy.
+    """
+    row = src.execute(
+        "SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (plan.name,),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] == "lost":
+        raise MoveError(
+            f"the source invalidated replication slot {plan.name}: it fell more than max_slot_wal_keep_size "
+            "behind, and the WAL it needed is gone; start the move again (it copies afresh)"
+        )
+    return None if row[1] is None else int(row[1])
+
+
 def replication_lag(plan: MovePlan) -> int | None:
-    """Bytes of source WAL the subscription has not confirmed (None: no slot)."""
+    """Bytes of source WAL the subscription has not confirmed (None: no slot); MoveError if the slot is lost."""
     with connect(plan.source.admin(), autocommit=True) as src:
-        row = src.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
-            "FROM pg_replication_slots WHERE slot_name = %s",
-            (plan.name,),
-        ).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
+        return _slot_lag(src, plan)
 
 
 def wait_caught_up(plan: MovePlan, *, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES, timeout: float = 30.0) -> int:

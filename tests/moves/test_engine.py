@@ -680,3 +680,76 @@ def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world:
     plan = _replicating(world, empty_silo)
     assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
     engine.abort(plan, route_epoch=plan.epoch)
+
+
+@contextlib.contextmanager
+def _slot_keep_size(admin_dsn: str, value: str) -> Iterator[None]:
+    """``max_slot_wal_keep_size`` of the source's cluster for the block (ALTER SYSTEM, then RESET)."""
+    with psycopg.connect(libpq(admin_dsn), autocommit=True) as admin:
+        admin.execute(f"ALTER SYSTEM SET max_slot_wal_keep_size = '{value}'")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            admin.execute("SELECT pg_reload_conf()")
+
+
+def _slot_status(plan: MovePlan) -> tuple[str, bool] | None:
+    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
+        row = src.execute(
+            "SELECT wal_status, active FROM pg_replication_slots WHERE slot_name = %s", (plan.name,)
+        ).fetchone()
+    return None if row is None else (str(row[0]), bool(row[1]))
+
+
+def _push_slot_past_its_wal(plan: MovePlan) -> None:
+    """Write and switch WAL segments, then checkpoint, until the source invalidates the idle slot."""
+    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
+        for _ in range(20):
+            for _ in range(3):
+                src.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
+                src.execute("SELECT pg_switch_wal()")
+            src.execute("CHECKPOINT")
+            if _slot_status(plan) == ("lost", False):
+                return
+    raise AssertionError(f"the slot was not invalidated: {_slot_status(plan)}")
+
+
+def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world: World, empty_silo: Silo) -> None:
+    """A lost slot can never catch up: the copy and the catch-up gate say so, instead of waiting minutes."""
+    a = world["A"]
+    _seed_bulk(world, a.id, 50)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as holder:
+        holder.execute("LOCK TABLE tasks IN SHARE MODE")  # the copy cannot finish while this is held
+        engine.start_replication(plan)
+        # Control: a copy held up with its slot intact is waiting, not failed.
+        with pytest.raises(MoveNotReadyError, match="no progress"):
+            engine.wait_initial_sync(plan, stall_timeout=1.0)
+        assert engine.replication_lag(plan) is not None
+        with psycopg.connect(libpq(empty_silo.side.admin_dsn), autocommit=True) as dst:
+            dst.execute(f'ALTER SUBSCRIPTION "{plan.name}" DISABLE')  # nothing advances the slot now
+        deadline = time.monotonic() + 30
+        while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert world.endpoints.pool_admin_url is not None
+        with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+            _push_slot_past_its_wal(plan)
+        holder.rollback()
+    started = time.monotonic()
+    with pytest.raises(MoveError, match="invalidated replication slot") as lost:
+        engine.wait_initial_sync(plan, stall_timeout=600.0)
+    assert not isinstance(lost.value, MoveNotReadyError)
+    with pytest.raises(MoveError, match="invalidated replication slot") as lost:
+        engine.catch_up_gate(plan, timeout=600.0, backoff=(600.0,))  # not retried: it cannot get better
+    assert not isinstance(lost.value, MoveNotReadyError)
+    assert time.monotonic() - started < 30
+    engine.abort(plan, route_epoch=plan.epoch)
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+    # Control: started again, the move copies afresh and catches up.
+    plan = _replicating(world, empty_silo)
+    assert engine.catch_up_gate(plan, backoff=()) >= 0
+    assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
+    engine.abort(plan, route_epoch=plan.epoch)
