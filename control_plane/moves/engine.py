@@ -46,6 +46,12 @@ MARKERS = '"tenantctl"."move_markers"'
 # The final catch-up polls for the fence's marker inside the write pause: each
 # poll is one indexed lookup, and half the interval is added to the pause on average.
 POLL_SECONDS = 0.001
+# Once the final catch-up has waited this long (the marker normally lands in
+# 10-20 ms), it also reads the subscription's error count every as often: an
+# apply worker that fails (a row the target rejects, a full disk) never
+# delivers the marker, and without the check the tenant stayed fenced -- its
+# writes refused -- for the whole timeout (30 s) before the move gave up.
+APPLY_ERROR_WATCH_SECONDS = 0.1
 # Citus-like back-off between catch-up attempts (5 s, 20 s, 80 s), then give up.
 CATCH_UP_BACKOFF_SECONDS = (5.0, 20.0, 80.0)
 DEFAULT_MAX_LAG_BYTES = 16 * 1024 * 1024
@@ -466,18 +472,44 @@ def final_catch_up(
 ) -> float:
     """Wait for the fence's marker on the target; return the seconds waited.
 
+    Online, a subscription whose apply worker fails while this waits ends the
+    wait (MoveError; the caller's compensation unfences the source, which
+    stays authoritative): the worker retries from the same transaction every
+    ``wal_retrieve_retry_interval`` (5 s by default), so a failure that has
+    happened once is seen within about that, not after ``timeout``.
     ``conn``: an autocommit connection to the target as its owner, opened
     before the pause (else one is opened here).
     """
     start = time.monotonic()
+    watch_at, errors_before = start + APPLY_ERROR_WATCH_SECONDS, None
     with _reuse(conn, plan.target.owner()) as dst:
         while True:
             if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (marker or plan.move_id,)).fetchone():
                 return time.monotonic() - start
-            if time.monotonic() - start > timeout:
+            now = time.monotonic()
+            if now - start > timeout:
                 errors = _subscription_errors(dst, plan.name) if plan.mode == "online" else ""
                 raise MoveNotReadyError(f"final catch-up did not arrive within {timeout:.0f}s{errors}")
+            if plan.mode == "online" and now >= watch_at:
+                watch_at = now + APPLY_ERROR_WATCH_SECONDS
+                errors_now = _apply_errors(dst, plan.name)
+                if errors_before is None:
+                    errors_before = errors_now
+                elif errors_now > errors_before:
+                    raise MoveError(
+                        f"replication to the target failed during the final catch-up ({errors_now - errors_before} "
+                        f"apply errors of subscription {plan.name}; see the target server's log): the source "
+                        "stays authoritative"
+                    )
             time.sleep(POLL_SECONDS)
+
+
+def _apply_errors(conn: psycopg.Connection[Any], name: str) -> int:
+    """Errors the subscription's apply worker has had (0 if the statistics have none yet)."""
+    row = conn.execute(
+        "SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = %s", (name,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 # hash_record_extended hashes each column with its type's own hash function

@@ -318,7 +318,7 @@ def _flip_statements_pending(catalog_url: str) -> bool:
     return row is not None and int(row[0]) > 0
 
 
-@pytest.mark.parametrize("failing_step", ["provision", "migrate", "catch_up", "cutover"])
+@pytest.mark.parametrize("failing_step", ["provision", "migrate", "catch_up", "cutover", "final_catch_up"])
 async def test_a_failure_before_the_flip_is_compensated(
     wf_admin: httpx.AsyncClient,
     api: httpx.AsyncClient,
@@ -350,6 +350,21 @@ async def test_a_failure_before_the_flip_is_compensated(
             return {"projects": {"injected": "difference"}}
 
         monkeypatch.setattr(verify_mod, "_mismatches", mismatch_once_the_flip_waits)
+    elif failing_step == "final_catch_up":
+        # Replication breaks just before the fence: the target already holds a
+        # key the source writes now, so its apply worker fails on it, every retry,
+        # and the fence's marker never arrives.
+        clash, fence = uuid.uuid4(), engine.fence_source
+
+        def clash_then_fence(plan: MovePlan, **kwargs: Any) -> None:
+            for dsn, name in ((plan.target.owner(), "in the way"), (plan.source.owner(), "live")):
+                with psycopg.connect(libpq(dsn)) as conn:
+                    conn.execute(
+                        "INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, %s)", (plan.tenant_id, clash, name)
+                    )
+            fence(plan, **kwargs)
+
+        monkeypatch.setattr(engine, "fence_source", clash_then_fence)
     else:
         # The replication slot exists and the subscription runs, but the target never catches up
         # (as seen by the gate); a tiny retry budget makes the step give up quickly.
@@ -359,12 +374,17 @@ async def test_a_failure_before_the_flip_is_compensated(
     for i in range(5):
         await api.post("/v1/projects", headers=mover["headers"], json={"name": f"keep-{i}"})
     before = _ids(wf_endpoints.pool_url, mover["id"])
+    if failing_step == "final_catch_up":
+        before.add(str(clash))  # written to the source, which stays authoritative: kept
     job = (await wf_admin.post(f"/v1/tenants/{mover['id']}/promote")).json()["job"]
     finished = await _wait_job(wf_admin, job["id"])
-    assert (finished["status"], finished["step"]) == ("failed", failing_step), finished
-    expected = {"catch_up": "MoveNotReadyError: replication lag", "cutover": "verification failed"}.get(
-        failing_step, "injected"
-    )
+    step = "cutover" if failing_step == "final_catch_up" else failing_step  # the final catch-up is in the cutover
+    assert (finished["status"], finished["step"]) == ("failed", step), finished
+    expected = {
+        "catch_up": "MoveNotReadyError: replication lag",
+        "cutover": "verification failed",
+        "final_catch_up": "MoveError: replication to the target failed during the final catch-up",
+    }.get(failing_step, "injected")
     assert expected in finished["error"] and "compensated" in finished["error"], finished
     await _assert_back_in_the_pool(
         wf_admin, api, mover, wf_endpoints.pool_url, before, catalog_url=wf_endpoints.catalog_url

@@ -753,3 +753,30 @@ def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world:
     assert engine.catch_up_gate(plan, backoff=()) >= 0
     assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
     engine.abort(plan, route_epoch=plan.epoch)
+
+
+def test_replication_failing_inside_the_fence_ends_the_final_catch_up_not_its_timeout(
+    world: World, empty_silo: Silo
+) -> None:
+    """A marker that cannot arrive (the apply worker keeps failing) must not hold the tenant fenced for 30 s."""
+    a = world["A"]
+    plan = _replicating(world, empty_silo)
+    engine.catch_up_gate(plan, backoff=())
+    clash = uuid.uuid4()
+    # A row the target already has: applying the source's insert of the same key fails, every retry.
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+        conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'in the way')", (a.id, clash))
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'live')", (a.id, clash))
+    engine.fence_source(plan)
+    with pytest.raises(MoveError, match="apply errors") as failed:
+        engine.final_catch_up(plan, timeout=600.0)
+    assert not isinstance(failed.value, MoveNotReadyError)  # not the timeout
+    # Control: with the clash gone, the same wait ends with the marker, and both sides agree.
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
+        conn.execute("DELETE FROM projects WHERE tenant_id = %s AND id = %s", (a.id, clash))
+    engine.final_catch_up(plan, timeout=120.0)
+    engine.verify(plan)
+    assert str(clash) in rows_of(empty_silo.side.owner_dsn, a.id)["projects"]
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
+    assert rows_of(world.endpoints.pool_url, a.id)["projects"] >= {str(a.project_id), str(clash)}
