@@ -47,8 +47,8 @@ MARKERS = '"tenantctl"."move_markers"'
 # poll is one indexed lookup, and half the interval is added to the pause on average.
 POLL_SECONDS = 0.001
 # Once the final catch-up has waited this long (the marker normally lands in
-# 10-20 ms), it also reads the subscription's error count every as often: an
-# apply worker that fails (a row the target rejects, a full disk) never
+# 10-20 ms), it also reads the subscription's apply error count, at that
+# interval: an apply worker that fails (a row the target rejects, a full disk) never
 # delivers the marker, and without the check the tenant stayed fenced -- its
 # writes refused -- for the whole timeout (30 s) before the move gave up.
 APPLY_ERROR_WATCH_SECONDS = 0.1
