@@ -245,12 +245,18 @@ def binary_safe(conn: psycopg.Connection[Any], tables: list[str]) -> bool:
     return row is not None and int(row[0]) == 0
 
 
-def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
+def _error_counts(conn: psycopg.Connection[Any], name: str) -> tuple[int, int]:
+    """Errors the subscription's apply and table-sync workers have had ((0, 0) without statistics yet)."""
     row = conn.execute(
         "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subname = %s", (name,)
     ).fetchone()
-    if row and (row[0] or row[1]):
-        return f" (subscription errors: apply {row[0]}, sync {row[1]}; see the target server's log)"
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+
+def _subscription_errors(conn: psycopg.Connection[Any], name: str) -> str:
+    apply, sync = _error_counts(conn, name)
+    if apply or sync:
+        return f" (subscription errors: apply {apply}, sync {sync}; see the target server's log)"
     return ""
 
 
@@ -492,7 +498,7 @@ def final_catch_up(
                 raise MoveNotReadyError(f"final catch-up did not arrive within {timeout:.0f}s{errors}")
             if plan.mode == "online" and now >= watch_at:
                 watch_at = now + APPLY_ERROR_WATCH_SECONDS
-                errors_now = _apply_errors(dst, plan.name)
+                errors_now, _ = _error_counts(dst, plan.name)
                 if errors_before is None:
                     errors_before = errors_now
                 elif errors_now > errors_before:
@@ -502,14 +508,6 @@ def final_catch_up(
                         "stays authoritative"
                     )
             time.sleep(POLL_SECONDS)
-
-
-def _apply_errors(conn: psycopg.Connection[Any], name: str) -> int:
-    """Errors the subscription's apply worker has had (0 if the statistics have none yet)."""
-    row = conn.execute(
-        "SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = %s", (name,)
-    ).fetchone()
-    return 0 if row is None else int(row[0])
 
 
 # hash_record_extended hashes each column with its type's own hash function
