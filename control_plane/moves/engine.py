@@ -50,7 +50,8 @@ POLL_SECONDS = 0.001
 # 10-20 ms), it also reads the subscription's apply error count, at that
 # interval: an apply worker that fails (a row the target rejects, a full disk) never
 # delivers the marker, and without the check the tenant stayed fenced -- its
-# writes refused -- for the whole timeout (30 s) before the move gave up.
+# writes refused -- for the whole timeout (30 s) before the move gave up. The
+# watch also reads the slot on the source: a lost slot counts no apply error.
 APPLY_ERROR_WATCH_SECONDS = 0.1
 # Citus-like back-off between catch-up attempts (5 s, 20 s, 80 s), then give up.
 CATCH_UP_BACKOFF_SECONDS = (5.0, 20.0, 80.0)
@@ -475,6 +476,7 @@ def final_catch_up(
     timeout: float = 30.0,
     marker: uuid.UUID | None = None,
     conn: psycopg.Connection[Any] | None = None,
+    source: psycopg.Connection[Any] | None = None,
 ) -> float:
     """Wait for the fence's marker on the target; return the seconds waited.
 
@@ -483,12 +485,17 @@ def final_catch_up(
     stays authoritative): the worker retries from the same transaction every
     ``wal_retrieve_retry_interval`` (5 s by default), so a failure that has
     happened once is seen within about that, not after ``timeout``.
-    ``conn``: an autocommit connection to the target as its owner, opened
-    before the pause (else one is opened here).
+    The same watch reads the move's slot on the source: a slot the source
+    invalidated (``max_slot_wal_keep_size``) after the catch-up gate can never
+    deliver the marker, and its apply worker fails before it applies anything,
+    so no apply error is counted. ``conn``: an autocommit connection to the
+    target as its owner, and ``source`` one to the source, opened before the
+    pause (else they are opened here, the source's at the first watch).
     """
     start = time.monotonic()
     watch_at, errors_before = start + APPLY_ERROR_WATCH_SECONDS, None
-    with _reuse(conn, plan.target.owner()) as dst:
+    with _reuse(conn, plan.target.owner()) as dst, contextlib.ExitStack() as opened:
+        src = source
         while True:
             if dst.execute(f"SELECT 1 FROM {MARKERS} WHERE marker = %s", (marker or plan.move_id,)).fetchone():
                 return time.monotonic() - start
@@ -498,6 +505,9 @@ def final_catch_up(
                 raise MoveNotReadyError(f"final catch-up did not arrive within {timeout:.0f}s{errors}")
             if plan.mode == "online" and now >= watch_at:
                 watch_at = now + APPLY_ERROR_WATCH_SECONDS
+                if src is None:
+                    src = opened.enter_context(connect(plan.source.owner(), autocommit=True))
+                _slot_lag(src, plan)  # MoveError when the slot is lost
                 errors_now, _ = _error_counts(dst, plan.name)
                 if errors_before is None:
                     errors_before = errors_now

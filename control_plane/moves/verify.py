@@ -474,7 +474,7 @@ def verify_incremental(
             engine.fence_source(plan, drain_timeout=drain_timeout, conn=source_control)
             drained = time.monotonic()
             timings["drain_seconds"] = drained - fenced
-            engine.final_catch_up(plan, conn=target_control)
+            engine.final_catch_up(plan, conn=target_control, source=source_control)
             timings["final_catch_up_seconds"] = time.monotonic() - drained
             delta_start = time.monotonic()
             # READ COMMITTED statements: each sees every change committed before the fence.

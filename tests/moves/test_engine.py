@@ -780,3 +780,38 @@ def test_replication_failing_inside_the_fence_ends_the_final_catch_up_not_its_ti
     assert str(clash) in rows_of(empty_silo.side.owner_dsn, a.id)["projects"]
     _abort_leaves_the_source_authoritative(world, plan, a.id)
     assert rows_of(world.endpoints.pool_url, a.id)["projects"] >= {str(a.project_id), str(clash)}
+
+
+def test_a_slot_lost_after_the_catch_up_gate_ends_the_final_catch_up_not_its_timeout(
+    world: World, empty_silo: Silo
+) -> None:
+    """The slot invalidated between the gate and the fence: the marker can never arrive, and the wait says why."""
+    a = world["A"]
+    plan = _replicating(world, empty_silo)
+    engine.catch_up_gate(plan, backoff=())
+    _subscription(empty_silo, plan, enabled=False)  # nothing advances the slot now
+    deadline = time.monotonic() + 30
+    while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert world.endpoints.pool_admin_url is not None
+    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+        _push_slot_past_its_wal(plan)
+    # The worker restarts and fails at START_REPLICATION, before any change: no apply error to see.
+    _subscription(empty_silo, plan, enabled=True)
+    engine.fence_source(plan)
+    started = time.monotonic()
+    with (
+        psycopg.connect(libpq(plan.source.owner()), autocommit=True) as source,
+        pytest.raises(MoveError, match="invalidated replication slot") as lost,
+    ):
+        engine.final_catch_up(plan, timeout=60.0, source=source)
+    assert not isinstance(lost.value, MoveNotReadyError)  # not the timeout
+    assert time.monotonic() - started < 30
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
+    # Control: the move started again copies afresh, and its final catch-up ends with the marker.
+    plan = _replicating(world, empty_silo)
+    engine.catch_up_gate(plan, backoff=())
+    engine.fence_source(plan)
+    assert engine.final_catch_up(plan, timeout=60.0) < 60.0
+    engine.verify(plan)
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
