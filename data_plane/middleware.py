@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,6 +73,51 @@ async def _send_413(send: Send, max_bytes: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Series:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets  # per bucket, not cumulative
+        self.total = 0.0
+
+
+class LatencyHistogram(Collector):
+    """A Prometheus histogram by label set, counted with plain integers and read at scrape time.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the buckets
+    in Python: ~1.5 us per request measured with timeit, against ~0.3 us for a
+    ``bisect`` and two additions. No lock is needed: observations are made by
+    the middleware on the event loop's thread, and the scrape (``/metrics``, an
+    async endpoint) runs there too. The exposition is prometheus_client's own
+    (``HistogramMetricFamily``): cumulative ``_bucket``, ``_count`` and ``_sum``.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self._name, self._documentation, self._labels = name, documentation, list(labels)
+        self._bounds = [*sorted(buckets), float("inf")]
+        # The "le" labels as prometheus_client writes them ("1.0", "+Inf"); its helper is untyped.
+        self._le = [floatToGoString(bound) for bound in self._bounds]  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], _Series] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(len(self._bounds))
+        # The first bound >= value: Prometheus buckets are "less than or equal".
+        series.counts[bisect_left(self._bounds, value)] += 1
+        series.total += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for labels, series in list(self._series.items()):
+            cumulative, seen = [], 0
+            for le, count in zip(self._le, series.counts, strict=True):
+                seen += count
+                cumulative.append((le, float(seen)))
+            family.add_metric(list(labels), cumulative, sum_value=series.total)
+        yield family
+
+
 class RequestMetrics:
     """Latency and count by route template, method, status, tier and placement;
     request id, access log and usage metering.
@@ -94,17 +144,13 @@ class RequestMetrics:
         self.app = app
         self.meter = meter
         self.access_log = access_log
-        labels = ("route", "method", "status", "tier", "placement")
-        self.latency = Histogram(
+        self.latency = LatencyHistogram(
             f"{prefix}_request_seconds",
             "Request latency (its _count is the request count)",
-            labels,
-            registry=registry,
+            ("route", "method", "status", "tier", "placement"),
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-        # ``labels()`` validates and locks on every call; the label sets are
-        # bounded (see above), so each series is looked up once and kept.
-        self._latency_series: dict[tuple[str, str, int, str, str], Any] = {}
+        registry.register(self.latency)
         self.fenced = Counter(f"{prefix}_fenced_responses", "Responses refused while fenced", registry=registry)
         self.rate_limited = Counter(
             f"{prefix}_rate_limited_responses", "Requests refused by the rate limiter", ["tier"], registry=registry
@@ -146,11 +192,7 @@ class RequestMetrics:
             else:
                 tier, placement = tenant_route.tier, tenant_route.placement
             method = scope.get("method", "")
-            key = (template, method, status, tier, placement)
-            series = self._latency_series.get(key)
-            if series is None:
-                series = self._latency_series[key] = self.latency.labels(template, method, str(status), tier, placement)
-            series.observe(elapsed)
+            self.latency.observe((template, method, str(status), tier, placement), elapsed)
             if status == 503 and error_code(unavailable_body) == TenantFencedError.code:
                 self.fenced.inc()
             elif status == 429:

@@ -36,6 +36,15 @@ async def test_tenant_api_metrics_are_labelled_by_template_tier_and_placement(
     assert count.format(p="pool", r="/v1/projects/{project_id}", c="200", t="standard") + " 1.0" in text
     assert count.format(p="silo", r="/v1/projects/{project_id}", c="200", t="enterprise") + " 1.0" in text
     assert count.format(p="none", r="/v1/me", c="401", t="none") + " 1.0" in text
+    # A histogram: cumulative buckets whose "+Inf" is the count, and a sum of latencies.
+    series = 'method="GET",placement="pool",route="/v1/projects/{project_id}",status="200",tier="standard"'
+    buckets = re.findall(
+        rf'^tenantctl_api_request_seconds_bucket{{le="([^"]+)",{re.escape(series)}}} (\S+)$', text, re.M
+    )
+    assert [le for le, _ in buckets][-1] == "+Inf" and len(buckets) == 13
+    assert [float(v) for _, v in buckets] == sorted(float(v) for _, v in buckets) and float(buckets[-1][1]) == 1.0
+    total = re.search(rf"^tenantctl_api_request_seconds_sum{{{re.escape(series)}}} (\S+)$", text, re.M)
+    assert total is not None and 0 < float(total.group(1)) < 10
     assert re.search(r"^tenantctl_route_cache_refreshes_total [1-9]", text, re.M)
     assert re.search(r"^tenantctl_route_cache_hits_total [1-9]", text, re.M)
     assert "tenantctl_api_fenced_responses_total 0.0" in text
