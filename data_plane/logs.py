@@ -105,7 +105,7 @@ def request_fields(request_id: str, state: dict[str, Any], event_dict: EventDict
     event_dict.setdefault("request_id", request_id)
     route = state.get("route")
     if route is not None:
-        event_dict.setdefault("tenant_id", str(route.tenant_id))
+        event_dict.setdefault("tenant_id", route.tenant_text)
         event_dict.setdefault("tier", route.tier)
         event_dict.setdefault("placement", route.placement)
         event_dict.setdefault("route_epoch", route.epoch)
@@ -177,7 +177,7 @@ class AccessLog:
         )
         if tenant is not None:
             line += (
-                f', "tenant_id": "{tenant.tenant_id}", "tier": {_json(tenant.tier)}, '
+                f', "tenant_id": "{tenant.tenant_text}", "tier": {_json(tenant.tier)}, '
                 f'"placement": {_json(tenant.placement)}, "route_epoch": {int(tenant.epoch)}'
             )
         self._stream.write(line + "}\n")

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
@@ -82,6 +82,12 @@ class Route:
     # Where a move in progress is taking the tenant (None when none is): a
     # silo named here is connected to ahead of the flip, never routed to.
     upcoming: Route | None = None
+    # The tenant id as text, formatted once per route: log lines carry it on
+    # every request, and ``str(UUID)`` costs ~1.6 us (a third of the access line).
+    tenant_text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant_text", str(self.tenant_id))
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Route:
