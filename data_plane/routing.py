@@ -36,7 +36,7 @@ from data_plane.exceptions import (
     TenantSuspendedError,
     TenantUnknownError,
 )
-from data_plane.ownership import BEGIN_TENANT, REFUSALS
+from data_plane.ownership import BEGIN_TENANT, FUSED_STATEMENTS, NEVER_EPOCH, REFUSALS
 
 log = structlog.get_logger(__name__)
 
@@ -371,16 +371,31 @@ async def _warm(conn: asyncpg.Connection, route: Route) -> None:
     not yet the catalog's) -- the expected answer; after it, the statement
     binds the tenant in a transaction that is rolled back. Either way
     nothing is written and no transaction stays open.
+
+    Then every fused statement this process has run (``FUSED_STATEMENTS``)
+    once, guarded with ``NEVER_EPOCH``: each is parsed and planned on this
+    backend, kept in asyncpg's statement cache, and refused by its guard
+    before it reads or writes anything. Measured on an idle host, the first
+    fused INSERT on a connection warmed with ``begin_tenant`` alone took
+    2.3 ms (median of 30), 1.1 ms after this, against 0.8 ms on a warm one.
     """
     transaction = conn.transaction()
     await transaction.start()
     try:
-        await conn.execute(BEGIN_TENANT, route.tenant_id, route.epoch)
+        await _refused(conn, BEGIN_TENANT, route.tenant_id, route.epoch)
+    finally:
+        await transaction.rollback()
+    for statement, nargs in list(FUSED_STATEMENTS.items()):
+        await _refused(conn, statement, *([None] * nargs), route.tenant_id, NEVER_EPOCH)
+
+
+async def _refused(conn: asyncpg.Connection, statement: str, *args: Any) -> None:
+    """Run ``statement``, expecting one of the ownership refusals (or none)."""
+    try:
+        await conn.execute(statement, *args)
     except asyncpg.PostgresError as exc:
         if getattr(exc, "sqlstate", None) not in REFUSALS:
             raise
-    finally:
-        await transaction.rollback()
 
 
 @dataclass

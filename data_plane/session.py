@@ -66,7 +66,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 import asyncpg
 
 from data_plane.exceptions import StaleRouteError, TenantFencedError
-from data_plane.ownership import BEGIN_TENANT, FENCED, NOT_SERVED_HERE, STALE_EPOCH
+from data_plane.ownership import BEGIN_TENANT, FENCED, FUSED_STATEMENTS, NOT_SERVED_HERE, STALE_EPOCH
 from data_plane.routing import EngineRegistry, Route, RouteDirectory
 
 P = ParamSpec("P")
@@ -126,7 +126,7 @@ def fused(query: str, nargs: int) -> str:
     if not query.lstrip().upper().startswith("SELECT"):
         raise ValueError("only a single SELECT can be fused; run writes with TenantContext.writes or .run")
     tenant, epoch = f"${nargs + 1}::uuid", f"${nargs + 2}::bigint"
-    return (
+    statement = (
         "SELECT q.* FROM (SELECT CASE"
         f" WHEN o.state = 'active' AND (o.epoch = {epoch} OR {epoch} IS NULL)"
         f" THEN pg_catalog.set_config('app.current_tenant_id', {tenant}::text, true) IS NOT NULL"
@@ -135,6 +135,8 @@ def fused(query: str, nargs: int) -> str:
         " LEFT JOIN tenantctl.tenant_ownership AS o ON o.tenant_id = _want.tenant_id OFFSET 0) AS _t"
         f" CROSS JOIN LATERAL (SELECT * FROM ({query}) AS _q WHERE _t.ok OFFSET 0) AS q"
     )
+    FUSED_STATEMENTS[statement] = nargs
+    return statement
 
 
 # Where a fused INSERT takes its row from: replaced by :func:`fused_insert`.
@@ -150,7 +152,9 @@ def fused_insert(query: str, nargs: int) -> str:
     if not query.lstrip().upper().startswith("INSERT") or query.count(TENANT_GUARD) != 1:
         raise ValueError(f"a fused write is one INSERT ... SELECT ... FROM {TENANT_GUARD}; run others with run()")
     guard = f"(SELECT tenantctl.begin_tenant(${nargs + 1}::uuid, ${nargs + 2}::bigint) AS ok OFFSET 0) AS _guard"
-    return query.replace(TENANT_GUARD, guard)
+    statement = query.replace(TENANT_GUARD, guard)
+    FUSED_STATEMENTS[statement] = nargs
+    return statement
 
 
 @dataclass

@@ -15,10 +15,10 @@ import pytest
 from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
 from data_plane.exceptions import TenantFencedError
-from data_plane.ownership import BEGIN_TENANT
-from data_plane.resources.projects.service import TENANT
+from data_plane.ownership import BEGIN_TENANT, FUSED_STATEMENTS
+from data_plane.resources.projects.service import LIST_FIRST, TENANT
 from data_plane.routing import EngineRegistry, RouteDirectory
-from data_plane.session import TENANT_GUARD, TenantContext
+from data_plane.session import TENANT_GUARD, TenantContext, fused
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
 from tests.data_plane.conftest import World, add_pool_tenant
@@ -587,7 +587,10 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
         await _eventually(warmed, timeout=5)
         assert dp_settings.silo_pool_size > 1  # else "every connection" would be the first one
 
-        async def prepared() -> list[int]:
+        listing = fused(LIST_FIRST, 1)  # what GET /v1/projects ran, before the move was announced
+        assert listing in FUSED_STATEMENTS
+
+        async def prepared(statements: list[str]) -> list[int]:
             # Both connections at once: each is one the prewarm opened (and warmed).
             async with engines.connection(upcoming) as one, engines.connection(upcoming) as two:
                 counts = []
@@ -595,13 +598,24 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
                     assert not conn.is_in_transaction()
                     counts.append(
                         await conn.fetchval(
-                            "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1", BEGIN_TENANT
+                            "SELECT count(*) FROM pg_prepared_statements WHERE statement = ANY($1::text[])", statements
                         )
                     )
                 return counts
 
-        # Each backend has run the tenant transaction's first statement (refused: A is not served there).
-        assert await prepared() == [1, 1]
+        # Each backend has run the tenant transaction's first statement (refused: A is not served there),
+        # and every fused statement of this process (refused by its guard), so the first ones after the
+        # flip neither prepare nor plan cold inside the write pause.
+        assert await prepared([BEGIN_TENANT]) == [1, 1]
+        assert await prepared([listing]) == [1, 1]
+        assert await prepared(list(FUSED_STATEMENTS)) == [len(FUSED_STATEMENTS)] * 2
+        # Control: the unfused statement (never sent there) was not prepared there.
+        assert await prepared([LIST_FIRST]) == [0, 0]
+        # Nothing was written there: the target holds no row of A's.
+        with psycopg.connect(libpq(s.owner_dsn)) as conn:
+            for table in ("projects", "tasks"):
+                count = conn.execute(f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (a.id,)).fetchone()
+                assert count == (0,)
         # Still nothing of the target reaches A; B (not moving) is untouched.
         response = await client.get("/v1/projects", headers=a.headers)
         assert a.canary in response.text and s.canary not in response.text
