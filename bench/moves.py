@@ -4,8 +4,10 @@ Reports the write pause -- from the fence (``fenced_at`` returned by
 ``engine.run_steps``: the fence of incremental verification, drain
 included) to the first acknowledged
 write after the flip, with the max and p99 latency of the writes in flight in
-that window, and how much of it follows the flip's commit (NOTIFY, route read,
-the silo engine opened, the write itself) -- plus per-write latency over the whole run, total move time, the
+that window, and how much of it follows the flip's commit (NOTIFY, the held
+writes woken, the write itself on the silo, whose connections the replica opened
+when the route named the move's target, as in the workflow)
+-- plus per-write latency over the whole run, total move time, the
 initial copy's rows/s against a raw binary COPY pipe between the same two
 servers measured in the same run, and lost writes (every acknowledged write
 must be in the silo afterwards). Goals (issue 6): pause <= 100 ms, copy >= 0.7x
@@ -236,9 +238,11 @@ def run() -> dict[str, Any]:
         flip_conn = psycopg.connect(libpq(endpoints.catalog_url), autocommit=True)
 
         def flip(p: MovePlan) -> None:
+            # The catalog change of the workflow's flip (FINISH_MOVE): its NOTIFY
+            # carries the route the replicas were told to expect.
             flip_conn.execute(
-                "UPDATE tenants SET placement = 'silo', location_id = %s, route_epoch = route_epoch + 1 "
-                "WHERE id = %s AND route_epoch = %s",
+                "UPDATE tenants SET status = 'active', placement = 'silo', location_id = %s, "
+                "route_epoch = route_epoch + 1, next_location_id = NULL WHERE id = %s AND route_epoch = %s",
                 (p.target.location_id, p.tenant_id, p.epoch),
             )
             flip_at.append(time.monotonic())
@@ -250,6 +254,13 @@ def run() -> dict[str, Any]:
             writer_process(port, token) as log,
         ):
             time.sleep(2.0)  # the writer's connections opened and warm before the move
+            # As the workflow does (start, then _announce_target): the tenant is
+            # moving and its route names the target, so the replica connects
+            # there before the flip.
+            flip_conn.execute(
+                "UPDATE tenants SET status = 'moving', next_location_id = %s WHERE id = %s",
+                (plan.target.location_id, plan.tenant_id),
+            )
             move_started = time.monotonic()
             with flip_conn:
                 timings = engine.run_steps(plan, flip=flip, cleanup=False)
@@ -279,7 +290,7 @@ def run() -> dict[str, Any]:
             "max": latency_max,
         },
         "fence_to_first_write_after_flip_ms": pause["gap_ms"],
-        # Of which after the flip's commit: NOTIFY, route read, silo engine opened, the write itself.
+        # Of which after the flip's commit: NOTIFY, the held writes woken, the write itself.
         "flip_to_first_write_ms": round((min(after_flip) - flip_at[0]) * 1000, 1) if after_flip else None,
         "write_latency_in_pause_ms": {"p99": pause["p99"], "max": pause["max"], "writes": pause["writes"]},
         "non_2xx_in_pause": pause["non_2xx"],
