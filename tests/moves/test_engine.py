@@ -716,6 +716,17 @@ def _push_slot_past_its_wal(plan: MovePlan) -> None:
     raise AssertionError(f"the slot was not invalidated: {_slot_status(plan)}")
 
 
+def _lose_the_slot(world: World, silo: Silo, plan: MovePlan) -> None:
+    """Disable the subscription (nothing advances the slot), then make the source invalidate the slot."""
+    _subscription(silo, plan, enabled=False)
+    deadline = time.monotonic() + 30
+    while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert world.endpoints.pool_admin_url is not None
+    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+        _push_slot_past_its_wal(plan)
+
+
 def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world: World, empty_silo: Silo) -> None:
     """A lost slot can never catch up: the copy and the catch-up gate say so, instead of waiting minutes."""
     a = world["A"]
@@ -729,14 +740,7 @@ def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world:
         with pytest.raises(MoveNotReadyError, match="no progress"):
             engine.wait_initial_sync(plan, stall_timeout=1.0)
         assert engine.replication_lag(plan) is not None
-        with psycopg.connect(libpq(empty_silo.side.admin_dsn), autocommit=True) as dst:
-            dst.execute(f'ALTER SUBSCRIPTION "{plan.name}" DISABLE')  # nothing advances the slot now
-        deadline = time.monotonic() + 30
-        while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert world.endpoints.pool_admin_url is not None
-        with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
-            _push_slot_past_its_wal(plan)
+        _lose_the_slot(world, empty_silo, plan)
         holder.rollback()
     started = time.monotonic()
     with pytest.raises(MoveError, match="invalidated replication slot") as lost:
@@ -789,13 +793,7 @@ def test_a_slot_lost_after_the_catch_up_gate_ends_the_final_catch_up_not_its_tim
     a = world["A"]
     plan = _replicating(world, empty_silo)
     engine.catch_up_gate(plan, backoff=())
-    _subscription(empty_silo, plan, enabled=False)  # nothing advances the slot now
-    deadline = time.monotonic() + 30
-    while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert world.endpoints.pool_admin_url is not None
-    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
-        _push_slot_past_its_wal(plan)
+    _lose_the_slot(world, empty_silo, plan)
     # The worker restarts and fails at START_REPLICATION, before any change: no apply error to see.
     _subscription(empty_silo, plan, enabled=True)
     engine.fence_source(plan)
