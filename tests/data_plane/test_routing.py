@@ -588,7 +588,6 @@ async def test_a_moving_tenant_connects_to_its_target_before_the_flip(
         assert dp_settings.silo_pool_size > 1  # else "every connection" would be the first one
 
         listing = fused(LIST_FIRST, 1)  # what GET /v1/projects ran, before the move was announced
-        assert listing in FUSED_STATEMENTS
 
         async def prepared(statements: list[str]) -> list[int]:
             # Both connections at once: each is one the prewarm opened (and warmed).
