@@ -354,7 +354,40 @@ def _slot_lag(src: psycopg.Connection[Any], plan: MovePlan) -> int | None:
             f"the source invalidated replication slot {plan.name}: it fell more than max_slot_wal_keep_size "
             "behind, and the WAL it needed is gone; start the move again (it copies afresh)"
         )
-    return None if row[1] is None else int(row[1])
+    lag = None if row[1] is None else int(row[1])
+    if row[0] == "unreserved":
+        _warn_slot_at_risk(plan.name, lag)
+    return lag
+
+
+# Slot name -> when its "at risk" warning was last logged. The slot is read
+# every 50-500 ms while a copy runs; one line per minute is enough to be seen.
+_AT_RISK_WARNED: dict[str, float] = {}
+AT_RISK_WARN_EVERY_SECONDS = 60.0
+
+
+def _warn_slot_at_risk(slot: str, lag: int | None) -> None:
+    """Say that the source will invalidate the slot at its next checkpoint, while it still can be saved.
+
+    ``unreserved`` is the last state before ``lost``: the slot is already more
+    than ``max_slot_wal_keep_size`` behind and its WAL goes at the next
+    checkpoint, which fails the move and throws its copy away. Raising the
+    setting (or lowering the pool's write load) now saves it; afterwards only a
+    fresh copy does.
+    """
+    now = time.monotonic()
+    if now - _AT_RISK_WARNED.get(slot, -AT_RISK_WARN_EVERY_SECONDS) < AT_RISK_WARN_EVERY_SECONDS:
+        return
+    if len(_AT_RISK_WARNED) > 1024:  # bounded: a long-lived worker sees many moves
+        _AT_RISK_WARNED.clear()
+    _AT_RISK_WARNED[slot] = now
+    log.warning(
+        "replication_slot_at_risk",
+        slot=slot,
+        lag_bytes=lag,
+        hint="the slot is past max_slot_wal_keep_size: the source drops its WAL at the next checkpoint "
+        "and the move fails; raise max_slot_wal_keep_size on the source to keep it",
+    )
 
 
 def replication_lag(plan: MovePlan) -> int | None:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import structlog
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
 from control_plane.moves import engine
@@ -716,6 +717,17 @@ def _push_slot_past_its_wal(plan: MovePlan) -> None:
     raise AssertionError(f"the slot was not invalidated: {_slot_status(plan)}")
 
 
+def _push_slot_past_its_keep_size(plan: MovePlan) -> None:
+    """Write and switch WAL segments, with no checkpoint, until the idle slot is past its keep size."""
+    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
+        for _ in range(10):
+            src.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
+            src.execute("SELECT pg_switch_wal()")
+            if _slot_status(plan) == ("unreserved", False):
+                return
+    raise AssertionError(f"the slot did not fall past its keep size: {_slot_status(plan)}")
+
+
 def _lose_the_slot(world: World, silo: Silo, plan: MovePlan) -> None:
     """Disable the subscription (nothing advances the slot), then make the source invalidate the slot."""
     _subscription(silo, plan, enabled=False)
@@ -784,6 +796,43 @@ def test_replication_failing_inside_the_fence_ends_the_final_catch_up_not_its_ti
     assert str(clash) in rows_of(empty_silo.side.owner_dsn, a.id)["projects"]
     _abort_leaves_the_source_authoritative(world, plan, a.id)
     assert rows_of(world.endpoints.pool_url, a.id)["projects"] >= {str(a.project_id), str(clash)}
+
+
+def test_a_slot_about_to_be_invalidated_is_warned_about_while_it_can_still_be_kept(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``unreserved``: past max_slot_wal_keep_size, its WAL goes at the next checkpoint. Said once, and the hint works."""
+    monkeypatch.setattr(engine, "_AT_RISK_WARNED", {})
+    a = world["A"]
+    plan = _replicating(world, empty_silo)
+    engine.catch_up_gate(plan, backoff=())
+    with structlog.testing.capture_logs() as logs:
+        assert engine.replication_lag(plan) is not None
+    assert not [line for line in logs if line["event"] == "replication_slot_at_risk"]  # control: a safe slot
+    _subscription(empty_silo, plan, enabled=False)
+    deadline = time.monotonic() + 30
+    while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert world.endpoints.pool_admin_url is not None
+    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+        _push_slot_past_its_keep_size(plan)
+        with structlog.testing.capture_logs() as logs:
+            engine.replication_lag(plan)
+            engine.replication_lag(plan)  # read again at once: not a second line
+        warnings = [line for line in logs if line["event"] == "replication_slot_at_risk"]
+        assert len(warnings) == 1, logs
+        assert warnings[0]["log_level"] == "warning" and warnings[0]["slot"] == plan.name
+        assert "max_slot_wal_keep_size" in warnings[0]["hint"]
+    # The setting raised again (reset: no limit) before a checkpoint: the checkpoint keeps the slot's WAL.
+    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
+        src.execute("CHECKPOINT")
+    assert _slot_status(plan) not in (("lost", False), ("unreserved", False))
+    _subscription(empty_silo, plan, enabled=True)
+    engine.catch_up_gate(plan, backoff=())
+    engine.fence_source(plan)
+    engine.final_catch_up(plan, timeout=60.0)
+    engine.verify(plan)
+    _abort_leaves_the_source_authoritative(world, plan, a.id)
 
 
 def test_a_slot_lost_after_the_catch_up_gate_ends_the_final_catch_up_not_its_timeout(
