@@ -15,6 +15,12 @@ Each check names a way systems like this one have leaked data (PITFALLS):
 * a view over tenant tables without ``security_invoker`` or a materialized view
   (both run with the owner's rights);
 * a PostgreSQL minor release older than the RLS fixes (a warning).
+
+And one durability check: a move's publication, subscription or replication
+slot that no unfinished move owns (its compensation failed, or its job was
+removed). An orphaned slot keeps every byte of WAL written after it, until
+the server's disk is full; a live move's slot past ``max_slot_wal_keep_size``
+is a warning (the server drops it at its next checkpoint, and the move fails).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import psycopg
 
 from control_plane.fleet.models import Target
 from control_plane.fleet.targets import load_targets
+from control_plane.moves.engine import MOVE_OBJECT_PREFIX, move_object_name
 from data_plane.dsn import libpq, redact
 from data_plane.secrets import SecretUnavailableError
 
@@ -102,6 +109,49 @@ SELECT DISTINCT v.oid::regclass::text, v.relkind, coalesce(v.reloptions::text, '
  WHERE v.relkind IN ('v', 'm') AND d.refobjid = ANY(%s) AND d.refobjid <> v.oid
 """
 
+# A move's objects in this database (slots of other databases on the same
+# server are theirs to report). Readable without superuser: the subscription
+# columns named here are granted to PUBLIC.
+MOVE_OBJECTS = """
+SELECT 'replication slot', slot_name::text, wal_status,
+       pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))
+  FROM pg_replication_slots WHERE database = current_database() AND starts_with(slot_name::text, %(prefix)s)
+UNION ALL
+SELECT 'publication', pubname::text, NULL, NULL FROM pg_publication WHERE starts_with(pubname::text, %(prefix)s)
+UNION ALL
+SELECT 'subscription', subname::text, NULL, NULL FROM pg_subscription
+ WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND starts_with(subname::text, %(prefix)s)
+ ORDER BY 2, 1
+"""
+
+LIVE_MOVES = "SELECT id FROM jobs WHERE kind IN ('promotion', 'demotion') AND status IN ('pending', 'running')"
+
+DROP_HINTS = {
+    "replication slot": "SELECT pg_drop_replication_slot('{name}')",
+    "publication": "DROP PUBLICATION {name}",
+    # SET (slot_name = NONE) first: DROP SUBSCRIPTION would otherwise need the
+    # source to answer, and drop the slot there itself.
+    "subscription": "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE); "
+    "DROP SUBSCRIPTION {name}",
+}
+
+
+AT_RISK = {
+    "unreserved": "replication slot is unreserved ({0.retained} behind, past max_slot_wal_keep_size): the server "
+    "drops its WAL at the next checkpoint and the move fails; raise max_slot_wal_keep_size now to keep it",
+    "lost": "replication slot is lost (past max_slot_wal_keep_size, its WAL removed): the move fails and has to be "
+    "started again",
+}
+
+
+@dataclass(frozen=True)
+class MoveObject:
+    kind: str  # 'replication slot' | 'publication' | 'subscription'
+    name: str
+    wal_status: str | None = None  # slots only
+    retained: str | None = None  # slots only: WAL the slot keeps, e.g. "12 MB"
+
 
 @dataclass
 class Finding:
@@ -119,6 +169,7 @@ class TargetReport:
     tenant_tables: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    move_objects: list[MoveObject] = field(default_factory=list)
 
 
 def _policy_is_index_friendly(expression: str | None) -> bool:
@@ -216,21 +267,67 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
                 report.findings.append(Finding("view", view, "view over tenant tables without security_invoker"))
         if not rows:
             report.findings.append(Finding("tenant_tables", name, "no table with tenant_id found"))
+        report.move_objects = _move_objects(conn)
     return report
 
 
-def _audit_target(target: Target, *, app_role: str) -> TargetReport:
+def _move_objects(conn: psycopg.Connection[Any]) -> list[MoveObject]:
+    return [MoveObject(*row) for row in conn.execute(MOVE_OBJECTS, {"prefix": MOVE_OBJECT_PREFIX}).fetchall()]
+
+
+def _live_move_names(catalog_dsn: str) -> set[str]:
+    with psycopg.connect(libpq(catalog_dsn), autocommit=True, connect_timeout=10) as conn:
+        return {move_object_name(row[0]) for row in conn.execute(LIVE_MOVES).fetchall()}
+
+
+def _still_there(dsn: str, objects: list[MoveObject]) -> list[MoveObject]:
+    """Those of ``objects`` the database still has (on error: all of them, so nothing goes unreported)."""
+    try:
+        with psycopg.connect(libpq(dsn), autocommit=True, connect_timeout=10) as conn:
+            now = {(o.kind, o.name) for o in _move_objects(conn)}
+    except psycopg.Error:
+        return objects
+    return [o for o in objects if (o.kind, o.name) in now]
+
+
+def _check_move_objects(report: TargetReport, dsn: str | None, live: set[str]) -> None:
+    """Orphaned move objects are findings; a live move's slot the server is about to drop is a warning.
+
+    The catalog is read after the databases, and an orphan candidate is looked
+    for again after that: a move's objects exist only after its job row, and
+    are dropped before the job is marked finished, so a move that starts or
+    ends while the doctor runs is never reported as an orphan.
+    """
+    orphans = [o for o in report.move_objects if o.name not in live]
+    if orphans and dsn is not None:
+        orphans = _still_there(dsn, orphans)
+    for item in orphans:
+        retained = f" and retains {item.retained} of WAL" if item.retained else ""
+        drop = DROP_HINTS[item.kind].format(name=item.name)
+        report.findings.append(
+            Finding("move_orphan", item.name, f"{item.kind} of no unfinished move{retained}; drop it with: {drop}")
+        )
+    for item in report.move_objects:
+        if item.name in live and item.wal_status in AT_RISK:
+            report.warnings.append(Finding("move_slot_at_risk", item.name, AT_RISK[item.wal_status].format(item)))
+
+
+def _audit_target(target: Target, *, app_role: str) -> tuple[TargetReport, str | None]:
     try:
         dsn = target.connect_dsn()
     except SecretUnavailableError as exc:
         report = TargetReport(name=target.name, kind=target.kind, dsn=redact(target.dsn))
         report.findings.append(Finding("reachable", target.name, f"credentials unavailable: {exc}"))
-        return report
-    return audit_database(name=target.name, kind=target.kind, dsn=dsn, app_role=app_role)
+        return report, None
+    return audit_database(name=target.name, kind=target.kind, dsn=dsn, app_role=app_role), dsn
 
 
 def run_doctor(*, catalog_dsn: str, pool_dsn: str, app_role: str) -> dict[str, Any]:
     """Audit the pool and every ready silo; return the JSON-able report."""
-    reports = [_audit_target(t, app_role=app_role) for t in load_targets(catalog_dsn, pool_dsn)]
+    audited = [_audit_target(t, app_role=app_role) for t in load_targets(catalog_dsn, pool_dsn)]
+    live = _live_move_names(catalog_dsn)  # after the databases: see _check_move_objects
+    for report, dsn in audited:
+        _check_move_objects(report, dsn, live)
+    reports = [report for report, _ in audited]
     findings = sum(len(r.findings) for r in reports)
     return {"ok": findings == 0, "findings": findings, "targets": [asdict(r) for r in reports]}

@@ -93,6 +93,17 @@ def _with_secret(dsn: str, ref: str | None) -> str:
     return with_secret(dsn, ref)
 
 
+# Every publication, subscription and replication slot a move creates is named
+# MOVE_OBJECT_PREFIX + its job id's first 24 hex digits, so that ``tenantctl
+# doctor`` can tell one that no unfinished move owns (an orphaned slot keeps
+# WAL until the source's disk is full).
+MOVE_OBJECT_PREFIX = "tc_move_"
+
+
+def move_object_name(move_id: uuid.UUID) -> str:
+    return f"{MOVE_OBJECT_PREFIX}{move_id.hex[:24]}"
+
+
 @dataclass(frozen=True)
 class MovePlan:
     move_id: uuid.UUID
@@ -105,7 +116,7 @@ class MovePlan:
     @property
     def name(self) -> str:
         """Publication, subscription and slot name (ASCII, < 64 bytes, unique per move)."""
-        return f"tc_move_{self.move_id.hex[:24]}"
+        return move_object_name(self.move_id)
 
     @property
     def new_epoch(self) -> int:

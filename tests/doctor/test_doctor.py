@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from typer.testing import CliRunner
 
+from control_plane import doctor
 from control_plane.cli import app
 from control_plane.doctor import audit_database, run_doctor
+from control_plane.moves.engine import move_object_name
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
 from data_plane.dsn import database_of, libpq, with_database
@@ -208,3 +213,130 @@ def test_cli_exit_code_and_json(endpoints: Endpoints, cli_env: None) -> None:
     dirty = runner.invoke(app, ["doctor"])
     assert dirty.exit_code == 1
     assert "rls_forced" in dirty.stdout and "public.tasks" in dirty.stdout
+
+
+@contextlib.contextmanager
+def _move_objects_on_the_pool(endpoints: Endpoints, name: str) -> Iterator[str]:
+    """A move's slot, publication and (unconnected) subscription in the pool's database, dropped afterwards."""
+    admin = endpoints.pool_admin_url
+    assert admin is not None
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+        conn.execute(f"CREATE PUBLICATION {name} FOR TABLE projects")
+        conn.execute(
+            sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (connect = false)").format(
+                sql.Identifier(name), sql.Literal(libpq(endpoints.pool_url)), sql.Identifier(name)
+            )
+        )
+    try:
+        yield admin
+    finally:
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
+                conn.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
+                conn.execute(f"DROP SUBSCRIPTION {name}")
+            conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,)
+            )
+
+
+def _move_job(world: World, status: str) -> uuid.UUID:
+    job = uuid.uuid4()
+    with world.catalog() as cat:
+        cat.execute(
+            "INSERT INTO jobs (id, kind, tenant_id, status, created_by) VALUES (%s, 'promotion', %s, %s, 'test')",
+            (job, world["A"].id, status),
+        )
+    return job
+
+
+def _doctor(endpoints: Endpoints) -> dict[str, Any]:
+    return run_doctor(catalog_dsn=endpoints.catalog_url, pool_dsn=endpoints.pool_url, app_role="tenantctl_app")
+
+
+def _pool(report: dict[str, Any]) -> dict[str, Any]:
+    return next(t for t in report["targets"] if t["kind"] == "pool")
+
+
+def test_replication_objects_no_unfinished_move_owns_are_reported_with_a_drop_that_works(world: World) -> None:
+    """An orphaned slot keeps WAL until the disk is full: the doctor names it, a running move's own objects are not."""
+    endpoints = world.endpoints
+    job = _move_job(world, "running")
+    name = move_object_name(job)
+    with _move_objects_on_the_pool(endpoints, name) as admin:
+        live = _doctor(endpoints)
+        assert live["ok"], live  # control: the objects of a running move are its own
+        kinds = {(o["kind"], o["name"]) for o in _pool(live)["move_objects"]}
+        assert kinds == {("replication slot", name), ("publication", name), ("subscription", name)}
+
+        with world.catalog() as cat:  # its compensation failed: the job is over, its objects are not
+            cat.execute("UPDATE jobs SET status = 'failed' WHERE id = %s", (job,))
+        orphaned = _doctor(endpoints)
+        assert not orphaned["ok"]
+        findings = _pool(orphaned)["findings"]
+        assert {(f["check"], f["object"]) for f in findings} == {("move_orphan", name)}
+        assert len(findings) == 3 and orphaned["findings"] == 3
+        slot = next(f["message"] for f in findings if f["message"].startswith("replication slot"))
+        assert "retains" in slot and "of WAL" in slot
+
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:  # each finding's own drop, as printed
+            for finding in sorted(findings, key=lambda f: not f["message"].startswith("subscription")):
+                for statement in finding["message"].split("drop it with: ", 1)[1].split("; "):
+                    conn.execute(statement)
+        assert _doctor(endpoints)["ok"]
+
+
+def test_a_move_that_ends_while_the_doctor_runs_is_not_an_orphan(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog is read after the databases; what a finished move dropped meanwhile is looked for again."""
+    endpoints = world.endpoints
+    job = _move_job(world, "running")
+    name = move_object_name(job)
+    read_catalog = doctor._live_move_names
+    with _move_objects_on_the_pool(endpoints, name) as admin:
+
+        def move_finishes_first(catalog_dsn: str) -> set[str]:
+            with psycopg.connect(libpq(admin), autocommit=True) as conn:  # what stop_replication does
+                conn.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
+                conn.execute(f"DROP SUBSCRIPTION {name}")
+                conn.execute(f"DROP PUBLICATION {name}")
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            with world.catalog() as cat:
+                cat.execute("UPDATE jobs SET status = 'succeeded' WHERE id = %s", (job,))
+            return read_catalog(catalog_dsn)
+
+        monkeypatch.setattr(doctor, "_live_move_names", move_finishes_first)
+        report = _doctor(endpoints)
+    assert report["ok"], report
+    assert {o["name"] for o in _pool(report)["move_objects"]} == {name}  # seen by the scan, then gone
+
+
+def _at_risk(report: dict[str, Any]) -> list[dict[str, str]]:
+    return [w for w in _pool(report)["warnings"] if w["check"] == "move_slot_at_risk"]
+
+
+def test_a_running_moves_slot_past_its_keep_size_is_a_warning(world: World) -> None:
+    endpoints = world.endpoints
+    name = move_object_name(_move_job(world, "running"))
+    with _move_objects_on_the_pool(endpoints, name) as admin:
+        assert not _at_risk(_doctor(endpoints))  # control: a slot within its keep size
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+            conn.execute("SELECT pg_reload_conf()")
+            try:
+                for _ in range(10):  # WAL past the keep size, and no checkpoint: unreserved, not yet lost
+                    conn.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
+                    conn.execute("SELECT pg_switch_wal()")
+                    status = conn.execute(
+                        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (name,)
+                    ).fetchone()
+                    if status == ("unreserved",):
+                        break
+                report = _doctor(endpoints)
+            finally:
+                conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+                conn.execute("SELECT pg_reload_conf()")
+    assert report["ok"], report  # a warning, not a finding: the move still owns its slot
+    warnings = _at_risk(report)
+    assert [w["object"] for w in warnings] == [name]
+    assert "unreserved" in warnings[0]["message"] and "max_slot_wal_keep_size" in warnings[0]["message"]
