@@ -22,6 +22,7 @@ from control_plane.stack import Endpoints
 from data_plane.dsn import database_of, libpq, with_database
 from migrations.helpers import POLICY_NAME, TENANT_PREDICATE
 from tests.harness import PgServers
+from tests.slots import push_slot_past_its_keep_size, slot_keep_size
 from tests.world import World
 
 
@@ -231,14 +232,19 @@ def _move_objects_on_the_pool(endpoints: Endpoints, name: str) -> Iterator[str]:
     try:
         yield admin
     finally:
-        with psycopg.connect(libpq(admin), autocommit=True) as conn:
-            if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
-                conn.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
-                conn.execute(f"DROP SUBSCRIPTION {name}")
-            conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,)
-            )
+        _drop_move_objects(admin, name)
+
+
+def _drop_move_objects(admin: str, name: str) -> None:
+    """What the move's stop_replication does: subscription (detached from its slot), publication, slot."""
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)).fetchone():
+            conn.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
+            conn.execute(f"DROP SUBSCRIPTION {name}")
+        conn.execute(f"DROP PUBLICATION IF EXISTS {name}")
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,)
+        )
 
 
 def _move_job(world: World, status: str) -> uuid.UUID:
@@ -296,11 +302,7 @@ def test_a_move_that_ends_while_the_doctor_runs_is_not_an_orphan(world: World, m
     with _move_objects_on_the_pool(endpoints, name) as admin:
 
         def move_finishes_first(catalog_dsn: str) -> set[str]:
-            with psycopg.connect(libpq(admin), autocommit=True) as conn:  # what stop_replication does
-                conn.execute(f"ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")
-                conn.execute(f"DROP SUBSCRIPTION {name}")
-                conn.execute(f"DROP PUBLICATION {name}")
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            _drop_move_objects(admin, name)
             with world.catalog() as cat:
                 cat.execute("UPDATE jobs SET status = 'succeeded' WHERE id = %s", (job,))
             return read_catalog(catalog_dsn)
@@ -320,22 +322,9 @@ def test_a_running_moves_slot_past_its_keep_size_is_a_warning(world: World) -> N
     name = move_object_name(_move_job(world, "running"))
     with _move_objects_on_the_pool(endpoints, name) as admin:
         assert not _at_risk(_doctor(endpoints))  # control: a slot within its keep size
-        with psycopg.connect(libpq(admin), autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-            conn.execute("SELECT pg_reload_conf()")
-            try:
-                for _ in range(10):  # WAL past the keep size, and no checkpoint: unreserved, not yet lost
-                    conn.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
-                    conn.execute("SELECT pg_switch_wal()")
-                    status = conn.execute(
-                        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (name,)
-                    ).fetchone()
-                    if status == ("unreserved",):
-                        break
-                report = _doctor(endpoints)
-            finally:
-                conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-                conn.execute("SELECT pg_reload_conf()")
+        with slot_keep_size(admin, "1MB"):
+            push_slot_past_its_keep_size(admin, name)  # and no checkpoint: unreserved, not yet lost
+            report = _doctor(endpoints)
     assert report["ok"], report  # a warning, not a finding: the move still owns its slot
     warnings = _at_risk(report)
     assert [w["object"] for w in warnings] == [name]

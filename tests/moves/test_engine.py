@@ -22,6 +22,7 @@ from control_plane.moves.engine import MovePlan
 from data_plane.dsn import libpq
 from tests.data_plane.conftest import World
 from tests.moves.conftest import Silo, catalog_flip, pool_location_id, pool_side, rows_of
+from tests.slots import push_slot_past_its_keep_size, push_slot_past_its_wal, slot_keep_size, slot_status
 
 pytestmark = pytest.mark.slow
 
@@ -683,49 +684,8 @@ def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world:
     engine.abort(plan, route_epoch=plan.epoch)
 
 
-@contextlib.contextmanager
-def _slot_keep_size(admin_dsn: str, value: str) -> Iterator[None]:
-    """``max_slot_wal_keep_size`` of the source's cluster for the block (ALTER SYSTEM, then RESET)."""
-    with psycopg.connect(libpq(admin_dsn), autocommit=True) as admin:
-        admin.execute(f"ALTER SYSTEM SET max_slot_wal_keep_size = '{value}'")
-        admin.execute("SELECT pg_reload_conf()")
-        try:
-            yield
-        finally:
-            admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-            admin.execute("SELECT pg_reload_conf()")
-
-
 def _slot_status(plan: MovePlan) -> tuple[str, bool] | None:
-    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
-        row = src.execute(
-            "SELECT wal_status, active FROM pg_replication_slots WHERE slot_name = %s", (plan.name,)
-        ).fetchone()
-    return None if row is None else (str(row[0]), bool(row[1]))
-
-
-def _push_slot_past_its_wal(plan: MovePlan) -> None:
-    """Write and switch WAL segments, then checkpoint, until the source invalidates the idle slot."""
-    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
-        for _ in range(20):
-            for _ in range(3):
-                src.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
-                src.execute("SELECT pg_switch_wal()")
-            src.execute("CHECKPOINT")
-            if _slot_status(plan) == ("lost", False):
-                return
-    raise AssertionError(f"the slot was not invalidated: {_slot_status(plan)}")
-
-
-def _push_slot_past_its_keep_size(plan: MovePlan) -> None:
-    """Write and switch WAL segments, with no checkpoint, until the idle slot is past its keep size."""
-    with psycopg.connect(libpq(plan.source.admin()), autocommit=True) as src:
-        for _ in range(10):
-            src.execute("SELECT pg_logical_emit_message(false, 'tenantctl-test', 'wal')")
-            src.execute("SELECT pg_switch_wal()")
-            if _slot_status(plan) == ("unreserved", False):
-                return
-    raise AssertionError(f"the slot did not fall past its keep size: {_slot_status(plan)}")
+    return slot_status(plan.source.admin(), plan.name)
 
 
 def _lose_the_slot(world: World, silo: Silo, plan: MovePlan) -> None:
@@ -735,8 +695,8 @@ def _lose_the_slot(world: World, silo: Silo, plan: MovePlan) -> None:
     while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert world.endpoints.pool_admin_url is not None
-    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
-        _push_slot_past_its_wal(plan)
+    with slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+        push_slot_past_its_wal(plan.source.admin(), plan.name)
 
 
 def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world: World, empty_silo: Silo) -> None:
@@ -814,8 +774,8 @@ def test_a_slot_about_to_be_invalidated_is_warned_about_while_it_can_still_be_ke
     while _slot_status(plan) != ("reserved", False) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert world.endpoints.pool_admin_url is not None
-    with _slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
-        _push_slot_past_its_keep_size(plan)
+    with slot_keep_size(world.endpoints.pool_admin_url, "1MB"):
+        push_slot_past_its_keep_size(plan.source.admin(), plan.name)
         with structlog.testing.capture_logs() as logs:
             engine.replication_lag(plan)
             engine.replication_lag(plan)  # read again at once: not a second line
