@@ -63,4 +63,7 @@ def page_of(rows: Sequence[Any], *, limit: int, model: type[M]) -> Page[M]:
     if len(ordered) > limit and items:
         last: _Keyed = items[-1]  # type: ignore[assignment]
         next_cursor = encode_cursor(last.created_at, last.id)
-    return Page[M](data=items, next_cursor=next_cursor)
+    # Not ``Page[M](...)``: parametrizing by the TypeVar builds a class at run
+    # time that pydantic caches only weakly, so it was garbage, collected and
+    # rebuilt (a model class each time) after every cyclic collection.
+    return Page(data=items, next_cursor=next_cursor)
