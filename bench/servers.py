@@ -3,11 +3,13 @@
 The baseline is the same query through a plain FastAPI + asyncpg endpoint with
 no tenancy: no token, no route lookup, no tenant transaction, connected as the
 owner (RLS bypassed). It gets the same pool size, the same response model and a
-no-op connection reset, so it is the strongest fair baseline.
+no-op connection reset, so it is the strongest fair baseline. Like tenantctl, it
+freezes what exists at start-up out of the garbage collector's reach.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import uuid
@@ -36,6 +38,7 @@ def baseline_app(dsn: str, tenant_id: uuid.UUID, pool_size: int) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state["pool"] = await asyncpg.create_pool(libpq(dsn), min_size=pool_size, max_size=pool_size, reset=_no_reset)
+        gc.freeze()  # as tenantctl does once started (DataPlaneSettings.gc_freeze): the same server settings
         yield
         await state["pool"].close()
 

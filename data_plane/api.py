@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -133,9 +134,17 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         await engines.start()
         meter.start(routes, engines)
         app.state.routes, app.state.engines = routes, engines
+        if settings.gc_freeze:
+            # The modules, app, routes and pools made so far live as long as
+            # the process. A full collection walked them all, finding nothing
+            # to free: ~55 ms in which no request progressed (a p99 of 59 ms
+            # in one fixed-rate round of bench api, against 2.3 ms in others).
+            gc.freeze()
         try:
             yield
         finally:
+            if settings.gc_freeze:
+                gc.unfreeze()  # to the collector again: nothing here outlives the app on purpose
             # Flush usage while the engines can still sample rows stored.
             await meter.close()
             await engines.close()

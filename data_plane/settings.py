@@ -171,6 +171,11 @@ class DataPlaneSettings(CommonSettings):
         default=300.0, gt=0, description="How often, at most, a tenant's stored rows are counted (when it writes)."
     )
     access_log: bool = Field(default=True, description="One structured log line per request.")
+    gc_freeze: bool = Field(
+        default=True,
+        description="Exempt what exists once the API has started from the cyclic garbage collector's full passes "
+        "(gc.freeze), so that a full pass, which stalls every request in flight, walks only newer objects.",
+    )
 
     @model_validator(mode="after")
     def _refuse_embedded_in_production(self) -> Self:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 
 from data_plane.api import create_app
@@ -117,3 +118,16 @@ async def test_tenant_requests_leave_no_reference_cycles(dp_settings: DataPlaneS
             gc.collect()
             kinds = Counter(type(obj).__qualname__ for obj in garbage)
     assert not kinds, f"requests left cyclic garbage: {kinds.most_common(10)}"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_start_up_freezes_what_exists_out_of_the_collectors_reach(
+    dp_settings: DataPlaneSettings, world: World, freeze: bool
+) -> None:
+    app = create_app(dp_settings.model_copy(update={"gc_freeze": freeze}))
+    assert gc.get_freeze_count() == 0
+    async with app.router.lifespan_context(app):
+        assert await _call(app, "GET", f"/v1/projects/{world['A'].project_id}", world["A"].token) == 200
+        frozen = gc.get_freeze_count()
+    assert (frozen > 0) is freeze
+    assert gc.get_freeze_count() == 0, "the app's shutdown gives the objects back to the collector"
