@@ -104,19 +104,24 @@ class LoadResult:
         }
 
 
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """Send one request on a keep-alive connection and read its whole response: the status."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return int(head[9:12])
+
+
 async def _worker(port: int, request: bytes, until: float, latencies: list[float], errors: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while time.perf_counter() < until:
             start = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status = await _exchange(reader, writer, request)
             latencies.append((time.perf_counter() - start) * 1000)
             if status != 200:
                 errors.append(status)
@@ -124,9 +129,13 @@ async def _worker(port: int, request: bytes, until: float, latencies: list[float
         writer.close()
 
 
-async def _load(port: int, path: str, headers: dict[str, str], seconds: float, concurrency: int) -> LoadResult:
+def _get(path: str, headers: dict[str, str]) -> bytes:
     head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = (head + "\r\n").encode()
+    return (head + "\r\n").encode()
+
+
+async def _load(port: int, path: str, headers: dict[str, str], seconds: float, concurrency: int) -> LoadResult:
+    request = _get(path, headers)
     latencies: list[float] = []
     errors: list[int] = []
     start = time.perf_counter()
@@ -137,6 +146,49 @@ async def _load(port: int, path: str, headers: dict[str, str], seconds: float, c
 
 def load(port: int, path: str, headers: dict[str, str], *, seconds: float, concurrency: int) -> LoadResult:
     return asyncio.run(_load(port, path, headers, seconds, concurrency))
+
+
+async def _paced_worker(
+    port: int, request: bytes, due: asyncio.Queue[float | None], latencies: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while (scheduled := await due.get()) is not None:
+            status = await _exchange(reader, writer, request)
+            # From when the request was due, not when a connection was free:
+            # a server that falls behind is charged the wait (no coordinated omission).
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+            if status != 200:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _load_at_rate(
+    port: int, path: str, headers: dict[str, str], rate: float, seconds: float, connections: int
+) -> LoadResult:
+    request = _get(path, headers)
+    latencies: list[float] = []
+    errors: list[int] = []
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    workers = [asyncio.create_task(_paced_worker(port, request, due, latencies, errors)) for _ in range(connections)]
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        if (wait := scheduled - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        due.put_nowait(scheduled)
+    for _ in workers:
+        due.put_nowait(None)
+    await asyncio.gather(*workers)
+    return LoadResult(len(latencies), len(errors), time.perf_counter() - start, latencies)
+
+
+def load_at_rate(
+    port: int, path: str, headers: dict[str, str], *, rate: float, seconds: float, connections: int
+) -> LoadResult:
+    """An open-loop load: ``rate`` requests a second, each sent when due on the first free connection."""
+    return asyncio.run(_load_at_rate(port, path, headers, rate, seconds, connections))
 
 
 def median(values: list[float]) -> float:
