@@ -12,7 +12,7 @@ import pytest
 
 from data_plane import metering
 from data_plane.dsn import libpq
-from data_plane.metering import UsageMeter
+from data_plane.metering import APPLICATION_NAME, UsageMeter
 from data_plane.session import TenantContext, Transaction
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
@@ -165,6 +165,46 @@ async def test_failed_flush_keeps_counts(dp_settings: DataPlaneSettings, world: 
     good._counts = meter._counts  # the same counts, now to a reachable catalog
     assert await good.flush()
     assert _usage_rows(world, a.id) == [(2, 2, None)]
+    await meter.close()
+    await good.close()
+
+
+async def test_flushes_share_one_catalog_connection(
+    dp_settings: DataPlaneSettings, world: World, pg_servers: PgServers
+) -> None:
+    """A flush reuses the last one's connection; one that broke is replaced, and no count is lost."""
+    a = world["A"]
+    meter = UsageMeter(dp_settings.app_catalog_url or "", interval=3600)
+    try:
+        meter.record(a.id, 1)
+        assert await meter.flush()
+        first = _catalog_backends(world)
+        assert len(first) == 1
+        meter.record(a.id, 1)
+        assert await meter.flush()
+        assert _catalog_backends(world) == first, "the second flush used the first one's connection"
+        # The connection breaks (a catalog restart, a proxy's idle timeout).
+        with psycopg.connect(libpq(pg_servers.main_admin), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", (first,))
+        meter.record(a.id, 1)
+        flushed = await meter.flush() or await meter.flush()  # a failed flush keeps its counts for the next
+        assert flushed
+        assert _usage_rows(world, a.id) == [(3, 3, None)]
+        assert len(_catalog_backends(world)) == 1
+    finally:
+        await meter.close()
+    assert _catalog_backends(world) == [], "close() closes the connection"
+
+
+def _catalog_backends(world: World) -> list[int]:
+    """Backends of the meter's catalog connection."""
+    with world.catalog() as catalog:
+        rows = catalog.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s"
+            " ORDER BY pid",
+            (APPLICATION_NAME,),
+        ).fetchall()
+    return [pid for (pid,) in rows]
 
 
 def test_application_role_cannot_read_other_catalog_tables(world: World, dp_settings: DataPlaneSettings) -> None:
