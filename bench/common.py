@@ -104,8 +104,15 @@ class LoadResult:
         }
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
-    """Send one request on a keep-alive connection and read its whole response: the status."""
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: bytes,
+    since: float,
+    latencies: list[float],
+    errors: list[int],
+) -> None:
+    """One request on a keep-alive connection, its whole response read: its latency from ``since``."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
@@ -113,18 +120,16 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
     await reader.readexactly(length)
-    return int(head[9:12])
+    latencies.append((time.perf_counter() - since) * 1000)
+    if (status := int(head[9:12])) != 200:
+        errors.append(status)
 
 
 async def _worker(port: int, request: bytes, until: float, latencies: list[float], errors: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while time.perf_counter() < until:
-            start = time.perf_counter()
-            status = await _exchange(reader, writer, request)
-            latencies.append((time.perf_counter() - start) * 1000)
-            if status != 200:
-                errors.append(status)
+            await _exchange(reader, writer, request, time.perf_counter(), latencies, errors)
     finally:
         writer.close()
 
@@ -154,12 +159,9 @@ async def _paced_worker(
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while (scheduled := await due.get()) is not None:
-            status = await _exchange(reader, writer, request)
             # From when the request was due, not when a connection was free:
             # a server that falls behind is charged the wait (no coordinated omission).
-            latencies.append((time.perf_counter() - scheduled) * 1000)
-            if status != 200:
-                errors.append(status)
+            await _exchange(reader, writer, request, scheduled, latencies, errors)
     finally:
         writer.close()
 
