@@ -101,17 +101,18 @@ async def test_tenant_requests_leave_no_reference_cycles(dp_settings: DataPlaneS
     async with app.router.lifespan_context(app):
         for _ in range(3):  # warm-up: caches, pools, prepared statements, first-use imports
             warm = await _requests(app, world)
-        assert dict(warm) == {
-            "get": 200,
-            "list": 200,
-            "tasks": 200,
-            "me": 200,
-            "create": 201,
-            "patch": 200,
-            "missing": 404,
-            "invalid": 422,
-            "forged": 401,
-        }
+        # The same answers for the pool tenant and the silo tenant, in order.
+        assert warm == 2 * [
+            ("create", 201),
+            ("get", 200),
+            ("list", 200),
+            ("tasks", 200),
+            ("me", 200),
+            ("patch", 200),
+            ("missing", 404),
+            ("invalid", 422),
+            ("forged", 401),
+        ]
         with _collector_kept() as garbage:
             for _ in range(20):
                 await _requests(app, world)
