@@ -190,10 +190,20 @@ async def test_flushes_share_one_catalog_connection(
         flushed = await meter.flush() or await meter.flush()  # a failed flush keeps its counts for the next
         assert flushed
         assert _usage_rows(world, a.id) == [(3, 3, None)]
-        assert len(_catalog_backends(world)) == 1
+        assert len(await _settled_backends(world, expect=1)) == 1
     finally:
         await meter.close()
-    assert _catalog_backends(world) == [], "close() closes the connection"
+    assert await _settled_backends(world, expect=0) == [], "close() closes the connection"
+
+
+async def _settled_backends(world: World, *, expect: int) -> list[int]:
+    """:func:`_catalog_backends`, given a closed or terminated backend up to 5 s to exit (it does so asynchronously)."""
+    for _ in range(50):
+        backends = _catalog_backends(world)
+        if len(backends) == expect:
+            break
+        await asyncio.sleep(0.1)
+    return backends
 
 
 def _catalog_backends(world: World) -> list[int]:
