@@ -20,43 +20,49 @@ from bench.servers import app_for
 WARM_UP = 200
 
 
-def _scope(path: str, token: str) -> dict[str, Any]:
+def scope_of(path: str, token: str, *, method: str = "GET", body: bytes = b"") -> dict[str, Any]:
+    """The ASGI scope of one tenant API request (``path`` may carry a query string)."""
+    path, _, query = path.partition("?")
+    headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())]
+    if body:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())],
+        "headers": headers,
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
 
 
-async def _request(app: FastAPI, scope: dict[str, Any]) -> None:
+async def call(app: FastAPI, scope: dict[str, Any], body: bytes = b"") -> int:
+    """Run one request through ``app`` (a copy of ``scope``, which the app may change): its status."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     await app(dict(scope), receive, send)
-    if sent[0]["status"] != 200:
-        raise RuntimeError(f"the benchmark request failed: {sent}")
+    return int(sent[0]["status"])
 
 
 async def _drive(kind: str, count: int) -> None:
     app = app_for(kind)
-    scope = _scope(os.environ["BENCH_DRIVER_PATH"], os.environ["BENCH_DRIVER_TOKEN"])
+    scope = scope_of(os.environ["BENCH_DRIVER_PATH"], os.environ["BENCH_DRIVER_TOKEN"])
     async with app.router.lifespan_context(app):
         for _ in range(WARM_UP + count):
-            await _request(app, scope)
+            if (status := await call(app, scope)) != 200:
+                raise RuntimeError(f"the benchmark request failed: {status}")
 
 
 if __name__ == "__main__":

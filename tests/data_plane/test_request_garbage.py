@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from bench.asgi_driver import call, scope_of
 from data_plane.api import create_app
 from data_plane.settings import DataPlaneSettings
 from tests.data_plane.conftest import World
@@ -31,34 +32,7 @@ from tests.data_plane.conftest import World
 
 async def _call(app: FastAPI, method: str, path: str, token: str, body: Any = None) -> int:
     payload = b"" if body is None else json.dumps(body).encode()
-    headers = [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())]
-    if body is not None:
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": payload, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return int(sent[0]["status"])
+    return await call(app, scope_of(path, token, method=method, body=payload), payload)
 
 
 async def _requests(app: FastAPI, world: World) -> list[tuple[str, int]]:
