@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel
 
 from data_plane.auth import TokenVerifier
-from data_plane.dependencies import Tenant
+from data_plane.dependencies import Tenant, TenantRoute
 from data_plane.exceptions import ERROR_RESPONSES, install_error_handlers
 from data_plane.limits import Quotas, TenantRateLimiter
 from data_plane.logs import configure_logging
@@ -157,6 +157,8 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         responses=ERROR_RESPONSES,
         telemetry=settings.fastapi_telemetry,
     )
+    # Routes declared on the app itself (/v1/me) solve Tenant the fast way too.
+    app.router.route_class = TenantRoute
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.limiter = limiter

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from starlette.types import Scope
 
 from data_plane.auth import TokenVerifier, bearer_token
 from data_plane.limits import Quotas, TenantRateLimiter
 from data_plane.routing import EngineRegistry, RouteDirectory
 from data_plane.session import TenantContext
+
+# Where TenantRoute keeps the tenant it solved (the ASGI scope is the server's, never the client's).
+_PRESOLVED = "tenantctl.tenant"
+_REQUEST = "_tenantctl_request"
 
 
 def authorization_of(scope: Scope) -> str | None:
@@ -29,6 +39,9 @@ async def tenant_context(request: Request) -> TenantContext:
     microseconds per request on the hot path. The bearer scheme is declared for
     OpenAPI in ``data_plane.api``.
     """
+    presolved: TenantContext | None = request.scope.get(_PRESOLVED)
+    if presolved is not None:
+        return presolved  # solved by TenantRoute for this request
     state = request.app.state
     verifier: TokenVerifier = state.verifier
     directory: RouteDirectory = state.routes
@@ -47,6 +60,90 @@ async def tenant_context(request: Request) -> TenantContext:
 
 
 Tenant = Annotated[TenantContext, Depends(tenant_context)]
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class TenantRoute(APIRoute):
+    """An ``APIRoute`` that solves its endpoint's ``Tenant`` itself, before FastAPI's solver runs.
+
+    FastAPI solves a sub-dependency by recursing into its solver, which walks
+    the sub-dependency's (empty) parameter lists and recomputes its cache key
+    on every request: ~54,000 of the ~840,000 instructions of
+    ``GET /v1/projects/{id}`` (``bench api_instructions``), for a dependency
+    whose only parameter is the request. This route class hands FastAPI a
+    copy of the endpoint's dependant without that sub-dependency, solves the
+    tenant first and passes it to the endpoint as the same parameter.
+
+    Resources keep declaring ``tenant: Tenant``; nothing else changes:
+
+    * it fails closed: an endpoint on a router without this class, or one
+      this class does not take over (a plain ``def`` endpoint), has its
+      ``Tenant`` solved by FastAPI as before -- slower, equally checked;
+    * the tenant is solved before anything else of the request, as FastAPI
+      solves sub-dependencies first; that now includes reading the body, so an
+      unauthenticated request learns nothing from a 422 about its body;
+    * a dependency that itself depends on ``Tenant`` gets this same context
+      (``tenant_context`` returns the one solved for the request), just as
+      FastAPI's per-request dependency cache would give it: one verification,
+      one rate-limit hit;
+    * ``app.dependency_overrides[tenant_context]`` is honoured: with an
+      override the request takes FastAPI's own path.
+    """
+
+    def get_route_handler(self) -> Handler:
+        full = super().get_route_handler()
+        served = self.dependant
+        lean = _without_tenant(served)
+        if lean is None:
+            return full
+        self.dependant = lean  # the handler is built from it; routing and OpenAPI keep the full one
+        try:
+            handler = super().get_route_handler()
+        finally:
+            self.dependant = served
+        provider = self.dependency_overrides_provider
+
+        async def handle(request: Request) -> Response:
+            if provider is not None and tenant_context in getattr(provider, "dependency_overrides", {}):
+                return await full(request)
+            request.scope[_PRESOLVED] = await tenant_context(request)
+            return await handler(request)
+
+        return handle
+
+
+def _without_tenant(dependant: Dependant) -> Dependant | None:
+    """``dependant`` without its direct ``Tenant`` sub-dependency, its endpoint given the tenant from the scope.
+
+    None when there is nothing to take over: no direct ``Tenant``, or an
+    endpoint FastAPI would run in a worker thread (not a coroutine function).
+    """
+    endpoint = dependant.call
+    if endpoint is None or not inspect.iscoroutinefunction(endpoint):
+        return None
+    tenants = [sub for sub in dependant.dependencies if sub.call is tenant_context]
+    if not tenants:
+        return None
+    names = [sub.name for sub in tenants if sub.name is not None]
+    own_request = dependant.request_param_name
+
+    @functools.wraps(endpoint)
+    async def call(**values: Any) -> Any:
+        request: Request = values.pop(_REQUEST)
+        if own_request is not None:
+            values[own_request] = request
+        tenant = request.scope[_PRESOLVED]
+        for name in names:
+            values[name] = tenant
+        return await endpoint(**values)
+
+    return dataclasses.replace(
+        dependant,
+        dependencies=[sub for sub in dependant.dependencies if sub.call is not tenant_context],
+        call=call,
+        request_param_name=_REQUEST,
+    )
 
 
 async def quotas(request: Request) -> Quotas:

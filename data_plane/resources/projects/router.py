@@ -6,13 +6,13 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from data_plane.dependencies import Tenant, TierQuotas
+from data_plane.dependencies import Tenant, TenantRoute, TierQuotas
 from data_plane.exceptions import ERROR_RESPONSES
 from data_plane.pagination import DEFAULT_LIMIT, Cursor, Limit, Page, decode_cursor, page_of
 from data_plane.resources.projects import service
 from data_plane.resources.projects.schemas import Project, ProjectCreate, ProjectUpdate
 
-router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=ERROR_RESPONSES, route_class=TenantRoute)
 
 
 @router.get("")

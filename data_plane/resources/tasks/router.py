@@ -6,13 +6,13 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from data_plane.dependencies import Tenant
+from data_plane.dependencies import Tenant, TenantRoute
 from data_plane.exceptions import ERROR_RESPONSES
 from data_plane.pagination import DEFAULT_LIMIT, Cursor, Limit, Page, decode_cursor, page_of
 from data_plane.resources.tasks import service
 from data_plane.resources.tasks.schemas import Task, TaskCreate, TaskUpdate
 
-router = APIRouter(tags=["tasks"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["tasks"], responses=ERROR_RESPONSES, route_class=TenantRoute)
 
 
 @router.get("/v1/projects/{project_id}/tasks")

@@ -1,0 +1,123 @@
+"""``TenantRoute`` solves ``Tenant`` itself: the same answers as FastAPI's solver, one verification each.
+
+Every probe endpoint is declared twice: on a ``TenantRoute`` (the tenant API's
+route class) and on a plain ``APIRoute``, whose ``Tenant`` FastAPI solves. Both
+must authenticate (the plain one is the fail-closed control) and answer alike.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.routing import APIRoute
+
+from data_plane.api import create_app
+from data_plane.dependencies import Tenant, TenantRoute, tenant_context
+from data_plane.session import TenantContext
+from data_plane.settings import DataPlaneSettings
+from tests.conftest import asgi_client
+from tests.data_plane.conftest import World
+
+ROUTE_CLASSES = {"fast": TenantRoute, "plain": APIRoute}
+
+
+async def tenant_slug(tenant: Tenant) -> str:
+    """A dependency that depends on ``Tenant`` too: it must see the endpoint's own context."""
+    return str(tenant.tenant_id)
+
+
+def probe_app(settings: DataPlaneSettings) -> FastAPI:
+    app = create_app(settings)
+
+    async def probe(tenant: Tenant, request: Request, seen_by_dependency: Annotated[str, Depends(tenant_slug)]) -> Any:
+        return {
+            "tenant_id": str(tenant.tenant_id),
+            "same_context": seen_by_dependency == str(tenant.tenant_id),
+            "path": request.url.path,
+        }
+
+    async def guarded() -> Any:
+        return {"ok": True}
+
+    for kind, route_class in ROUTE_CLASSES.items():
+        app.router.add_api_route(f"/v1/_probe/{kind}", probe, route_class_override=route_class)
+        app.router.add_api_route(
+            f"/v1/_guarded/{kind}", guarded, dependencies=[Depends(tenant_context)], route_class_override=route_class
+        )
+    return app
+
+
+@pytest.fixture
+async def probe_client(dp_settings: DataPlaneSettings, world: World) -> Any:
+    async for client in asgi_client(probe_app(dp_settings)):
+        yield client
+
+
+def test_every_tenant_route_of_the_api_is_a_tenant_route(dp_settings: DataPlaneSettings) -> None:
+    """A tenant route left on a plain APIRoute would still be checked, only slower: this keeps them fast."""
+    app = create_app(dp_settings)
+    tenant_routes = [
+        route
+        for route in app.routes
+        if isinstance(route, APIRoute) and any(sub.call is tenant_context for sub in route.dependant.dependencies)
+    ]
+    assert len(tenant_routes) >= 11  # /v1/me, projects and tasks
+    assert [route.path for route in tenant_routes if not isinstance(route, TenantRoute)] == []
+
+
+@pytest.mark.parametrize("kind", ROUTE_CLASSES)
+async def test_both_route_classes_give_the_token_tenant_and_refuse_a_forged_token(
+    probe_client: httpx.AsyncClient, world: World, kind: str
+) -> None:
+    a = world["A"]
+    allowed = await probe_client.get(f"/v1/_probe/{kind}", headers=a.headers)
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json() == {"tenant_id": str(a.id), "same_context": True, "path": f"/v1/_probe/{kind}"}
+    guarded = await probe_client.get(f"/v1/_guarded/{kind}", headers=a.headers)
+    assert guarded.status_code == 200, guarded.text
+
+    forged = {"Authorization": f"Bearer {a.token[:-4]}AAAA"}
+    for path in (f"/v1/_probe/{kind}", f"/v1/_guarded/{kind}"):
+        denied = await probe_client.get(path, headers=forged)
+        assert denied.status_code == 401, denied.text
+        assert set(denied.json()["error"]) == {"code", "message"}
+        assert str(a.id) not in denied.text
+        assert (await probe_client.get(path)).status_code == 401  # no token at all
+
+
+async def test_a_dependency_on_tenant_shares_one_verification(dp_settings: DataPlaneSettings, world: World) -> None:
+    """One request, one rate-limit hit, though both the endpoint and its dependency ask for ``Tenant``."""
+    a = world["A"]
+    app = probe_app(dp_settings.model_copy(update={"rate_limits": {"standard": "3/minute"}}))
+    async for client in asgi_client(app):
+        statuses = [(await client.get("/v1/_probe/fast", headers=a.headers)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+
+
+async def test_an_unauthenticated_request_learns_nothing_about_its_body(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    broken = {"content-type": "application/json"}
+    forged = broken | {"Authorization": f"Bearer {world['A'].token[:-4]}AAAA"}
+    denied = await client.post("/v1/projects", headers=forged, content=b'{"name": ')
+    assert denied.status_code == 401, denied.text
+    # Control: the same body from the tenant itself is a validation error.
+    invalid = await client.post("/v1/projects", headers=broken | world["A"].headers, content=b'{"name": ')
+    assert invalid.status_code == 422, invalid.text
+
+
+async def test_an_override_of_tenant_context_is_honoured(dp_settings: DataPlaneSettings, world: World) -> None:
+    app = create_app(dp_settings)
+
+    async def refuse_everyone() -> TenantContext:
+        raise HTTPException(418, "overridden")
+
+    app.dependency_overrides[tenant_context] = refuse_everyone
+    async for client in asgi_client(app):
+        assert (await client.get("/v1/me", headers=world["A"].headers)).status_code == 418
+        app.dependency_overrides.clear()
+        # Control: without the override the tenant's own request is served.
+        assert (await client.get("/v1/me", headers=world["A"].headers)).status_code == 200
