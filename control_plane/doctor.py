@@ -21,10 +21,16 @@ slot that no unfinished move owns (its compensation failed, or its job was
 removed). An orphaned slot keeps every byte of WAL written after it, until
 the server's disk is full; a live move's slot past ``max_slot_wal_keep_size``
 is a warning (the server drops it at its next checkpoint, and the move fails).
+That includes the slots of a move's table syncs (``pg_<subscription oid>_sync_
+<table oid>_<subscriber's system identifier>``), which survive their
+subscription when it is dropped detached from its slot, as a move's teardown
+(and the doctor's own hint) drops it: each is traced by name to its
+subscription on the audited server with that system identifier.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,6 +84,9 @@ SELECT a.attname FROM pg_attribute a, aclexplode(a.attacl) acl
    AND acl.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s)
 """
 
+# The release, and the system identifier a table-sync slot's name refers to.
+SERVER = "SELECT current_setting('server_version_num')::int, system_identifier FROM pg_control_system()"
+
 ROLE = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
 
 # Every role the app role can SET ROLE to (directly or through other roles),
@@ -117,6 +126,10 @@ SELECT 'replication slot', slot_name::text, wal_status,
        pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))
   FROM pg_replication_slots WHERE database = current_database() AND starts_with(slot_name::text, %(prefix)s)
 UNION ALL
+SELECT 'table-sync slot', slot_name::text, wal_status,
+       pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))
+  FROM pg_replication_slots WHERE database = current_database() AND slot_name::text ~ %(sync)s
+UNION ALL
 SELECT 'publication', pubname::text, NULL, NULL FROM pg_publication WHERE starts_with(pubname::text, %(prefix)s)
 UNION ALL
 SELECT 'subscription', subname::text, NULL, NULL FROM pg_subscription
@@ -125,10 +138,21 @@ SELECT 'subscription', subname::text, NULL, NULL FROM pg_subscription
  ORDER BY 2, 1
 """
 
+# How PostgreSQL names a table sync's slot (ReplicationSlotNameForTablesync).
+TABLE_SYNC_SLOT = re.compile(r"^pg_(\d+)_sync_(\d+)_(\d+)$")
+
+# The server's system identifier and every subscription on it: pg_subscription
+# is shared by all databases of a server (oid and subname are readable by all).
+SUBSCRIPTIONS = """
+SELECT c.system_identifier::text, s.oid::bigint, s.subname::text
+  FROM pg_control_system() c LEFT JOIN pg_subscription s ON true
+"""
+
 LIVE_MOVES = "SELECT id FROM jobs WHERE kind IN ('promotion', 'demotion') AND status IN ('pending', 'running')"
 
 DROP_HINTS = {
     "replication slot": "SELECT pg_drop_replication_slot('{name}')",
+    "table-sync slot": "SELECT pg_drop_replication_slot('{name}')",
     "publication": "DROP PUBLICATION {name}",
     # SET (slot_name = NONE) first: DROP SUBSCRIPTION would otherwise need the
     # source to answer, and drop the slot there itself.
@@ -147,7 +171,7 @@ AT_RISK = {
 
 @dataclass(frozen=True)
 class MoveObject:
-    kind: str  # 'replication slot' | 'publication' | 'subscription'
+    kind: str  # 'replication slot' | 'table-sync slot' | 'publication' | 'subscription'
     name: str
     wal_status: str | None = None  # slots only
     retained: str | None = None  # slots only: WAL the slot keeps, e.g. "12 MB"
@@ -166,6 +190,7 @@ class TargetReport:
     kind: str
     dsn: str
     server_version: str | None = None
+    system_identifier: str | None = None  # of the server: what a table-sync slot's name refers to
     tenant_tables: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
@@ -237,7 +262,9 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
         report.findings.append(Finding("reachable", name, f"cannot connect: {exc}".splitlines()[0]))
         return report
     with conn:
-        version_num = int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+        server = conn.execute(SERVER).fetchone()
+        assert server is not None
+        version_num, report.system_identifier = int(server[0]), str(server[1])
         major, minor = version_num // 10000, version_num % 100
         report.server_version = f"{major}.{minor}"
         if major in FIXED_MINORS and minor < FIXED_MINORS[major]:
@@ -272,7 +299,32 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
 
 
 def _move_objects(conn: psycopg.Connection[Any]) -> list[MoveObject]:
-    return [MoveObject(*row) for row in conn.execute(MOVE_OBJECTS, {"prefix": MOVE_OBJECT_PREFIX}).fetchall()]
+    params = {"prefix": MOVE_OBJECT_PREFIX, "sync": TABLE_SYNC_SLOT.pattern}
+    return [MoveObject(*row) for row in conn.execute(MOVE_OBJECTS, params).fetchall()]
+
+
+# Subscriptions by server (system identifier), then by oid.
+Subscribers = dict[str, dict[int, str]]
+
+
+def _subscribers(dsns: dict[str, str]) -> Subscribers:
+    """Every subscription of each audited server (one database per server: ``dsns`` by system identifier).
+
+    A server that cannot be read now is left out: its table-sync slots are
+    then unattributed (a warning), never orphans on a guess.
+    """
+    found: Subscribers = {}
+    for dsn in dsns.values():
+        try:
+            with psycopg.connect(libpq(dsn), autocommit=True, connect_timeout=10) as conn:
+                rows = conn.execute(SUBSCRIPTIONS).fetchall()
+        except psycopg.Error:
+            continue
+        for server, oid, name in rows:
+            subscriptions = found.setdefault(server, {})
+            if oid is not None:
+                subscriptions[int(oid)] = name
+    return found
 
 
 def _live_move_names(catalog_dsn: str) -> set[str]:
@@ -290,25 +342,74 @@ def _still_there(dsn: str, objects: list[MoveObject]) -> list[MoveObject]:
     return [o for o in objects if (o.kind, o.name) in now]
 
 
-def _check_move_objects(report: TargetReport, dsn: str | None, live: set[str]) -> None:
+def _table_sync_owner(name: str, subscribers: Subscribers, live: set[str]) -> tuple[str, str]:
+    """Whose table-sync slot ``name`` is: a verdict and, for a slot no live move owns, its description.
+
+    ``live``: a running move's subscription owns it; ``foreign``: a subscription
+    that is not a move's; ``orphan``: a move's subscription, of no unfinished
+    move; ``gone``: its subscription no longer exists; ``unknown``: its
+    subscriber is a server the doctor does not audit.
+    """
+    match = TABLE_SYNC_SLOT.match(name)
+    assert match is not None  # the query selects only names of this form
+    oid, server = int(match.group(1)), match.group(3)
+    subscriptions = subscribers.get(server)
+    if subscriptions is None:
+        return "unknown", f"of a subscription on a server the doctor does not audit (system identifier {server})"
+    subscription = subscriptions.get(oid)
+    if subscription is None:
+        return "gone", f"of a subscription that no longer exists (oid {oid} on the server {server})"
+    if not subscription.startswith(MOVE_OBJECT_PREFIX):
+        return "foreign", ""
+    if subscription in live:
+        return "live", ""
+    return "orphan", f"of subscription {subscription}, of no unfinished move"
+
+
+def _check_move_objects(report: TargetReport, dsn: str | None, live: set[str], subscribers: Subscribers) -> None:
     """Orphaned move objects are findings; a live move's slot the server is about to drop is a warning.
 
     The catalog is read after the databases, and an orphan candidate is looked
     for again after that: a move's objects exist only after its job row, and
     are dropped before the job is marked finished, so a move that starts or
-    ends while the doctor runs is never reported as an orphan.
+    ends while the doctor runs is never reported as an orphan. A table-sync
+    slot whose subscription is gone, or is on a server not audited, cannot be
+    traced to a move: while any move runs it is a warning (it may be that
+    move's, being dropped), otherwise a finding.
     """
-    orphans = [o for o in report.move_objects if o.name not in live]
-    if orphans and dsn is not None:
-        orphans = _still_there(dsn, orphans)
-    for item in orphans:
+    candidates: list[tuple[MoveObject, str]] = []
+    owned: list[MoveObject] = []
+    for item in report.move_objects:
+        if item.kind != "table-sync slot":
+            if item.name in live:
+                owned.append(item)
+            else:
+                candidates.append((item, f"{item.kind} of no unfinished move"))
+            continue
+        verdict, whose = _table_sync_owner(item.name, subscribers, live)
+        if verdict == "live":
+            owned.append(item)
+        elif verdict == "orphan" or (verdict in ("gone", "unknown") and not live):
+            candidates.append((item, f"table-sync slot {whose}"))
+        elif verdict != "foreign":
+            drop = DROP_HINTS[item.kind].format(name=item.name)
+            report.warnings.append(
+                Finding(
+                    "table_sync_slot_unattributed",
+                    item.name,
+                    f"table-sync slot {whose}, seen while a move runs: if it is still there once no move runs, "
+                    f"drop it with: {drop}",
+                )
+            )
+    if candidates and dsn is not None:
+        still = set(_still_there(dsn, [item for item, _ in candidates]))
+        candidates = [(item, what) for item, what in candidates if item in still]
+    for item, what in candidates:
         retained = f" and retains {item.retained} of WAL" if item.retained else ""
         drop = DROP_HINTS[item.kind].format(name=item.name)
-        report.findings.append(
-            Finding("move_orphan", item.name, f"{item.kind} of no unfinished move{retained}; drop it with: {drop}")
-        )
-    for item in report.move_objects:
-        if item.name in live and item.wal_status in AT_RISK:
+        report.findings.append(Finding("move_orphan", item.name, f"{what}{retained}; drop it with: {drop}"))
+    for item in owned:
+        if item.wal_status in AT_RISK:
             report.warnings.append(Finding("move_slot_at_risk", item.name, AT_RISK[item.wal_status].format(item)))
 
 
@@ -325,9 +426,12 @@ def _audit_target(target: Target, *, app_role: str) -> tuple[TargetReport, str |
 def run_doctor(*, catalog_dsn: str, pool_dsn: str, app_role: str) -> dict[str, Any]:
     """Audit the pool and every ready silo; return the JSON-able report."""
     audited = [_audit_target(t, app_role=app_role) for t in load_targets(catalog_dsn, pool_dsn)]
+    # After the databases, whose slots name the subscriptions: a subscription
+    # seen missing here was dropped after its slot was listed.
+    subscribers = _subscribers({r.system_identifier: dsn for r, dsn in audited if r.system_identifier and dsn})
     live = _live_move_names(catalog_dsn)  # after the databases: see _check_move_objects
     for report, dsn in audited:
-        _check_move_objects(report, dsn, live)
+        _check_move_objects(report, dsn, live, subscribers)
     reports = [report for report, _ in audited]
     findings = sum(len(r.findings) for r in reports)
     return {"ok": findings == 0, "findings": findings, "targets": [asdict(r) for r in reports]}

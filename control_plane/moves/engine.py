@@ -687,21 +687,35 @@ def _drop_slot(admin_dsn: str, slot: str, *, like: bool = False) -> int:
     return len(rows)
 
 
+def table_sync_slots(subid: int, subscriber: int) -> str:
+    """The LIKE pattern of the table-sync slots of subscription ``subid`` on the cluster ``subscriber``.
+
+    PostgreSQL names them ``pg_<subscription oid>_sync_<table oid>_<system identifier>``.
+    """
+    return f"pg\\_{subid}\\_sync\\_%\\_{subscriber}"
+
+
 def stop_replication(plan: MovePlan) -> None:
     """Drop subscription, publication and every slot of this move (no orphan slot fills a disk)."""
     from control_plane.moves.verify import drop_tracking  # verify builds on this module
 
     drop_tracking(plan)
     with connect(plan.target.admin(), autocommit=True) as dst:
-        row = dst.execute("SELECT oid FROM pg_subscription WHERE subname = %s", (plan.name,)).fetchone()
+        row = dst.execute(
+            "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
+            (plan.name,),
+        ).fetchone()
         if row is not None:
-            subid = int(row[0])
+            subid, subscriber = int(row[0]), int(row[1])
             dst.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(plan.name)))
             # Detach the slot and drop it ourselves: DROP SUBSCRIPTION would
             # otherwise fail outright when the source is unreachable.
             dst.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(sql.Identifier(plan.name)))
             dst.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(plan.name)))
-            _drop_slot(plan.source.admin(), f"pg\\_{subid}\\_sync\\_%", like=True)
+            # Its table syncs' slots, named pg_<subscription oid>_sync_<table oid>_<subscriber's
+            # system identifier>: the identifier too, since another cluster's subscription
+            # (a concurrent move to another silo server) can have the same oid.
+            _drop_slot(plan.source.admin(), table_sync_slots(subid, subscriber), like=True)
     _drop_slot(plan.source.admin(), plan.name)
     with connect(plan.source.owner(), autocommit=True) as src:
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(plan.name)))

@@ -329,3 +329,111 @@ def test_a_running_moves_slot_past_its_keep_size_is_a_warning(world: World) -> N
     warnings = _at_risk(report)
     assert [w["object"] for w in warnings] == [name]
     assert "unreserved" in warnings[0]["message"] and "max_slot_wal_keep_size" in warnings[0]["message"]
+
+
+def _server(dsn: str) -> str:
+    """The system identifier of ``dsn``'s server: what a table-sync slot's name ends with."""
+    with psycopg.connect(libpq(dsn)) as conn:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _subscription_oid(admin: str, name: str) -> int:
+    with psycopg.connect(libpq(admin)) as conn:
+        row = conn.execute("SELECT oid::bigint FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@contextlib.contextmanager
+def _table_sync_slot(admin: str, subscription_oid: int, server: str) -> Iterator[str]:
+    """A slot named as PostgreSQL names a table sync's, in the pool's database; dropped afterwards."""
+    name = f"pg_{subscription_oid}_sync_16384_{server}"
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    try:
+        yield name
+    finally:
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,)
+            )
+
+
+def _findings(report: dict[str, Any]) -> dict[str, str]:
+    return {f["object"]: f["message"] for f in _pool(report)["findings"] if f["check"] == "move_orphan"}
+
+
+def test_a_moves_table_sync_slot_is_traced_to_its_subscription(world: World) -> None:
+    """A table sync's slot outlives a subscription dropped detached from its slot: it is the move's, by name."""
+    endpoints = world.endpoints
+    job = _move_job(world, "running")
+    name = move_object_name(job)
+    admin = endpoints.pool_admin_url
+    assert admin is not None
+    with (
+        _move_objects_on_the_pool(endpoints, name),
+        _table_sync_slot(admin, _subscription_oid(admin, name), _server(admin)) as sync,
+    ):
+        live = _doctor(endpoints)
+        assert live["ok"], live  # control: a running move's table sync
+        assert ("table-sync slot", sync) in {(o["kind"], o["name"]) for o in _pool(live)["move_objects"]}
+
+        with world.catalog() as cat:
+            cat.execute("UPDATE jobs SET status = 'failed' WHERE id = %s", (job,))
+        orphaned = _findings(_doctor(endpoints))
+        assert set(orphaned) == {name, sync}
+        assert orphaned[sync].startswith(f"table-sync slot of subscription {name}, of no unfinished move")
+        assert "retains" in orphaned[sync]
+
+        # The subscription's own drop (detached from its slot) leaves the sync slot; its drop removes it.
+        _drop_move_objects(admin, name)
+        assert set(_findings(_doctor(endpoints))) == {sync}
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            conn.execute(orphaned[sync].split("drop it with: ", 1)[1])
+        assert _doctor(endpoints)["ok"]
+
+
+def test_a_table_sync_slot_of_no_subscription_is_an_orphan_once_no_move_runs(world: World) -> None:
+    endpoints = world.endpoints
+    admin = endpoints.pool_admin_url
+    assert admin is not None
+    job = _move_job(world, "running")
+    with (
+        _table_sync_slot(admin, 4_000_000_000, _server(admin)) as gone,
+        _table_sync_slot(admin, 16_500, "1234567890123456789") as elsewhere,
+    ):
+        running = _doctor(endpoints)
+        assert running["ok"], running  # while a move runs, it may be that move's, being dropped
+        warned = {w["object"] for w in _pool(running)["warnings"] if w["check"] == "table_sync_slot_unattributed"}
+        assert warned == {gone, elsewhere}
+
+        with world.catalog() as cat:
+            cat.execute("UPDATE jobs SET status = 'succeeded' WHERE id = %s", (job,))
+        findings = _findings(_doctor(endpoints))
+        assert set(findings) == {gone, elsewhere}
+        assert "no longer exists (oid 4000000000" in findings[gone]
+        assert "server the doctor does not audit (system identifier 1234567890123456789)" in findings[elsewhere]
+
+
+def test_a_table_sync_slot_of_another_subscription_is_not_a_moves(world: World) -> None:
+    """Control: logical replication that is not a move's (its subscription is not named as a move's) is left alone."""
+    endpoints = world.endpoints
+    admin = endpoints.pool_admin_url
+    assert admin is not None
+    with psycopg.connect(libpq(admin), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE SUBSCRIPTION reporting_replica CONNECTION {} PUBLICATION reports WITH (connect = false)"
+            ).format(sql.Literal(libpq(endpoints.pool_url)))
+        )
+    try:
+        with _table_sync_slot(admin, _subscription_oid(admin, "reporting_replica"), _server(admin)):
+            report = _doctor(endpoints)
+            assert report["ok"], report
+            assert not [w for w in _pool(report)["warnings"] if w["check"] == "table_sync_slot_unattributed"]
+    finally:
+        with psycopg.connect(libpq(admin), autocommit=True) as conn:
+            conn.execute("ALTER SUBSCRIPTION reporting_replica SET (slot_name = NONE)")
+            conn.execute("DROP SUBSCRIPTION reporting_replica")

@@ -684,6 +684,49 @@ def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world:
     engine.abort(plan, route_epoch=plan.epoch)
 
 
+def _slots_like(admin: str, pattern: str) -> set[str]:
+    with psycopg.connect(libpq(admin)) as conn:
+        rows = conn.execute("SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE %s", (pattern,))
+        return {row[0] for row in rows.fetchall()}
+
+
+def test_stopping_replication_drops_its_own_table_sync_slots_and_no_other_servers(
+    world: World, empty_silo: Silo
+) -> None:
+    """A table sync's slot is named by subscription oid *and* subscriber: another server's subscription can share the oid."""
+    a = world["A"]
+    _seed_bulk(world, a.id, 20)
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:  # the sync fails every time: its slot stays
+        conn.execute("ALTER TABLE projects ADD CONSTRAINT no_bulk_7 CHECK (name <> 'bulk-7')")
+    engine.start_replication(plan)
+    with psycopg.connect(libpq(empty_silo.side.admin_dsn)) as conn:
+        row = conn.execute(
+            "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
+            (plan.name,),
+        ).fetchone()
+    assert row is not None
+    subid, subscriber = int(row[0]), int(row[1])
+    source = plan.source.admin()
+    own = engine.table_sync_slots(subid, subscriber)
+    deadline = time.monotonic() + 30
+    while not _slots_like(source, own) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _slots_like(source, own), "the failing table sync keeps a slot on the source"
+    # The same oid's table sync from another server (a concurrent move to another silo server).
+    other = f"pg_{subid}_sync_16384_{subscriber + 1}"
+    with psycopg.connect(libpq(source), autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (other,))
+    try:
+        engine.abort(plan, route_epoch=plan.epoch)
+        assert _slots_like(source, own) == set()
+        assert _slots_like(source, f"pg\\_{subid}\\_sync\\_%") == {other}
+    finally:
+        with psycopg.connect(libpq(source), autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (other,))
+
+
 def _slot_status(plan: MovePlan) -> tuple[str, bool] | None:
     return slot_status(plan.source.admin(), plan.name)
 
