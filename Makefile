@@ -42,7 +42,7 @@ bench: install bench-deps
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict control_plane data_plane infra
+	$(BIN)/mypy --strict control_plane data_plane infra bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

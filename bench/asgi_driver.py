@@ -14,6 +14,7 @@ from typing import Any
 
 import uvloop
 from fastapi import FastAPI
+from starlette.types import Message
 
 from bench.servers import app_for
 
@@ -44,12 +45,12 @@ def scope_of(path: str, token: str, *, method: str = "GET", body: bytes = b"") -
 
 async def call(app: FastAPI, scope: dict[str, Any], body: bytes = b"") -> int:
     """Run one request through ``app`` (a copy of ``scope``, which the app may change): its status."""
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     await app(dict(scope), receive, send)

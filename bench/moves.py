@@ -312,7 +312,7 @@ def run() -> dict[str, Any]:
         and pause["gap_ms"] <= 100  # 503s answered quickly still count as no write
         and pause["max"] is not None
         and pause["max"] <= 100
-        and result["copy"]["ratio"] >= 0.7  # type: ignore[index]
+        and result["copy"]["ratio"] >= 0.7
         and not lost
     )
     gap = "n/a" if pause["gap_ms"] is None else f"{pause['gap_ms']:.0f} ms"
@@ -320,7 +320,7 @@ def run() -> dict[str, Any]:
         f"fence to first write after flip {gap} (writes in it: max {pause['max'] or 0:.0f} ms), "
         f"writes since the move began: max {latency_max:.0f} ms p99 {p99:.0f} ms, "
         f"fenced {timings['fenced_seconds'] * 1000:.0f} ms, flip to first write {result['flip_to_first_write_ms']} ms, "
-        f"copy {copy_rps:.0f} rows/s ({result['copy']['ratio']}x raw pipe), lost {len(lost)}, "  # type: ignore[index]
+        f"copy {copy_rps:.0f} rows/s ({result['copy']['ratio']}x raw pipe), lost {len(lost)}, "
         f"move {move_seconds:.1f} s"
     )
     return result

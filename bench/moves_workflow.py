@@ -222,9 +222,10 @@ def run() -> dict[str, Any]:
     flipped = _flip_instant(steps, cutover)
     cutover_gap = None if flipped is None else _gap_around(acked, flipped)
     fenced_at = cutover.get("fenced_at")
-    timed = flipped is not None and isinstance(fenced_at, float)
-    # Without both instants, _pause reports no pause (no first write to measure to).
-    in_pause = _pause(log, fenced_at if timed else 0.0, _first_ack_after(acked, flipped) if timed else None)
+    if flipped is not None and isinstance(fenced_at, float):
+        in_pause = _pause(log, fenced_at, _first_ack_after(acked, flipped))
+    else:  # without both instants _pause reports no pause (no first write to measure to)
+        in_pause = _pause(log, 0.0, None)
     measured = [g for g in (cutover_gap, in_pause["gap_ms"]) if g is not None]
     write_pause = max(measured) if measured else None
     longest_at = None if pause["at_seconds"] is None else move_started + float(pause["at_seconds"])

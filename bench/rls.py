@@ -158,7 +158,7 @@ async def _plan(conn: asyncpg.Connection, tenant: uuid.UUID, sql: str, args: tup
     """The scan of the plan built for these values (a prepared statement may later run a generic one)."""
     async with conn.transaction():
         await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
-        lines = [r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args)]
+        lines = [str(r[0]) for r in await conn.fetch(f"EXPLAIN {sql}", *args)]
     return next((line.strip().lstrip("-> ") for line in lines if "Scan" in line), lines[0])
 
 
@@ -179,7 +179,9 @@ async def _measure(app_url: str, owner_url: str, picked: dict[str, uuid.UUID]) -
                 return conns[side], QUERIES[qname][side], (*a, picked[label]), False
             return conns[side], QUERIES[qname][side], a, True
 
-        samples = {label: {q: {side: [] for side in SIDES} for q in QUERIES} for label in picked}
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {
+            label: {q: {side: [] for side in SIDES} for q in QUERIES} for label in picked
+        }
         for round_no in range(ROUNDS):
             order = SIDES if round_no % 2 == 0 else tuple(reversed(SIDES))  # alternate who goes first
             for label, tenant in picked.items():  # "large" first: the cached-plan trap order
