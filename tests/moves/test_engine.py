@@ -660,15 +660,20 @@ def test_an_initial_copy_that_stops_moving_is_reported_and_one_that_resumes_fini
     assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
 
 
-def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world: World, empty_silo: Silo) -> None:
-    """PostgreSQL retries a failed table sync forever; the move counts the failures and gives up."""
-    a = world["A"]
-    _seed_bulk(world, a.id, 20)
-    plan = _plan(world, empty_silo)
+def _replicating_a_row_the_target_rejects(world: World, silo: Silo) -> MovePlan:
+    """A move's plan subscribed to a tenant with a row the target rejects: its table sync fails, every time."""
+    _seed_bulk(world, world["A"].id, 20)
+    plan = _plan(world, silo)
     engine.prepare_target(plan)
-    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:  # a row the target rejects, every time
+    with psycopg.connect(libpq(silo.side.owner_dsn)) as conn:
         conn.execute("ALTER TABLE projects ADD CONSTRAINT no_bulk_7 CHECK (name <> 'bulk-7')")
     engine.start_replication(plan)
+    return plan
+
+
+def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world: World, empty_silo: Silo) -> None:
+    """PostgreSQL retries a failed table sync forever; the move counts the failures and gives up."""
+    plan = _replicating_a_row_the_target_rejects(world, empty_silo)
     started = time.monotonic()
     with pytest.raises(MoveError, match=r"keeps failing \([1-9]\d* failed table syncs\).*sync [1-9]") as failed:
         engine.wait_initial_sync(plan, max_errors=1)
@@ -680,6 +685,7 @@ def test_an_initial_copy_the_target_keeps_refusing_fails_the_wait_at_once(world:
     with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:
         conn.execute("ALTER TABLE projects DROP CONSTRAINT no_bulk_7")
     plan = _replicating(world, empty_silo)
+    a = world["A"]
     assert rows_of(empty_silo.side.owner_dsn, a.id) == rows_of(world.endpoints.pool_url, a.id)
     engine.abort(plan, route_epoch=plan.epoch)
 
@@ -694,13 +700,7 @@ def test_stopping_replication_drops_its_own_table_sync_slots_and_no_other_server
     world: World, empty_silo: Silo
 ) -> None:
     """A table sync's slot is named by subscription oid *and* subscriber: another server's subscription can share the oid."""
-    a = world["A"]
-    _seed_bulk(world, a.id, 20)
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as conn:  # the sync fails every time: its slot stays
-        conn.execute("ALTER TABLE projects ADD CONSTRAINT no_bulk_7 CHECK (name <> 'bulk-7')")
-    engine.start_replication(plan)
+    plan = _replicating_a_row_the_target_rejects(world, empty_silo)  # the sync fails every time: its slot stays
     with psycopg.connect(libpq(empty_silo.side.admin_dsn)) as conn:
         row = conn.execute(
             "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
