@@ -78,8 +78,10 @@ class TenantRoute(APIRoute):
     Resources keep declaring ``tenant: Tenant``; nothing else changes:
 
     * it fails closed: an endpoint on a router without this class, or one
-      this class does not take over (a plain ``def`` endpoint), has its
-      ``Tenant`` solved by FastAPI as before -- slower, equally checked;
+      this class does not take over (a plain ``def`` endpoint, or a route
+      included with ``include_router``, whose handler FastAPI builds from its
+      own copy of the dependant), has its ``Tenant`` solved by FastAPI as
+      before -- slower, equally checked, and never verified twice;
     * the tenant is solved before anything else of the request, as FastAPI
       solves sub-dependencies first; that now includes reading the body, so an
       unauthenticated request learns nothing from a 422 about its body;
