@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.routing import APIRoute
 
 from data_plane.api import create_app
@@ -121,3 +121,23 @@ async def test_an_override_of_tenant_context_is_honoured(dp_settings: DataPlaneS
         app.dependency_overrides.clear()
         # Control: without the override the tenant's own request is served.
         assert (await client.get("/v1/me", headers=world["A"].headers)).status_code == 200
+
+
+async def test_a_tenant_route_included_with_include_router_verifies_once(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """``include_router`` builds the handler from FastAPI's own copy: still one verification a request."""
+    a = world["A"]
+    app = create_app(dp_settings.model_copy(update={"rate_limits": {"standard": "3/minute"}}))
+    router = APIRouter(route_class=TenantRoute)
+
+    @router.get("/v1/_included")
+    async def included(tenant: Tenant) -> Any:
+        return {"tenant_id": str(tenant.tenant_id)}
+
+    app.include_router(router)
+    async for client in asgi_client(app):
+        responses = [await client.get("/v1/_included", headers=a.headers) for _ in range(4)]
+        assert [r.status_code for r in responses] == [200, 200, 200, 429]
+        assert responses[0].json() == {"tenant_id": str(a.id)}
+        assert (await client.get("/v1/_included")).status_code == 401
