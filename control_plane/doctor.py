@@ -427,8 +427,11 @@ def run_doctor(*, catalog_dsn: str, pool_dsn: str, app_role: str) -> dict[str, A
     """Audit the pool and every ready silo; return the JSON-able report."""
     audited = [_audit_target(t, app_role=app_role) for t in load_targets(catalog_dsn, pool_dsn)]
     # After the databases, whose slots name the subscriptions: a subscription
-    # seen missing here was dropped after its slot was listed.
-    subscribers = _subscribers({r.system_identifier: dsn for r, dsn in audited if r.system_identifier and dsn})
+    # seen missing here was dropped after its slot was listed. Only when there
+    # is a table-sync slot to trace (usually none): a connection per server.
+    syncing = any(o.kind == "table-sync slot" for r, _ in audited for o in r.move_objects)
+    servers = {r.system_identifier: dsn for r, dsn in audited if r.system_identifier and dsn} if syncing else {}
+    subscribers = _subscribers(servers)
     live = _live_move_names(catalog_dsn)  # after the databases: see _check_move_objects
     for report, dsn in audited:
         _check_move_objects(report, dsn, live, subscribers)
