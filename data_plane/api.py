@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel
 
 from data_plane.auth import TokenVerifier
-from data_plane.dependencies import Tenant, TenantRoute
+from data_plane.dependencies import Tenancy, Tenant, TenantRoute
 from data_plane.exceptions import ERROR_RESPONSES, install_error_handlers
 from data_plane.limits import Quotas, TenantRateLimiter
 from data_plane.logs import configure_logging
@@ -134,6 +134,7 @@ def create_app(settings: DataPlaneSettings | None = None, *, resolver: SecretRes
         await engines.start()
         meter.start(routes, engines)
         app.state.routes, app.state.engines = routes, engines
+        app.state.tenancy = Tenancy(verifier=verifier, directory=routes, engines=engines, limiter=limiter)
         if settings.gc_freeze:
             # The modules, app, routes and pools made so far live as long as
             # the process. A full collection walked them all, finding nothing
