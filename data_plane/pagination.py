@@ -7,7 +7,7 @@ import binascii
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from fastapi import Query
@@ -40,8 +40,18 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, row_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), uuid.UUID(row_id)
-    except (binascii.Error, ValueError, TypeError, json.JSONDecodeError) as exc:
+        # The cursor is client input: both parts must be what encode_cursor
+        # writes (uuid.UUID(5) raises AttributeError, not ValueError).
+        if not isinstance(created_at, str) or not isinstance(row_id, str):
+            raise ValueError("cursor parts must be strings")
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None:
+            raise ValueError("cursor time without a UTC offset")
+        # In UTC here, as the database compares it: an instant that exists
+        # only with its offset (0001-01-01T00:00+05:00) is refused now rather
+        # than by the driver inside the query, which was a 500.
+        return after.astimezone(UTC), uuid.UUID(row_id)
+    except (binascii.Error, ValueError, TypeError, OverflowError, json.JSONDecodeError) as exc:
         raise InvalidInputError("invalid cursor", code="invalid_cursor") from exc
 
 

@@ -7,6 +7,8 @@ is scanned for the other tenants' canary strings.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -16,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 
 from data_plane.api import create_app
-from data_plane.dsn import database_of, libpq
+from data_plane.dsn import database_of, libpq, with_database
 from data_plane.routing import EngineRegistry, RouteDirectory
 from data_plane.session import TenantContext
 from data_plane.settings import DataPlaneSettings
@@ -162,6 +164,35 @@ async def test_invalid_input_is_422(
     response = await client.request(method, path, headers=world["A"].headers, json=body, params=params)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] in ("invalid_input", "invalid_cursor")
+
+
+def _cursor_of(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        ["2020-01-01T00:00:00+00:00", 5],  # not a string id: uuid.UUID(5) raised AttributeError
+        ["2020-01-01T00:00:00+00:00", ["x"]],
+        ["0001-01-01T00:00:00+05:00", "2f1b2a0e-0000-4000-8000-000000000000"],  # before year 1 in UTC
+        ["9999-12-31T23:59:59-05:00", "2f1b2a0e-0000-4000-8000-000000000000"],  # after year 9999 in UTC
+        ["2020-01-01T00:00:00", "2f1b2a0e-0000-4000-8000-000000000000"],  # no offset
+        {"created_at": "2020-01-01T00:00:00+00:00", "id": "x"},
+    ],
+)
+@pytest.mark.parametrize("listing", ["projects", "tasks"])
+async def test_forged_cursor_is_422(client: httpx.AsyncClient, world: World, forged: object, listing: str) -> None:
+    me = world["A"]
+    path = "/v1/projects" if listing == "projects" else f"/v1/projects/{me.project_id}/tasks"
+    refused = await client.get(path, headers=me.headers, params={"cursor": _cursor_of(forged)})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "invalid_cursor"
+    # Control: a cursor of the same shape that the API writes continues the listing.
+    valid = _cursor_of(["2000-01-01T00:00:00+05:00", "2f1b2a0e-0000-4000-8000-000000000000"])
+    allowed = await client.get(path, headers=me.headers, params={"cursor": valid})
+    assert allowed.status_code == 200, allowed.text
+    assert len(allowed.json()["data"]) >= 1  # every row of the world is newer than 2000
 
 
 async def test_oversized_body_is_413(client: httpx.AsyncClient, world: World) -> None:
@@ -353,3 +384,36 @@ async def test_one_connection_interleaved_writes_and_reads(
             (database_of(world.endpoints.pool_url), pg_servers.roles.app),
         ).fetchone()
     assert connections == (1,)  # really one connection for everything
+
+
+async def test_a_silo_outage_is_503_on_a_replica_that_already_has_its_pool(
+    dp_settings: DataPlaneSettings, world: World, pg_servers: PgServers, silo_database: str
+) -> None:
+    """The same outage answers the same 503 whether or not the replica had connected to the silo before.
+
+    A pool that already existed used to surface it raw: a 500 for each pooled
+    connection whose backend was terminated, then one per refused reconnect.
+    """
+    silo, pool_tenant = world["S"], world["A"]
+    admin = libpq(with_database(pg_servers.silo_admin, "postgres"))
+    async for client in asgi_client(create_app(dp_settings)):
+        served = await client.get(f"/v1/projects/{silo.project_id}", headers=silo.headers)
+        assert served.status_code == 200  # the replica now holds a pool of the silo
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{silo_database}" ALLOW_CONNECTIONS false')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (silo_database,))
+        try:
+            # The first finds its pooled backend gone, the next ones are refused a new one.
+            down = [await client.get(f"/v1/projects/{silo.project_id}", headers=silo.headers) for _ in range(3)]
+            # Control: the pool database is not down, and its tenants are served meanwhile.
+            other = await client.get(f"/v1/projects/{pool_tenant.project_id}", headers=pool_tenant.headers)
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{silo_database}" ALLOW_CONNECTIONS true')
+        assert [r.status_code for r in down] == [503, 503, 503], [r.text for r in down]
+        assert all(r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"] for r in down)
+        assert all(str(silo.id) not in r.text and silo.canary not in r.text for r in down)
+        assert other.status_code == 200
+        # And the replica recovers by itself once the silo is back.
+        back = await client.get(f"/v1/projects/{silo.project_id}", headers=silo.headers)
+        assert back.status_code == 200
