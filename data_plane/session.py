@@ -65,7 +65,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
-from data_plane.exceptions import StaleRouteError, TenantFencedError
+from data_plane.exceptions import ServiceUnavailableError, StaleRouteError, TenantFencedError
 from data_plane.ownership import BEGIN_TENANT, FENCED, FUSED_STATEMENTS, NOT_SERVED_HERE, STALE_EPOCH
 from data_plane.routing import EngineRegistry, Route, RouteDirectory
 
@@ -74,6 +74,21 @@ T = TypeVar("T")
 
 FENCE_HOLD_SECONDS = 2.0
 FENCE_POLL_MAX_SECONDS = 0.05
+
+# The tenant database is down, restarting, failing over or out of
+# connections: the same 503 a replica gives when it cannot open the database's
+# pool at all (``EngineRegistry``). Without this, a pool that already existed
+# surfaced the outage raw: a 500 per pooled connection whose backend was
+# terminated (ConnectionDoesNotExistError), then one per refused reconnect.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused or reset socket; TimeoutError too
+    asyncpg.ConnectionDoesNotExistError,  # the backend went away mid-request
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, crash recovery, "cannot connect now"
+    asyncpg.ObjectNotInPrerequisiteStateError,  # 55000 "database does not allow connections", 55P03 lock timeout
+    asyncpg.InvalidAuthorizationSpecificationError,  # class 28: a rotated password (re-read when the pool is new)
+)
 
 current_tenant: ContextVar[uuid.UUID | None] = ContextVar("current_tenant", default=None)
 
@@ -205,6 +220,8 @@ class TenantContext:
         while True:
             try:
                 return await attempt()
+            except UNAVAILABLE as exc:
+                raise ServiceUnavailableError("tenant database unavailable", retry_after=1) from exc
             except asyncpg.PostgresError as exc:
                 state = getattr(exc, "sqlstate", None)
                 if state in (NOT_SERVED_HERE, STALE_EPOCH):
