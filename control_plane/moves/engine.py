@@ -37,7 +37,7 @@ from psycopg import sql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
-from control_plane.moves.tables import tenant_tables
+from control_plane.moves.tables import tenant_tables, unmovable
 from data_plane.dsn import libpq
 
 log = structlog.get_logger(__name__)
@@ -185,8 +185,14 @@ def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
     """Make sure the target holds nothing of the tenant (leftovers of an earlier move).
 
     Refuses when the target already serves the tenant: that database is
-    authoritative and must never be emptied by a move.
+    authoritative and must never be emptied by a move; and when the source's
+    schema has a tenant table the move cannot carry (``tables.unmovable``),
+    before anything is created on either side.
     """
+    with connect(plan.source.owner()) as src:
+        problems = unmovable(src, online=plan.mode == "online")
+    if problems:
+        raise MoveError("the tenant schema cannot be moved: " + "; ".join(problems))
     with connect(plan.target.owner()) as conn:
         owned = _ownership(conn, plan.tenant_id)
     if owned is not None and owned[0] in ("active", "fenced"):
@@ -211,7 +217,14 @@ def start_replication(plan: MovePlan) -> None:
             members = [
                 sql.SQL("{t} WHERE (tenant_id = {id}::uuid)").format(t=sql.SQL(table), id=tenant) for table in tables
             ]
-            src.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(name, sql.SQL(", ").join(members)))
+            # No TRUNCATE: row filters do not apply to it, so a truncate of a
+            # table on the source (a silo being demoted) would empty that table
+            # on the target for every tenant of the pool.
+            src.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete')").format(
+                    name, sql.SQL(", ").join(members)
+                )
+            )
     if not binary:
         log.warning(
             "move_copy_in_text", move_id=str(plan.move_id), reason="a column type is not binary-safe between databases"
@@ -619,12 +632,24 @@ def _columns(conn: psycopg.Connection[Any], table: str) -> sql.Composable:
 
 
 def copy_offline(plan: MovePlan) -> dict[str, int]:
-    """Stream binary COPY per table, parents first (source fenced; target empty)."""
+    """Stream binary COPY per table, parents first (source fenced), replacing any earlier copy on the target.
+
+    Idempotent: the cutover that runs it is replayed after a crash, and the
+    target then holds the copy an earlier attempt committed (duplicate keys
+    used to fail the replay, and the move was rolled back instead of resumed).
+    That copy is deleted in the same transaction as the new one is written,
+    and only from a target that does not serve the tenant.
+    """
     copied: dict[str, int] = {}
     with connect(plan.source.owner()) as src, connect(plan.target.owner()) as dst:
         tables = tenant_tables(src)
+        owned = _ownership(dst, plan.tenant_id)
+        if owned is not None and owned[0] in ("active", "fenced"):
+            raise MoveError(f"the target already serves tenant {plan.tenant_id} ({owned[0]}); refusing to copy over it")
         _privileged(src)
         _privileged(dst)
+        for table in reversed(tables):  # children first
+            dst.execute(sql.SQL("DELETE FROM {t} WHERE tenant_id = %s").format(t=sql.SQL(table)), (plan.tenant_id,))
         for table in tables:
             columns = _columns(src, table)
             out = sql.SQL("COPY (SELECT {c} FROM {t} WHERE tenant_id = {id}::uuid) TO STDOUT (FORMAT binary)").format(

@@ -15,6 +15,26 @@ SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
    AND n.nspname !~ '^pg_' AND NOT c.relispartition
 """
 
+# Every table with a tenant_id column, plain or not, with what decides whether a move can carry it.
+MOVABILITY = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p' OR c.relispartition,
+       (SELECT string_agg(quote_ident(s.attname), ', ' ORDER BY s.attnum) FROM pg_attribute s
+          LEFT JOIN pg_attrdef d ON d.adrelid = s.attrelid AND d.adnum = s.attnum
+         WHERE s.attrelid = c.oid AND s.attnum > 0 AND NOT s.attisdropped
+           AND (s.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) LIKE '%%nextval(%%')),
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+       c.relreplident = 'f' OR EXISTS (
+           SELECT 1 FROM pg_index i JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY(i.indkey)
+            WHERE i.indrelid = c.oid AND k.attname = 'tenant_id'
+              AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+ WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl')
+   AND n.nspname !~ '^pg_'
+ ORDER BY 1
+"""
+
 FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid"
 
 
@@ -48,3 +68,36 @@ def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
     for oid in sorted(names, key=names.__getitem__):
         visit(oid, frozenset())
     return ordered
+
+
+def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[str]:
+    """Why a move could not carry the tenant's rows faithfully, one reason per table (none: it can).
+
+    Checked before a move touches anything, because each of these used to be
+    found late or not at all:
+
+    * a partitioned table (or a partition) is not a plain table: the move's
+      copy, verification and cleanup would skip it, and the route would flip
+      to a store without those rows;
+    * a column filled from a sequence (identity, serial) would restart on the
+      target from its own sequence and collide with the copied rows (the
+      move carries rows, not sequence values);
+    * online, logical replication with a ``tenant_id`` row filter needs
+      ``tenant_id`` in the table's replica identity, or PostgreSQL refuses
+      every tenant's UPDATE and DELETE on it while the publication exists;
+      verification needs a primary key.
+    """
+    problems = []
+    for table, partitioned, sequenced, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
+        if partitioned:
+            problems.append(f"{table} is partitioned; moves copy plain tables only")
+        if sequenced:
+            problems.append(f"{table}: {sequenced} draw from a sequence, whose position a move does not carry")
+        if online and not has_pk:
+            problems.append(f"{table} has no primary key")
+        elif online and not identity_has_tenant:
+            problems.append(
+                f"{table}: tenant_id is not in its replica identity (primary key), which a row-filtered "
+                "publication needs for every tenant's UPDATE and DELETE"
+            )
+    return problems

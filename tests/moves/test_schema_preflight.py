@@ -1,0 +1,159 @@
+"""A move refuses, before touching anything, a tenant schema it could not carry faithfully; offline copies replay.
+
+Each refused shape used to go wrong late or silently (found by a review):
+a partitioned table was skipped by the copy, verification and cleanup, and the
+route flipped to a store without its rows; an identity column restarted on the
+target and the tenant's first insert there collided with its own copied rows;
+a table whose replica identity lacks ``tenant_id`` made PostgreSQL refuse
+*every* tenant's UPDATE and DELETE on it for the whole replication.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from control_plane.exceptions import MoveError
+from control_plane.moves import engine
+from control_plane.moves.engine import MovePlan
+from data_plane.dsn import libpq
+from tests.moves.conftest import Silo, catalog_flip, pool_location_id, pool_side
+from tests.world import World
+
+pytestmark = pytest.mark.slow
+
+
+def _plan(world: World, silo: Silo, mode: str = "online") -> MovePlan:
+    return MovePlan(
+        move_id=uuid.uuid4(),
+        tenant_id=world["A"].id,
+        source=pool_side(world.endpoints, pool_location_id(world)),
+        target=silo.side,
+        epoch=1,
+        mode=mode,
+    )
+
+
+def _ddl(dsns: list[str], statement: str) -> None:
+    for dsn in dsns:
+        with psycopg.connect(libpq(dsn), autocommit=True) as conn:
+            conn.execute(statement)
+
+
+def _count(dsn: str, table: str, tenant: uuid.UUID) -> int:
+    with psycopg.connect(libpq(dsn)) as conn:
+        conn.execute("SET row_security = off")
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (tenant,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _publications(dsn: str) -> int:
+    with psycopg.connect(libpq(dsn)) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_publication").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+PARTITIONED = (
+    "CREATE TABLE events (tenant_id uuid NOT NULL, id uuid NOT NULL, PRIMARY KEY (tenant_id, id)) "
+    "PARTITION BY HASH (tenant_id); "
+    "CREATE TABLE events_p0 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 0); "
+    "CREATE TABLE events_p1 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 1)"
+)
+IDENTITY = (
+    "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY, PRIMARY KEY (tenant_id, id))"
+)
+SERIAL = "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigserial, PRIMARY KEY (tenant_id, id))"
+NO_TENANT_IN_KEY = "CREATE TABLE labels (tenant_id uuid NOT NULL, id uuid PRIMARY KEY, name text)"
+NO_KEY = "CREATE TABLE labels (tenant_id uuid NOT NULL, name text)"
+
+
+@pytest.mark.parametrize(
+    ("ddl", "table", "modes"),
+    [
+        (PARTITIONED, "public.events", ("online", "offline")),
+        (IDENTITY, "public.notes", ("online", "offline")),
+        (SERIAL, "public.notes", ("online", "offline")),
+        (NO_TENANT_IN_KEY, "public.labels", ("online",)),
+        (NO_KEY, "public.labels", ("online",)),
+    ],
+    ids=["partitioned", "identity", "serial", "tenant_id-outside-the-key", "no-key"],
+)
+def test_an_unmovable_tenant_table_refuses_the_move_before_anything_is_created(
+    world: World, empty_silo: Silo, ddl: str, table: str, modes: tuple[str, ...]
+) -> None:
+    pool, silo = world.endpoints.pool_url, empty_silo.side.owner_dsn
+    # Control first: the world's own schema moves (prepare and replicate, then abort).
+    control = _plan(world, empty_silo)
+    engine.prepare_target(control)
+    engine.start_replication(control)
+    engine.abort(control, route_epoch=control.epoch)
+    assert _publications(pool) == 0
+
+    _ddl([pool, silo], ddl)
+    for mode in ("online", "offline"):
+        plan = _plan(world, empty_silo, mode)
+        if mode not in modes:
+            engine.prepare_target(plan)  # offline needs no replica identity
+            continue
+        with pytest.raises(MoveError) as refused:
+            engine.prepare_target(plan)
+        assert table in str(refused.value)
+        assert _publications(pool) == 0
+    assert _count(pool, "projects", world["A"].id) == 1  # the source keeps its rows
+
+
+def test_the_refusal_spares_other_tenants_writes(world: World, empty_silo: Silo) -> None:
+    """With tenant_id outside the key, the refused move leaves the table writable for every tenant."""
+    pool = world.endpoints.pool_url
+    _ddl([pool, empty_silo.side.owner_dsn], NO_TENANT_IN_KEY)
+    with psycopg.connect(libpq(pool), autocommit=True) as conn:
+        conn.execute("INSERT INTO labels VALUES (%s, gen_random_uuid(), 'b')", (world["B"].id,))
+    with pytest.raises(MoveError, match="replica identity"):
+        engine.run_steps(_plan(world, empty_silo), flip=catalog_flip(world, empty_silo.side, "silo"))
+    with psycopg.connect(libpq(pool), autocommit=True) as conn:
+        updated = conn.execute("UPDATE labels SET name = 'b2' WHERE tenant_id = %s", (world["B"].id,)).rowcount
+    assert updated == 1
+
+
+def test_the_publication_does_not_carry_truncate(world: World, empty_silo: Silo) -> None:
+    # Row filters do not apply to TRUNCATE: a truncate on a demoted silo would empty the pool's table.
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    try:
+        with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+            row = conn.execute(
+                "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = %s",
+                (plan.name,),
+            ).fetchone()
+        assert row == (True, True, True, False)
+    finally:
+        engine.abort(plan, route_epoch=plan.epoch)
+
+
+def test_a_replayed_offline_cutover_copies_again_and_verifies(world: World, empty_silo: Silo) -> None:
+    """A crash after the offline copy committed, before the cutover's checkpoint: the replay resumes."""
+    a = world["A"]
+    plan = _plan(world, empty_silo, "offline")
+    engine.prepare_target(plan)
+    engine.fence_source(plan)
+    first = engine.copy_offline(plan)
+    # The worker dies here; DBOS replays the cutover, which takes the target back and fences again.
+    assert not engine.take_back_target(plan, route_epoch=plan.epoch)
+    engine.fence_source(plan)
+    assert engine.copy_offline(plan) == first
+    engine.verify(plan)  # raises on any difference
+    assert _count(empty_silo.side.owner_dsn, "projects", a.id) == _count(world.endpoints.pool_url, "projects", a.id)
+    assert _count(empty_silo.side.owner_dsn, "tasks", a.id) == 1
+
+
+def test_an_offline_copy_never_overwrites_a_target_that_serves_the_tenant(world: World, empty_silo: Silo) -> None:
+    plan = _plan(world, empty_silo, "offline")
+    engine.run_steps(plan, flip=catalog_flip(world, empty_silo.side, "silo"), cleanup=False)
+    with pytest.raises(MoveError, match="already serves"):
+        engine.copy_offline(plan)
+    assert _count(empty_silo.side.owner_dsn, "projects", world["A"].id) == 1
