@@ -23,6 +23,7 @@ from bench.common import embedded_stack, free_port, server_process, tenant_api
 from bench.moves import _percentile, _seed, writer_process
 from bench.seed import add_pool_tenants
 from control_plane.moves import verify
+from control_plane.moves.tables import row_digest
 
 ROUNDS = 4
 SETTLE_SECONDS = 3.0  # between scans: the writer's latency back to normal
@@ -33,7 +34,8 @@ def _scan(dsn: str, tenant_id: uuid.UUID, workers: int | None) -> None:
     with verify.pinned_snapshot(dsn) as conn:
         if workers is not None:
             conn.execute("SELECT set_config('max_parallel_workers_per_gather', %s, true)", (str(workers),))
-        verify._checksums(conn, ["projects", "tasks"], tenant_id)
+        tables = ["projects", "tasks"]
+        verify._checksums(conn, tables, {table: row_digest(conn, table) for table in tables}, tenant_id)
 
 
 def _both_sides(dsn: str, tenant_id: uuid.UUID, workers: int | None) -> tuple[float, float]:

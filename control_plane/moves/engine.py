@@ -37,7 +37,7 @@ from psycopg import sql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
-from control_plane.moves.tables import tenant_tables, unmovable
+from control_plane.moves.tables import row_digest, tenant_tables, unmovable
 from data_plane.dsn import libpq
 
 log = structlog.get_logger(__name__)
@@ -147,7 +147,9 @@ def _privileged(conn: psycopg.Connection[Any]) -> None:
     """Session settings for copies and checksums (transaction-local)."""
     conn.execute(
         "SELECT set_config('row_security', 'off', true), set_config('TimeZone', 'UTC', true), "
-        "set_config('DateStyle', 'ISO, YMD', true), set_config('extra_float_digits', '1', true)"
+        "set_config('DateStyle', 'ISO, YMD', true), set_config('extra_float_digits', '1', true), "
+        # A row's text is what the portable checksum hashes (tables.row_digest).
+        "set_config('IntervalStyle', 'postgres', true), set_config('bytea_output', 'hex', true)"
     )
 
 
@@ -581,9 +583,8 @@ def final_catch_up(
 # (no text rendering: ~4x faster than hashing t::text); XOR makes the
 # aggregate independent of row order. With the count, a difference goes
 # unnoticed only on a 64-bit hash collision.
-CHECKSUM = (
-    "SELECT count(*), coalesce(bit_xor(hash_record_extended(t, 0)), 0)::text FROM {table} AS t WHERE tenant_id = %s"
-)
+# (tables.row_digest: a table with a column of a user-defined type hashes its rows' text instead.)
+CHECKSUM = "SELECT count(*), coalesce(bit_xor({digest}), 0)::text FROM {table} AS t WHERE tenant_id = %s"
 
 
 def table_checksums(dsn: str, tenant_id: uuid.UUID) -> dict[str, tuple[int, str]]:
@@ -596,7 +597,8 @@ def table_checksums(dsn: str, tenant_id: uuid.UUID) -> dict[str, tuple[int, str]
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         _privileged(conn)
         for table in tables:
-            row = conn.execute(sql.SQL(CHECKSUM).format(table=sql.SQL(table)), (tenant_id,)).fetchone()
+            statement = sql.SQL(CHECKSUM).format(table=sql.SQL(table), digest=row_digest(conn, table))
+            row = conn.execute(statement, (tenant_id,)).fetchone()
             assert row is not None
             result[table] = (int(row[0]), str(row[1]))
         conn.rollback()

@@ -57,11 +57,12 @@ from psycopg import sql
 from control_plane.exceptions import VerificationError
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan
-from control_plane.moves.tables import tenant_tables
+from control_plane.moves.tables import row_digest, tenant_tables
 
 CHANGES = '"tenantctl"."move_changes"'
 Checksum = tuple[int, int]  # (rows, xor of row hashes)
 Changes = dict[int, tuple[str, str]]  # a side's recorded changes: row id -> (table, primary key as jsonb text)
+Digests = dict[str, sql.Composable]  # per table, how its rows are hashed (tables.row_digest)
 # A side's pass over some keys: their snapshot checksum per table, their current row hashes per table.
 SidePass = tuple[dict[str, Checksum], dict[str, dict[str, int]]]
 
@@ -180,13 +181,15 @@ def pinned_snapshot(dsn: str) -> Iterator[psycopg.Connection[Any]]:
             conn.rollback()
 
 
-def _checksums(conn: psycopg.Connection[Any], tables: list[str], tenant_id: uuid.UUID) -> dict[str, Checksum]:
+def _checksums(
+    conn: psycopg.Connection[Any], tables: list[str], digests: Digests, tenant_id: uuid.UUID
+) -> dict[str, Checksum]:
     result: dict[str, Checksum] = {}
     for table in tables:
         row = conn.execute(
-            sql.SQL(
-                "SELECT count(*), coalesce(bit_xor(hash_record_extended(t, 0)), 0) FROM {} AS t WHERE tenant_id = %s"
-            ).format(sql.SQL(table)),
+            sql.SQL("SELECT count(*), coalesce(bit_xor({}), 0) FROM {} AS t WHERE tenant_id = %s").format(
+                digests[table], sql.SQL(table)
+            ),
             (tenant_id,),
         ).fetchone()
         assert row is not None
@@ -246,48 +249,52 @@ def _key_columns(columns: list[tuple[str, str]], source: sql.Composable) -> tupl
 
 
 def _checksum_of_keys(
-    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
+    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], digest: sql.Composable, keys: set[str]
 ) -> Checksum:
     pick, match = _key_columns(columns, sql.SQL("k"))
     statement = sql.SQL(
-        "SELECT count(*), coalesce(bit_xor(hash_record_extended(t, 0)), 0) FROM {table} AS t "
+        "SELECT count(*), coalesce(bit_xor({digest}), 0) FROM {table} AS t "
         "JOIN (SELECT DISTINCT {pick} FROM jsonb_array_elements(%s::jsonb) AS k) AS d ON {match}"
-    ).format(table=sql.SQL(table), pick=pick, match=match)
+    ).format(digest=digest, table=sql.SQL(table), pick=pick, match=match)
     row = conn.execute(statement, (json.dumps([json.loads(k) for k in keys]),)).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
 
 def _row_hashes(
-    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], keys: set[str]
+    conn: psycopg.Connection[Any], table: str, columns: list[tuple[str, str]], digest: sql.Composable, keys: set[str]
 ) -> dict[str, int]:
     """Per key (its recorded jsonb text): the hash of the key's row as ``conn`` sees it; no row, no entry."""
     pick, match = _key_columns(columns, sql.SQL("u.txt::jsonb"))
     statement = sql.SQL(
-        "SELECT d.txt, hash_record_extended(t, 0) FROM {table} AS t "
+        "SELECT d.txt, {digest} FROM {table} AS t "
         "JOIN (SELECT u.txt, {pick} FROM unnest(%s::text[]) AS u(txt)) AS d ON {match}"
-    ).format(table=sql.SQL(table), pick=pick, match=match)
+    ).format(digest=digest, table=sql.SQL(table), pick=pick, match=match)
     return {str(txt): int(digest) for txt, digest in conn.execute(statement, (sorted(keys),))}
 
 
 def _snapshot_part(
-    snapshot: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], keys: dict[str, set[str]]
+    snapshot: psycopg.Connection[Any],
+    pks: dict[str, list[tuple[str, str]]],
+    digests: Digests,
+    keys: dict[str, set[str]],
 ) -> dict[str, Checksum]:
     """Per table: checksum of the keys' rows in the pinned snapshot."""
-    return {table: _checksum_of_keys(snapshot, table, pks[table], k) for table, k in keys.items() if k}
+    return {table: _checksum_of_keys(snapshot, table, pks[table], digests[table], k) for table, k in keys.items() if k}
 
 
 def _current_rows(
-    now: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], keys: dict[str, set[str]]
+    now: psycopg.Connection[Any], pks: dict[str, list[tuple[str, str]]], digests: Digests, keys: dict[str, set[str]]
 ) -> dict[str, dict[str, int]]:
     """Per table: the row hash of each key as committed now (READ COMMITTED)."""
-    return {table: _row_hashes(now, table, pks[table], k) for table, k in keys.items() if k}
+    return {table: _row_hashes(now, table, pks[table], digests[table], k) for table, k in keys.items() if k}
 
 
 def _passes(
     pool: ThreadPoolExecutor,
     sides: dict[str, tuple[psycopg.Connection[Any], psycopg.Connection[Any]]],
     pks: dict[str, list[tuple[str, str]]],
+    digests: Digests,
     snapshot_keys: dict[str, set[str]],
     current_keys: dict[str, set[str]],
 ) -> dict[str, SidePass]:
@@ -299,8 +306,8 @@ def _passes(
     """
     futures = {
         side: (
-            pool.submit(_snapshot_part, snapshot, pks, snapshot_keys),
-            pool.submit(_current_rows, now, pks, current_keys),
+            pool.submit(_snapshot_part, snapshot, pks, digests, snapshot_keys),
+            pool.submit(_current_rows, now, pks, digests, current_keys),
         )
         for side, (snapshot, now) in sides.items()
     }
@@ -346,6 +353,7 @@ class _EarlyPasses:
     move_id: uuid.UUID
     sides: dict[str, tuple[psycopg.Connection[Any], psycopg.Connection[Any]]]
     pks: dict[str, list[tuple[str, str]]]
+    digests: Digests
     tables: list[str]
     keys: dict[str, set[str]] = field(init=False)
     combined: dict[str, SidePass] = field(init=False)
@@ -377,7 +385,7 @@ class _EarlyPasses:
     def read(self, pool: ThreadPoolExecutor, delta: dict[str, set[str]]) -> None:
         """Read ``delta``'s keys: the snapshot side of those not read before, the current row of all."""
         snapshot_keys = {table: delta[table] - self.keys[table] for table in self.tables}
-        for side, (checksums, rows) in _passes(pool, self.sides, self.pks, snapshot_keys, delta).items():
+        for side, (checksums, rows) in _passes(pool, self.sides, self.pks, self.digests, snapshot_keys, delta).items():
             _merge(self.combined[side], checksums, rows, delta)
         for table in self.tables:
             self.keys[table] |= delta[table]
@@ -433,10 +441,11 @@ def verify_incremental(
         pinned_snapshot(plan.target.owner()) as target_snapshot,
     ):
         tables = tenant_tables(source_snapshot)
+        digests = {table: row_digest(source_snapshot, table) for table in tables}
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            s_future = pool.submit(_checksums, source_snapshot, tables, plan.tenant_id)
-            t_future = pool.submit(_checksums, target_snapshot, tables, plan.tenant_id)
+            s_future = pool.submit(_checksums, source_snapshot, tables, digests, plan.tenant_id)
+            t_future = pool.submit(_checksums, target_snapshot, tables, digests, plan.tenant_id)
             bulk = {"source": s_future.result(), "target": t_future.result()}
         timings["bulk_seconds"] = time.monotonic() - start
         timings["rows"] = {table: count for table, (count, _) in bulk["source"].items()}
@@ -461,7 +470,7 @@ def verify_incremental(
             # changed since on that side (its trigger records every change,
             # in the same transaction), so its current row is still its final one.
             sides = {"source": (source_snapshot, source_now), "target": (target_snapshot, target_now)}
-            passes = _EarlyPasses(plan.move_id, sides, pks, tables)
+            passes = _EarlyPasses(plan.move_id, sides, pks, digests, tables)
             passes.run(pool, passes=MAX_EARLY_PASSES)
             if before_fence is not None:
                 staging = time.monotonic()

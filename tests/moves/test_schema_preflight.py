@@ -157,3 +157,29 @@ def test_an_offline_copy_never_overwrites_a_target_that_serves_the_tenant(world:
     with pytest.raises(MoveError, match="already serves"):
         engine.copy_offline(plan)
     assert _count(empty_silo.side.owner_dsn, "projects", world["A"].id) == 1
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_a_table_with_an_enum_column_moves_and_verifies(world: World, empty_silo: Silo, mode: str) -> None:
+    """An enum hashes by its label's OID, which differs between databases: every such move failed verification."""
+    a, pool, silo = world["A"], world.endpoints.pool_url, empty_silo.side.owner_dsn
+    _ddl([silo], "CREATE TYPE padding AS ENUM ('x')")  # the target's OIDs now differ from the source's
+    _ddl(
+        [pool, silo],
+        "CREATE TYPE mood AS ENUM ('ok', 'sad'); CREATE DOMAIN moods_t AS mood[]; "
+        "CREATE TABLE moods (tenant_id uuid NOT NULL, id uuid NOT NULL, m mood, history moods_t, "
+        "at timestamptz DEFAULT now(), PRIMARY KEY (tenant_id, id)); "
+        "GRANT SELECT ON moods TO tenantctl_replicator",
+    )
+    with psycopg.connect(libpq(pool), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO moods (tenant_id, id, m, history) VALUES (%s, gen_random_uuid(), 'sad', '{ok,sad}')", (a.id,)
+        )
+    plan = _plan(world, empty_silo, mode)
+    engine.run_steps(plan, flip=catalog_flip(world, empty_silo.side, "silo"), cleanup=False)
+    assert _count(silo, "moods", a.id) == 1
+    # Control: the check still sees a difference in such a table.
+    with psycopg.connect(libpq(silo), autocommit=True) as conn:
+        conn.execute("SET row_security = off")
+        conn.execute("UPDATE moods SET m = 'ok' WHERE tenant_id = %s", (a.id,))
+    assert engine.table_checksums(silo, a.id)["public.moods"] != engine.table_checksums(pool, a.id)["public.moods"]
