@@ -723,10 +723,16 @@ def table_sync_slots(subid: int, subscriber: int) -> str:
 
 
 def stop_replication(plan: MovePlan) -> None:
-    """Drop subscription, publication and every slot of this move (no orphan slot fills a disk)."""
+    """Drop subscription, publication and every slot of this move (no orphan slot fills a disk), then its triggers.
+
+    The slots first: dropping the change triggers waits for each table's lock
+    (bounded retries, tens of seconds on a busy pool) and may give up, and a
+    step that failed there used to leave the slot holding the source's WAL
+    until the retry. Leftover triggers only record the tenant's changes; the
+    retry drops them.
+    """
     from control_plane.moves.verify import drop_tracking  # verify builds on this module
 
-    drop_tracking(plan)
     with connect(plan.target.admin(), autocommit=True) as dst:
         row = dst.execute(
             "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
@@ -746,6 +752,7 @@ def stop_replication(plan: MovePlan) -> None:
     _drop_slot(plan.source.admin(), plan.name)
     with connect(plan.source.owner(), autocommit=True) as src:
         src.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(plan.name)))
+    drop_tracking(plan)
 
 
 def replication_objects(plan: MovePlan) -> dict[str, int]:
@@ -818,9 +825,11 @@ def abort(plan: MovePlan, *, route_epoch: int | None = None) -> None:
     abort is refused.
     """
     take_back_target(plan, route_epoch=route_epoch)
+    # The tenant's writes resume first: the teardown below can wait for table
+    # locks for a long while, and the source is authoritative again now.
+    unfence_source(plan)
     if plan.mode == "online":
         stop_replication(plan)  # also drops the change-tracking triggers
-    unfence_source(plan)
     with connect(plan.source.owner()) as src:
         # The fence's marker (one move per tenant at a time; markers of older code's baseline fences too).
         src.execute(f"DELETE FROM {MARKERS} WHERE tenant_id = %s", (plan.tenant_id,))

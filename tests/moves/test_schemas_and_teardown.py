@@ -1,11 +1,13 @@
-"""A move refuses, before touching anything, a tenant schema it could not carry faithfully; offline copies replay.
+"""Tenant schemas a move must refuse or carry, and a teardown that cannot strand a slot or a fence.
 
-Each refused shape used to go wrong late or silently (found by a review):
+Each case went wrong late or silently before (found by a review):
 a partitioned table was skipped by the copy, verification and cleanup, and the
 route flipped to a store without its rows; an identity column restarted on the
 target and the tenant's first insert there collided with its own copied rows;
 a table whose replica identity lacks ``tenant_id`` made PostgreSQL refuse
-*every* tenant's UPDATE and DELETE on it for the whole replication.
+*every* tenant's UPDATE and DELETE on it for the whole replication; an enum
+column failed every verification; a replayed offline cutover hit duplicate
+keys; a teardown waiting for table locks left the slot (and the fence) behind.
 """
 
 from __future__ import annotations
@@ -183,3 +185,50 @@ def test_a_table_with_an_enum_column_moves_and_verifies(world: World, empty_silo
         conn.execute("SET row_security = off")
         conn.execute("UPDATE moods SET m = 'ok' WHERE tenant_id = %s", (a.id,))
     assert engine.table_checksums(silo, a.id)["public.moods"] != engine.table_checksums(pool, a.id)["public.moods"]
+
+
+def test_teardown_drops_the_slot_even_when_the_triggers_cannot_be_dropped_yet(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy table delays dropping the change triggers; the slot (which holds the source's WAL) goes first."""
+    from control_plane.moves import verify
+
+    pool = world.endpoints.pool_url
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    verify.install_tracking(plan)
+    monkeypatch.setattr(verify, "TRIGGER_LOCK_ATTEMPTS", 1)
+    with psycopg.connect(libpq(pool)) as busy:
+        busy.execute("LOCK TABLE projects IN ROW EXCLUSIVE MODE")  # an open write transaction on the table
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            engine.stop_replication(plan)
+        assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
+    engine.stop_replication(plan)  # the retry, once the table is free, drops the triggers
+    with psycopg.connect(libpq(pool)) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tc_track_%'").fetchone()
+    assert row == (0,)
+    engine.abort(plan, route_epoch=plan.epoch)
+
+
+def test_an_abort_gives_the_tenant_its_writes_back_before_the_teardown(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from control_plane.moves import verify
+
+    pool = world.endpoints.pool_url
+    plan = _plan(world, empty_silo)
+    engine.prepare_target(plan)
+    engine.start_replication(plan)
+    verify.install_tracking(plan)
+    engine.fence_source(plan)
+    monkeypatch.setattr(verify, "TRIGGER_LOCK_ATTEMPTS", 1)
+    with psycopg.connect(libpq(pool)) as busy:
+        busy.execute("LOCK TABLE projects IN ROW EXCLUSIVE MODE")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            engine.abort(plan, route_epoch=plan.epoch)
+    with psycopg.connect(libpq(pool)) as conn:
+        row = conn.execute("SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (plan.tenant_id,))
+        assert row.fetchone() == ("active",)  # not left fenced until an operator steps in
+    engine.abort(plan, route_epoch=plan.epoch)  # the retry completes the teardown
+    assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
