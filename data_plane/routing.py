@@ -65,6 +65,10 @@ SELECT tenant_id, slug, tier, status, placement, route_epoch, location_id, locat
 """
 
 
+# Statuses whose tenant is served ('moving': until the move's fence, at the database).
+SERVABLE_STATUSES = frozenset({"active", "moving"})
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a tenant lives right now."""
@@ -117,14 +121,20 @@ class Route:
         return replace(route, upcoming=upcoming)
 
     def require_servable(self) -> Route:
-        """Raise the §5 error for a tenant that must not be served."""
+        """Raise the §5 error for a tenant that must not be served.
+
+        An allow-list (fail closed): a status this code does not know, say one
+        a newer catalog migration adds, is refused, never served by default.
+        """
+        if self.status in SERVABLE_STATUSES:
+            return self
         if self.status == "suspended":
             raise TenantSuspendedError("tenant is suspended")
         if self.status in ("offboarding", "deleted"):
             raise TenantDeletedError("tenant has been offboarded")
         if self.status == "provisioning":
             raise TenantUnknownError("tenant is still being provisioned", code="tenant_not_ready")
-        return self
+        raise TenantUnknownError("tenant cannot be served in its current state")
 
 
 @dataclass

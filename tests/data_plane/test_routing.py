@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +15,7 @@ import pytest
 
 from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
-from data_plane.exceptions import TenantFencedError
+from data_plane.exceptions import TenantFencedError, TenantUnknownError
 from data_plane.ownership import BEGIN_TENANT, FUSED_STATEMENTS
 from data_plane.resources.projects.service import LIST_FIRST, TENANT
 from data_plane.routing import EngineRegistry, RouteDirectory
@@ -695,3 +696,18 @@ async def test_a_flip_to_the_announced_target_is_taken_from_its_notify_without_a
                 (before[0], before[1], a.id),
             )
         await routes.close()
+
+
+async def test_a_status_the_router_does_not_know_is_refused(world: World) -> None:
+    """Serving is an allow-list: a status a newer catalog might add is refused (fail closed), not served."""
+    directory = RouteDirectory(world.endpoints.app_catalog_url)
+    await directory.start()
+    try:
+        route = await directory.lookup(world["A"].id)
+    finally:
+        await directory.close()
+    assert route.require_servable() is route  # control: active
+    assert dataclasses.replace(route, status="moving").require_servable().status == "moving"
+    for status in ("archived", "", "Active"):
+        with pytest.raises(TenantUnknownError):
+            dataclasses.replace(route, status=status).require_servable()
