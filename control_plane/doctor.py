@@ -14,7 +14,10 @@ Each check names a way systems like this one have leaked data (PITFALLS):
   lead with ``tenant_id`` (a constraint error is an oracle on other tenants);
 * a view over tenant tables without ``security_invoker`` or a materialized view
   (both run with the owner's rights);
-* a PostgreSQL minor release older than the RLS fixes (a warning).
+* a PostgreSQL minor release older than the RLS fixes (a warning);
+* a tenant table a move would refuse (partitioned, filled from a sequence, or
+  without ``tenant_id`` in its replica identity: ``moves.tables.unmovable``),
+  a warning, so that it is found before a promotion is asked for.
 
 And one durability check: a move's publication, subscription or replication
 slot that no unfinished move owns (its compensation failed, or its job was
@@ -39,6 +42,7 @@ import psycopg
 from control_plane.fleet.models import Target
 from control_plane.fleet.targets import load_targets
 from control_plane.moves.engine import MOVE_OBJECT_PREFIX, move_object_name
+from control_plane.moves.tables import unmovable
 from data_plane.dsn import libpq, redact
 from data_plane.secrets import SecretUnavailableError
 
@@ -294,6 +298,8 @@ def audit_database(*, name: str, kind: str, dsn: str, app_role: str) -> TargetRe
                 report.findings.append(Finding("view", view, "view over tenant tables without security_invoker"))
         if not rows:
             report.findings.append(Finding("tenant_tables", name, "no table with tenant_id found"))
+        for table, reason in unmovable(conn, online=True):
+            report.warnings.append(Finding("not_movable", table, f"a move would refuse this table: {reason}"))
         report.move_objects = _move_objects(conn)
     return report
 

@@ -194,7 +194,7 @@ def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
     with connect(plan.source.owner()) as src:
         problems = unmovable(src, online=plan.mode == "online")
     if problems:
-        raise MoveError("the tenant schema cannot be moved: " + "; ".join(problems))
+        raise MoveError("the tenant schema cannot be moved: " + "; ".join(f"{t}: {why}" for t, why in problems))
     with connect(plan.target.owner()) as conn:
         owned = _ownership(conn, plan.tenant_id)
     if owned is not None and owned[0] in ("active", "fenced"):

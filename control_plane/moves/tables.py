@@ -71,8 +71,8 @@ def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
     return ordered
 
 
-def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[str]:
-    """Why a move could not carry the tenant's rows faithfully, one reason per table (none: it can).
+def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str, str]]:
+    """Why a move could not carry the tenant's rows faithfully: (table, reason) pairs (none: it can).
 
     Checked before a move touches anything, because each of these used to be
     found late or not at all:
@@ -91,15 +91,18 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[str]:
     problems = []
     for table, partitioned, sequenced, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
         if partitioned:
-            problems.append(f"{table} is partitioned; moves copy plain tables only")
+            problems.append((table, "partitioned; moves copy plain tables only"))
         if sequenced:
-            problems.append(f"{table}: {sequenced} draw from a sequence, whose position a move does not carry")
+            problems.append((table, f"{sequenced} draw from a sequence, whose position a move does not carry"))
         if online and not has_pk:
-            problems.append(f"{table} has no primary key")
+            problems.append((table, "no primary key"))
         elif online and not identity_has_tenant:
             problems.append(
-                f"{table}: tenant_id is not in its replica identity (primary key), which a row-filtered "
-                "publication needs for every tenant's UPDATE and DELETE"
+                (
+                    table,
+                    "tenant_id is not in its replica identity (primary key), which a row-filtered "
+                    "publication needs for every tenant's UPDATE and DELETE",
+                )
             )
     return problems
 

@@ -437,3 +437,20 @@ def test_a_table_sync_slot_of_another_subscription_is_not_a_moves(world: World) 
         with psycopg.connect(libpq(admin), autocommit=True) as conn:
             conn.execute("ALTER SUBSCRIPTION reporting_replica SET (slot_name = NONE)")
             conn.execute("DROP SUBSCRIPTION reporting_replica")
+
+
+@pytest.mark.parametrize(
+    ("ddl", "table"),
+    [
+        ("CREATE TABLE notes (tenant_id uuid NOT NULL, id bigserial, PRIMARY KEY (tenant_id, id))", "public.notes"),
+        ("CREATE TABLE labels (tenant_id uuid NOT NULL, id uuid PRIMARY KEY)", "public.labels"),
+    ],
+)
+def test_a_table_a_move_would_refuse_is_a_warning(endpoints: Endpoints, ddl: str, table: str) -> None:
+    clean = _doctor(endpoints)
+    assert not [w for w in _pool(clean)["warnings"] if w["check"] == "not_movable"]  # control: the shipped schema
+    with psycopg.connect(libpq(endpoints.pool_url)) as conn:
+        conn.execute(ddl)
+    warned = [w for w in _pool(_doctor(endpoints))["warnings"] if w["check"] == "not_movable"]
+    assert [w["object"] for w in warned] == [table]
+    assert "a move would refuse" in warned[0]["message"]
