@@ -62,6 +62,18 @@ def pool_location_id(world: World) -> uuid.UUID:
     return uuid.UUID(str(row[0]))
 
 
+def move_plan(world: World, silo: Silo, mode: str = "online") -> MovePlan:
+    """A plan moving tenant A from the pool to ``silo`` at epoch 1."""
+    return MovePlan(
+        move_id=uuid.uuid4(),
+        tenant_id=world["A"].id,
+        source=pool_side(world.endpoints, pool_location_id(world)),
+        target=silo.side,
+        epoch=1,
+        mode=mode,
+    )
+
+
 def catalog_flip(world: World, target: Side, placement: str):  # type: ignore[no-untyped-def]
     def flip(plan: MovePlan) -> None:
         with world.catalog() as cat:

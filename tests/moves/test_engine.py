@@ -21,7 +21,7 @@ from control_plane.moves import verify as verify_mod
 from control_plane.moves.engine import MovePlan
 from data_plane.dsn import libpq
 from tests.data_plane.conftest import World
-from tests.moves.conftest import Silo, catalog_flip, pool_location_id, pool_side, rows_of
+from tests.moves.conftest import Silo, catalog_flip, move_plan, rows_of
 from tests.slots import push_slot_past_its_keep_size, push_slot_past_its_wal, slot_keep_size, slot_status
 
 pytestmark = pytest.mark.slow
@@ -41,20 +41,9 @@ def _seed_bulk(world: World, tenant_id: uuid.UUID, projects: int) -> None:
         )
 
 
-def _plan(world: World, silo: Silo, mode: str = "online") -> MovePlan:
-    return MovePlan(
-        move_id=uuid.uuid4(),
-        tenant_id=world["A"].id,
-        source=pool_side(world.endpoints, pool_location_id(world)),
-        target=silo.side,
-        epoch=1,
-        mode=mode,
-    )
-
-
 def _replicating(world: World, silo: Silo) -> MovePlan:
     """A move's plan with the target prepared, subscribed and through its initial sync."""
-    plan = _plan(world, silo)
+    plan = move_plan(world, silo)
     engine.prepare_target(plan)
     engine.start_replication(plan)
     engine.wait_initial_sync(plan)
@@ -67,7 +56,7 @@ async def test_promotion_under_writes_loses_nothing(
 ) -> None:
     a, b = world["A"], world["B"]
     _seed_bulk(world, a.id, 300)
-    plan = _plan(world, empty_silo, mode)
+    plan = move_plan(world, empty_silo, mode)
     acknowledged: list[str] = []
     failures: list[int] = []
     stop = asyncio.Event()
@@ -128,7 +117,7 @@ def test_verification_mismatch_aborts_with_source_authoritative(world: World, em
 
 def test_fence_drains_in_flight_and_terminates_stragglers(world: World, empty_silo: Silo) -> None:
     a = world["A"]
-    plan = _plan(world, empty_silo)
+    plan = move_plan(world, empty_silo)
     done, fenced = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
@@ -166,7 +155,7 @@ def test_target_that_serves_the_tenant_is_never_overwritten(world: World, empty_
         conn.execute("SELECT tenantctl.claim_tenant(%s, 5)", (a.id,))
         conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES (%s, %s, 'precious')", (a.id, uuid.uuid4()))
     with pytest.raises(MoveError, match="already serves"):
-        engine.prepare_target(_plan(world, empty_silo))
+        engine.prepare_target(move_plan(world, empty_silo))
     assert len(rows_of(empty_silo.side.owner_dsn, a.id)["projects"]) == 1
 
 
@@ -642,7 +631,7 @@ def test_an_initial_copy_that_stops_moving_is_reported_and_one_that_resumes_fini
     """The wait has no overall deadline (a large tenant's copy takes as long as it takes), only a stall limit."""
     a = world["A"]
     _seed_bulk(world, a.id, 200)
-    plan = _plan(world, empty_silo)
+    plan = move_plan(world, empty_silo)
     engine.prepare_target(plan)
     # Someone holds the target's tasks table: that table's sync cannot write a row.
     with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as holder:
@@ -663,7 +652,7 @@ def test_an_initial_copy_that_stops_moving_is_reported_and_one_that_resumes_fini
 def _replicating_a_row_the_target_rejects(world: World, silo: Silo) -> MovePlan:
     """A move's plan subscribed to a tenant with a row the target rejects: its table sync fails, every time."""
     _seed_bulk(world, world["A"].id, 20)
-    plan = _plan(world, silo)
+    plan = move_plan(world, silo)
     engine.prepare_target(plan)
     with psycopg.connect(libpq(silo.side.owner_dsn)) as conn:
         conn.execute("ALTER TABLE projects ADD CONSTRAINT no_bulk_7 CHECK (name <> 'bulk-7')")
@@ -746,7 +735,7 @@ def test_a_replication_slot_the_source_invalidated_fails_the_move_at_once(world:
     """A lost slot can never catch up: the copy and the catch-up gate say so, instead of waiting minutes."""
     a = world["A"]
     _seed_bulk(world, a.id, 50)
-    plan = _plan(world, empty_silo)
+    plan = move_plan(world, empty_silo)
     engine.prepare_target(plan)
     with psycopg.connect(libpq(empty_silo.side.owner_dsn)) as holder:
         holder.execute("LOCK TABLE tasks IN SHARE MODE")  # the copy cannot finish while this is held

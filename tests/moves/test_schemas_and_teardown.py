@@ -12,30 +12,21 @@ keys; a teardown waiting for table locks left the slot (and the fence) behind.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from control_plane.exceptions import MoveError
-from control_plane.moves import engine
+from control_plane.moves import engine, verify
 from control_plane.moves.engine import MovePlan
 from data_plane.dsn import libpq
-from tests.moves.conftest import Silo, catalog_flip, pool_location_id, pool_side
+from tests.moves.conftest import Silo, catalog_flip, move_plan
 from tests.world import World
 
 pytestmark = pytest.mark.slow
-
-
-def _plan(world: World, silo: Silo, mode: str = "online") -> MovePlan:
-    return MovePlan(
-        move_id=uuid.uuid4(),
-        tenant_id=world["A"].id,
-        source=pool_side(world.endpoints, pool_location_id(world)),
-        target=silo.side,
-        epoch=1,
-        mode=mode,
-    )
 
 
 def _ddl(dsns: list[str], statement: str) -> None:
@@ -89,7 +80,7 @@ def test_an_unmovable_tenant_table_refuses_the_move_before_anything_is_created(
 ) -> None:
     pool, silo = world.endpoints.pool_url, empty_silo.side.owner_dsn
     # Control first: the world's own schema moves (prepare and replicate, then abort).
-    control = _plan(world, empty_silo)
+    control = move_plan(world, empty_silo)
     engine.prepare_target(control)
     engine.start_replication(control)
     engine.abort(control, route_epoch=control.epoch)
@@ -97,7 +88,7 @@ def test_an_unmovable_tenant_table_refuses_the_move_before_anything_is_created(
 
     _ddl([pool, silo], ddl)
     for mode in ("online", "offline"):
-        plan = _plan(world, empty_silo, mode)
+        plan = move_plan(world, empty_silo, mode)
         if mode not in modes:
             engine.prepare_target(plan)  # offline needs no replica identity
             continue
@@ -115,7 +106,7 @@ def test_the_refusal_spares_other_tenants_writes(world: World, empty_silo: Silo)
     with psycopg.connect(libpq(pool), autocommit=True) as conn:
         conn.execute("INSERT INTO labels VALUES (%s, gen_random_uuid(), 'b')", (world["B"].id,))
     with pytest.raises(MoveError, match="replica identity"):
-        engine.run_steps(_plan(world, empty_silo), flip=catalog_flip(world, empty_silo.side, "silo"))
+        engine.run_steps(move_plan(world, empty_silo), flip=catalog_flip(world, empty_silo.side, "silo"))
     with psycopg.connect(libpq(pool), autocommit=True) as conn:
         updated = conn.execute("UPDATE labels SET name = 'b2' WHERE tenant_id = %s", (world["B"].id,)).rowcount
     assert updated == 1
@@ -123,7 +114,7 @@ def test_the_refusal_spares_other_tenants_writes(world: World, empty_silo: Silo)
 
 def test_the_publication_does_not_carry_truncate(world: World, empty_silo: Silo) -> None:
     # Row filters do not apply to TRUNCATE: a truncate on a demoted silo would empty the pool's table.
-    plan = _plan(world, empty_silo)
+    plan = move_plan(world, empty_silo)
     engine.prepare_target(plan)
     engine.start_replication(plan)
     try:
@@ -140,7 +131,7 @@ def test_the_publication_does_not_carry_truncate(world: World, empty_silo: Silo)
 def test_a_replayed_offline_cutover_copies_again_and_verifies(world: World, empty_silo: Silo) -> None:
     """A crash after the offline copy committed, before the cutover's checkpoint: the replay resumes."""
     a = world["A"]
-    plan = _plan(world, empty_silo, "offline")
+    plan = move_plan(world, empty_silo, "offline")
     engine.prepare_target(plan)
     engine.fence_source(plan)
     first = engine.copy_offline(plan)
@@ -154,7 +145,7 @@ def test_a_replayed_offline_cutover_copies_again_and_verifies(world: World, empt
 
 
 def test_an_offline_copy_never_overwrites_a_target_that_serves_the_tenant(world: World, empty_silo: Silo) -> None:
-    plan = _plan(world, empty_silo, "offline")
+    plan = move_plan(world, empty_silo, "offline")
     engine.run_steps(plan, flip=catalog_flip(world, empty_silo.side, "silo"), cleanup=False)
     with pytest.raises(MoveError, match="already serves"):
         engine.copy_offline(plan)
@@ -177,7 +168,7 @@ def test_a_table_with_an_enum_column_moves_and_verifies(world: World, empty_silo
         conn.execute(
             "INSERT INTO moods (tenant_id, id, m, history) VALUES (%s, gen_random_uuid(), 'sad', '{ok,sad}')", (a.id,)
         )
-    plan = _plan(world, empty_silo, mode)
+    plan = move_plan(world, empty_silo, mode)
     engine.run_steps(plan, flip=catalog_flip(world, empty_silo.side, "silo"), cleanup=False)
     assert _count(silo, "moods", a.id) == 1
     # Control: the check still sees a difference in such a table.
@@ -187,20 +178,31 @@ def test_a_table_with_an_enum_column_moves_and_verifies(world: World, empty_silo
     assert engine.table_checksums(silo, a.id)["public.moods"] != engine.table_checksums(pool, a.id)["public.moods"]
 
 
-def test_teardown_drops_the_slot_even_when_the_triggers_cannot_be_dropped_yet(
-    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A busy table delays dropping the change triggers; the slot (which holds the source's WAL) goes first."""
-    from control_plane.moves import verify
-
-    pool = world.endpoints.pool_url
-    plan = _plan(world, empty_silo)
+def _tracked_with_one_lock_attempt(world: World, silo: Silo, monkeypatch: pytest.MonkeyPatch) -> MovePlan:
+    """A replicating move with its change triggers, whose teardown tries each table's lock once."""
+    plan = move_plan(world, silo)
     engine.prepare_target(plan)
     engine.start_replication(plan)
     verify.install_tracking(plan)
     monkeypatch.setattr(verify, "TRIGGER_LOCK_ATTEMPTS", 1)
-    with psycopg.connect(libpq(pool)) as busy:
-        busy.execute("LOCK TABLE projects IN ROW EXCLUSIVE MODE")  # an open write transaction on the table
+    return plan
+
+
+@contextlib.contextmanager
+def _busy_table(world: World) -> Iterator[None]:
+    """An open write transaction on ``projects``: dropping a trigger there cannot get its lock."""
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as busy:
+        busy.execute("LOCK TABLE projects IN ROW EXCLUSIVE MODE")
+        yield
+
+
+def test_teardown_drops_the_slot_even_when_the_triggers_cannot_be_dropped_yet(
+    world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy table delays dropping the change triggers; the slot (which holds the source's WAL) goes first."""
+    pool = world.endpoints.pool_url
+    plan = _tracked_with_one_lock_attempt(world, empty_silo, monkeypatch)
+    with _busy_table(world):
         with pytest.raises(psycopg.errors.LockNotAvailable):
             engine.stop_replication(plan)
         assert engine.replication_objects(plan) == {"publications": 0, "subscriptions": 0, "slots": 0}
@@ -214,19 +216,11 @@ def test_teardown_drops_the_slot_even_when_the_triggers_cannot_be_dropped_yet(
 def test_an_abort_gives_the_tenant_its_writes_back_before_the_teardown(
     world: World, empty_silo: Silo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from control_plane.moves import verify
-
     pool = world.endpoints.pool_url
-    plan = _plan(world, empty_silo)
-    engine.prepare_target(plan)
-    engine.start_replication(plan)
-    verify.install_tracking(plan)
+    plan = _tracked_with_one_lock_attempt(world, empty_silo, monkeypatch)
     engine.fence_source(plan)
-    monkeypatch.setattr(verify, "TRIGGER_LOCK_ATTEMPTS", 1)
-    with psycopg.connect(libpq(pool)) as busy:
-        busy.execute("LOCK TABLE projects IN ROW EXCLUSIVE MODE")
-        with pytest.raises(psycopg.errors.LockNotAvailable):
-            engine.abort(plan, route_epoch=plan.epoch)
+    with _busy_table(world), pytest.raises(psycopg.errors.LockNotAvailable):
+        engine.abort(plan, route_epoch=plan.epoch)
     with psycopg.connect(libpq(pool)) as conn:
         row = conn.execute("SELECT state FROM tenantctl.tenant_ownership WHERE tenant_id = %s", (plan.tenant_id,))
         assert row.fetchone() == ("active",)  # not left fenced until an operator steps in
