@@ -7,34 +7,37 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-TENANT_TABLES = """
-SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+# Relations with a tenant_id column outside the system and tenantctl schemas
+# (``c``, named ``n.nspname.c.relname``); each query below narrows the kinds.
+_TENANT_RELATIONS = """
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
- WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl')
-   AND n.nspname !~ '^pg_' AND NOT c.relispartition
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl') AND n.nspname !~ '^pg_'
 """
 
+TENANT_TABLES = (
+    "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
+    + _TENANT_RELATIONS
+    + "   AND c.relkind = 'r' AND NOT c.relispartition"
+)
+
 # Every table with a tenant_id column, plain or not, with what decides whether a move can carry it.
-MOVABILITY = """
+MOVABILITY = (
+    """
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p' OR c.relispartition,
        (SELECT string_agg(quote_ident(s.attname), ', ' ORDER BY s.attnum) FROM pg_attribute s
           LEFT JOIN pg_attrdef d ON d.adrelid = s.attrelid AND d.adnum = s.attnum
          WHERE s.attrelid = c.oid AND s.attnum > 0 AND NOT s.attisdropped
-           AND (s.attidentity <> '' OR pg_get_expr(d.adbin, d.adrelid) LIKE '%%nextval(%%')),
+           AND (s.attidentity <> '' OR position('nextval(' IN pg_get_expr(d.adbin, d.adrelid)) > 0)),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
        c.relreplident = 'f' OR EXISTS (
            SELECT 1 FROM pg_index i JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY(i.indkey)
             WHERE i.indrelid = c.oid AND k.attname = 'tenant_id'
-              AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
-  FROM pg_class c
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
- WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl')
-   AND n.nspname !~ '^pg_'
- ORDER BY 1
-"""
+              AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))"""
+    + _TENANT_RELATIONS
+    + "   AND c.relkind IN ('r', 'p') ORDER BY 1"
+)
 
 FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid"
 
