@@ -685,35 +685,55 @@ def _slots_like(admin: str, pattern: str) -> set[str]:
         return {row[0] for row in rows.fetchall()}
 
 
+def _sync_diagnostics(silo: Silo, plan: MovePlan) -> str:
+    """What the subscriber says about the move's subscription (for a failure message)."""
+    with psycopg.connect(libpq(silo.side.admin_dsn)) as conn:
+        stats = conn.execute(
+            "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subname = %s",
+            (plan.name,),
+        ).fetchall()
+        workers = conn.execute(
+            "SELECT relid::regclass::text, pid FROM pg_stat_subscription WHERE subname = %s", (plan.name,)
+        ).fetchall()
+    return f"errors (apply, sync): {stats}; workers (relation, pid): {workers}"
+
+
 def test_stopping_replication_drops_its_own_table_sync_slots_and_no_other_servers(
     world: World, empty_silo: Silo
 ) -> None:
     """A table sync's slot is named by subscription oid *and* subscriber: another server's subscription can share the oid."""
     plan = _replicating_a_row_the_target_rejects(world, empty_silo)  # the sync fails every time: its slot stays
-    with psycopg.connect(libpq(empty_silo.side.admin_dsn)) as conn:
-        row = conn.execute(
-            "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
-            (plan.name,),
-        ).fetchone()
-    assert row is not None
-    subid, subscriber = int(row[0]), int(row[1])
     source = plan.source.admin()
-    own = engine.table_sync_slots(subid, subscriber)
-    deadline = time.monotonic() + 30
-    while not _slots_like(source, own) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _slots_like(source, own), "the failing table sync keeps a slot on the source"
-    # The same oid's table sync from another server (a concurrent move to another silo server).
-    other = f"pg_{subid}_sync_16384_{subscriber + 1}"
-    with psycopg.connect(libpq(source), autocommit=True) as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (other,))
+    other: str | None = None
     try:
+        with psycopg.connect(libpq(empty_silo.side.admin_dsn)) as conn:
+            row = conn.execute(
+                "SELECT s.oid, c.system_identifier FROM pg_subscription s, pg_control_system() c WHERE s.subname = %s",
+                (plan.name,),
+            ).fetchone()
+        assert row is not None
+        subid, subscriber = int(row[0]), int(row[1])
+        own = engine.table_sync_slots(subid, subscriber)
+        # A failed sync is retried after wal_retrieve_retry_interval; on a loaded host the
+        # first attempt may come late: wait generously, and say what the subscriber saw if not.
+        deadline = time.monotonic() + 90
+        while not _slots_like(source, own) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _slots_like(source, own), f"no slot of the failing table sync: {_sync_diagnostics(empty_silo, plan)}"
+        # The same oid's table sync from another server (a concurrent move to another silo server).
+        other = f"pg_{subid}_sync_16384_{subscriber + 1}"
+        with psycopg.connect(libpq(source), autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (other,))
         engine.abort(plan, route_epoch=plan.epoch)
         assert _slots_like(source, own) == set()
         assert _slots_like(source, f"pg\\_{subid}\\_sync\\_%") == {other}
     finally:
-        with psycopg.connect(libpq(source), autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (other,))
+        # Whatever failed above, nothing of this test may outlive it: the servers are
+        # shared by the session, and a leftover slot fails every later slot count.
+        engine.abort(plan, route_epoch=plan.epoch)
+        if other is not None:
+            with psycopg.connect(libpq(source), autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (other,))
 
 
 def _slot_status(plan: MovePlan) -> tuple[str, bool] | None:
