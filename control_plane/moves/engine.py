@@ -37,7 +37,7 @@ from psycopg import sql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
-from control_plane.moves.tables import row_digest, tenant_tables, unmovable
+from control_plane.moves.tables import row_digest, sequences, tenant_tables, unmovable, unusable_sequences
 from data_plane.dsn import libpq
 
 log = structlog.get_logger(__name__)
@@ -193,10 +193,19 @@ def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
     """
     with connect(plan.source.owner()) as src:
         problems = unmovable(src, online=plan.mode == "online")
-    if problems:
-        raise MoveError("the tenant schema cannot be moved: " + "; ".join(f"{t}: {why}" for t, why in problems))
+        needed = sequences(src)
     with connect(plan.target.owner()) as conn:
         owned = _ownership(conn, plan.tenant_id)
+        # The cutover advances these on the target (carry_sequences): found
+        # missing or read-only there, it would fail inside the write pause.
+        present = set(sequences(conn))
+        missing = [f"{schema}.{name}" for schema, name in needed if (schema, name) not in present]
+        problems += [(name, "a sequence of a tenant table, missing on the target") for name in missing]
+        problems += [
+            (name, "a sequence the move's role cannot advance on the target") for name in unusable_sequences(conn)
+        ]
+    if problems:
+        raise MoveError("the tenant schema cannot be moved: " + "; ".join(f"{t}: {why}" for t, why in problems))
     if owned is not None and owned[0] in ("active", "fenced"):
         raise MoveError(f"the target already serves tenant {plan.tenant_id} ({owned[0]}); refusing to overwrite it")
     return _delete_tenant_rows(plan.target.owner(), plan.tenant_id, batch=batch)
@@ -670,15 +679,70 @@ def copy_offline(plan: MovePlan) -> dict[str, int]:
 # -- cutover ---------------------------------------------------------------------------------
 
 
-def activate_target(plan: MovePlan, *, conn: psycopg.Connection[Any] | None = None) -> None:
-    """The target starts serving the tenant at the new epoch (before the route flips).
+# The target's sequence becomes the source's position unless it is already
+# past it (a sequence of the pool, shared with other tenants, on a demotion).
+# CASE: setval runs only for the rows that need it.
+ADVANCE_SEQUENCES = """
+SELECT x.nsp || '.' || x.name, ps.sequencename IS NOT NULL,
+       CASE WHEN ps.sequencename IS NOT NULL AND (ps.last_value IS NULL
+                 OR (ps.increment_by > 0 AND ps.last_value < x.v) OR (ps.increment_by < 0 AND ps.last_value > x.v))
+            THEN pg_catalog.setval(format('%%I.%%I', x.nsp, x.name)::regclass, x.v, true) END
+  FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS x(nsp, name, v)
+  LEFT JOIN pg_catalog.pg_sequences ps ON ps.schemaname = x.nsp AND ps.sequencename = x.name
+"""
+
+
+def carry_sequences(
+    src: psycopg.Connection[Any], dst: psycopg.Connection[Any], names: Sequence[tuple[str, str]]
+) -> dict[str, int]:
+    """Advance the target's ``names`` (schema, sequence) to the source's positions; return those advanced.
+
+    Logical replication and COPY carry rows, not sequence positions: without
+    this, a serial or identity column started again from 1 on the target, and
+    the tenant's first insert after the move collided with its own copied rows.
+    Called inside the fence, after the drain, so every value the tenant's rows
+    hold was drawn from the source's sequence before its position is read
+    (``last_value`` is past any value a backend's cache handed out). Never
+    moves a sequence back: idempotent on a replayed cutover, and a demotion
+    leaves the pool's shared sequences ahead of every tenant's rows.
+    """
+    if not names:
+        return {}
+    positions = src.execute(
+        "SELECT schemaname, sequencename, last_value FROM pg_catalog.pg_sequences "
+        "WHERE (schemaname, sequencename) IN (SELECT * FROM unnest(%s::text[], %s::text[])) AND last_value IS NOT NULL",
+        ([n[0] for n in names], [n[1] for n in names]),
+    ).fetchall()
+    if not positions:
+        return {}  # none drawn from yet: the target's start is right
+    rows = dst.execute(
+        ADVANCE_SEQUENCES, ([p[0] for p in positions], [p[1] for p in positions], [p[2] for p in positions])
+    ).fetchall()
+    missing = [name for name, present, _ in rows if not present]
+    if missing:
+        raise MoveError(f"the target lacks sequences of tenant tables: {', '.join(missing)}")
+    return {name: int(value) for name, _, value in rows if value is not None}
+
+
+def activate_target(
+    plan: MovePlan,
+    *,
+    conn: psycopg.Connection[Any] | None = None,
+    source: psycopg.Connection[Any] | None = None,
+    sequence_names: Sequence[tuple[str, str]] | None = None,
+) -> None:
+    """The target starts serving the tenant at the new epoch (before the route flips), its sequences carried.
 
     Safe while the source is fenced and the catalog still routes to it: no
     router holds the new epoch before the flip commits, so the target refuses
     every request until then (stale epoch), and :func:`abort` can still take
-    it back. ``conn``: an autocommit connection to the target as its owner.
+    it back. ``conn``: an autocommit connection to the target as its owner,
+    ``source`` one to the source; ``sequence_names``: the tenant tables'
+    sequences (``tables.sequences``), found before the pause (else here).
     """
-    with _reuse(conn, plan.target.owner()) as dst:
+    with _reuse(source, plan.source.owner()) as src, _reuse(conn, plan.target.owner()) as dst:
+        names = sequences(src) if sequence_names is None else sequence_names
+        carry_sequences(src, dst, names)
         # One statement, one transaction (autocommit): one round trip in the pause.
         dst.execute(
             f"WITH markers AS (DELETE FROM {MARKERS} WHERE tenant_id = %s) SELECT tenantctl.claim_tenant(%s, %s)",

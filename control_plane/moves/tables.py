@@ -26,10 +26,6 @@ TENANT_TABLES = (
 MOVABILITY = (
     """
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p' OR c.relispartition,
-       (SELECT string_agg(quote_ident(s.attname), ', ' ORDER BY s.attnum) FROM pg_attribute s
-          LEFT JOIN pg_attrdef d ON d.adrelid = s.attrelid AND d.adnum = s.attnum
-         WHERE s.attrelid = c.oid AND s.attnum > 0 AND NOT s.attisdropped
-           AND (s.attidentity <> '' OR position('nextval(' IN pg_get_expr(d.adbin, d.adrelid)) > 0)),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
        c.relreplident = 'f' OR EXISTS (
            SELECT 1 FROM pg_index i JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY(i.indkey)
@@ -37,6 +33,34 @@ SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p' 
               AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))"""
     + _TENANT_RELATIONS
     + "   AND c.relkind IN ('r', 'p') ORDER BY 1"
+)
+
+# The sequences that fill a column of a tenant table: identity and serial
+# columns' own ("internal" and "auto" dependencies of the sequence on the
+# table) and any other a column default calls nextval() on (the default
+# depends on the sequence). Only sequences: indexes and TOAST tables depend on
+# their table the same way.
+SEQUENCES = (
+    """
+SELECT ps.schemaname, ps.sequencename,
+       has_sequence_privilege(s.oid, 'SELECT') AND has_sequence_privilege(s.oid, 'UPDATE')
+  FROM pg_sequences ps
+  JOIN pg_namespace sn ON sn.nspname = ps.schemaname
+  JOIN pg_class s ON s.relnamespace = sn.oid AND s.relname = ps.sequencename
+ WHERE s.oid IN (
+       SELECT d.objid FROM pg_depend d
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+          AND d.refobjid IN (SELECT c.oid"""
+    + _TENANT_RELATIONS
+    + """)
+       UNION
+       SELECT d.refobjid FROM pg_attrdef ad
+         JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+          AND d.refclassid = 'pg_class'::regclass
+        WHERE ad.adrelid IN (SELECT c.oid"""
+    + _TENANT_RELATIONS
+    + """))
+ ORDER BY 1, 2"""
 )
 
 FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid"
@@ -83,20 +107,18 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str,
     * a partitioned table (or a partition) is not a plain table: the move's
       copy, verification and cleanup would skip it, and the route would flip
       to a store without those rows;
-    * a column filled from a sequence (identity, serial) would restart on the
-      target from its own sequence and collide with the copied rows (the
-      move carries rows, not sequence values);
+    * a sequence that fills a column and that the move's role cannot read
+      and advance (``engine.carry_sequences``) would restart on the target
+      and its next values collide with the copied rows;
     * online, logical replication with a ``tenant_id`` row filter needs
       ``tenant_id`` in the table's replica identity, or PostgreSQL refuses
       every tenant's UPDATE and DELETE on it while the publication exists;
       verification needs a primary key.
     """
     problems = []
-    for table, partitioned, sequenced, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
+    for table, partitioned, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
         if partitioned:
             problems.append((table, "partitioned; moves copy plain tables only"))
-        if sequenced:
-            problems.append((table, f"{sequenced} draw from a sequence, whose position a move does not carry"))
         if online and not has_pk:
             problems.append((table, "no primary key"))
         elif online and not identity_has_tenant:
@@ -107,7 +129,21 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str,
                     "publication needs for every tenant's UPDATE and DELETE",
                 )
             )
+    problems += [(name, UNUSABLE_SEQUENCE) for name in unusable_sequences(conn)]
     return problems
+
+
+UNUSABLE_SEQUENCE = "a sequence of a tenant table that the move's role cannot read and advance"
+
+
+def sequences(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    """(schema, name) of every sequence that fills a column of a tenant table."""
+    return [(str(schema), str(name)) for schema, name, _ in conn.execute(SEQUENCES).fetchall()]
+
+
+def unusable_sequences(conn: psycopg.Connection[Any]) -> list[str]:
+    """Those of :func:`sequences` that this connection's role cannot read and advance (``schema.name``)."""
+    return [f"{schema}.{name}" for schema, name, usable in conn.execute(SEQUENCES).fetchall() if not usable]
 
 
 # Whether a table has a column whose hash differs between two databases for

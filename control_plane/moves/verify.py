@@ -57,7 +57,7 @@ from psycopg import sql
 from control_plane.exceptions import VerificationError
 from control_plane.moves import engine
 from control_plane.moves.engine import MovePlan
-from control_plane.moves.tables import row_digest, tenant_tables
+from control_plane.moves.tables import row_digest, sequences, tenant_tables
 
 CHANGES = '"tenantctl"."move_changes"'
 Checksum = tuple[int, int]  # (rows, xor of row hashes)
@@ -442,6 +442,7 @@ def verify_incremental(
     ):
         tables = tenant_tables(source_snapshot)
         digests = {table: row_digest(source_snapshot, table) for table in tables}
+        sequence_names = sequences(source_snapshot)  # their positions are carried inside the fence
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=2) as pool:
             s_future = pool.submit(_checksums, source_snapshot, tables, digests, plan.tenant_id)
@@ -502,7 +503,7 @@ def verify_incremental(
             timings["delta_seconds"] = time.monotonic() - delta_start
             if activate and not mismatches:
                 activated = time.monotonic()
-                engine.activate_target(plan, conn=target_control)
+                engine.activate_target(plan, conn=target_control, source=source_control, sequence_names=sequence_names)
                 timings["activate_seconds"] = time.monotonic() - activated
                 if on_activated is not None:
                     on_activated()

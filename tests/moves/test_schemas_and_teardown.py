@@ -3,7 +3,8 @@
 Each case went wrong late or silently before (found by a review):
 a partitioned table was skipped by the copy, verification and cleanup, and the
 route flipped to a store without its rows; an identity column restarted on the
-target and the tenant's first insert there collided with its own copied rows;
+target and the tenant's first insert there collided with its own copied rows
+(now the cutover carries every sequence's position);
 a table whose replica identity lacks ``tenant_id`` made PostgreSQL refuse
 *every* tenant's UPDATE and DELETE on it for the whole replication; an enum
 column failed every verification; a replayed offline cutover hit duplicate
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import psycopg
 import pytest
@@ -56,10 +58,14 @@ PARTITIONED = (
     "CREATE TABLE events_p0 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 0); "
     "CREATE TABLE events_p1 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 1)"
 )
-IDENTITY = (
-    "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY, PRIMARY KEY (tenant_id, id))"
+# Identity, serial and a free-standing sequence shared by default (the pool's
+# tenants all draw from each).
+SEQUENCED = (
+    "CREATE SEQUENCE shared_refs; "
+    "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY, n bigserial, "
+    "ref bigint DEFAULT nextval('shared_refs'), PRIMARY KEY (tenant_id, id)); "
+    "GRANT SELECT ON notes TO tenantctl_replicator"
 )
-SERIAL = "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigserial, PRIMARY KEY (tenant_id, id))"
 NO_TENANT_IN_KEY = "CREATE TABLE labels (tenant_id uuid NOT NULL, id uuid PRIMARY KEY, name text)"
 NO_KEY = "CREATE TABLE labels (tenant_id uuid NOT NULL, name text)"
 
@@ -68,12 +74,10 @@ NO_KEY = "CREATE TABLE labels (tenant_id uuid NOT NULL, name text)"
     ("ddl", "table", "modes"),
     [
         (PARTITIONED, "public.events", ("online", "offline")),
-        (IDENTITY, "public.notes", ("online", "offline")),
-        (SERIAL, "public.notes", ("online", "offline")),
         (NO_TENANT_IN_KEY, "public.labels", ("online",)),
         (NO_KEY, "public.labels", ("online",)),
     ],
-    ids=["partitioned", "identity", "serial", "tenant_id-outside-the-key", "no-key"],
+    ids=["partitioned", "tenant_id-outside-the-key", "no-key"],
 )
 def test_an_unmovable_tenant_table_refuses_the_move_before_anything_is_created(
     world: World, empty_silo: Silo, ddl: str, table: str, modes: tuple[str, ...]
@@ -97,6 +101,51 @@ def test_an_unmovable_tenant_table_refuses_the_move_before_anything_is_created(
         assert table in str(refused.value)
         assert _publications(pool) == 0
     assert _count(pool, "projects", world["A"].id) == 1  # the source keeps its rows
+
+
+def _insert_notes(dsn: str, tenant: uuid.UUID, count: int) -> list[tuple[int, int, int]]:
+    with psycopg.connect(libpq(dsn), autocommit=True) as conn:
+        conn.execute("SET row_security = off")
+        return [
+            cast(
+                tuple[int, int, int],
+                conn.execute("INSERT INTO notes (tenant_id) VALUES (%s) RETURNING id, n, ref", (tenant,)).fetchone(),
+            )
+            for _ in range(count)
+        ]
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_sequences_follow_the_rows_and_never_go_back(world: World, empty_silo: Silo, mode: str) -> None:
+    """An identity or serial column used to start again from 1 on the target: the first insert collided."""
+    a, b, pool, silo = world["A"], world["B"], world.endpoints.pool_url, empty_silo.side.owner_dsn
+    _ddl([pool, silo], SEQUENCED)
+    _ddl([silo], "SELECT setval('shared_refs', 10000)")  # the target is already past the source here
+    drawn = [*_insert_notes(pool, a.id, 2), *_insert_notes(pool, b.id, 2), *_insert_notes(pool, a.id, 1)]
+    assert [row[0] for row in drawn] == [1, 2, 3, 4, 5]  # A's rows hold 1, 2 and 5; B drew 3 and 4
+
+    engine.run_steps(move_plan(world, empty_silo, mode), flip=catalog_flip(world, empty_silo.side, "silo"))
+
+    assert _count(silo, "notes", a.id) == 3 and _count(pool, "notes", a.id) == 0
+    # The tenant's next row on its silo: past every value drawn from the pool, and
+    # the sequence that was already further stayed where it was.
+    assert _insert_notes(silo, a.id, 1) == [(6, 6, 10001)]
+    # Control: the pool's sequences went on for its other tenants.
+    assert _insert_notes(pool, b.id, 1) == [(6, 6, 6)]
+
+
+def test_a_sequence_the_target_lacks_or_cannot_advance_refuses_the_move(world: World, empty_silo: Silo) -> None:
+    pool, silo = world.endpoints.pool_url, empty_silo.side.owner_dsn
+    _ddl([pool], SEQUENCED)
+    _ddl([silo], SEQUENCED.replace("shared_refs", "other_refs"))
+    with pytest.raises(MoveError, match=r"public\.shared_refs: a sequence of a tenant table, missing on the target"):
+        engine.prepare_target(move_plan(world, empty_silo, "offline"))
+    _ddl([silo], "CREATE SEQUENCE shared_refs; ALTER TABLE notes ALTER ref SET DEFAULT nextval('shared_refs')")
+    engine.prepare_target(move_plan(world, empty_silo, "offline"))  # control: now it can
+    _ddl([silo], "REVOKE UPDATE ON SEQUENCE notes_n_seq FROM CURRENT_USER")
+    with pytest.raises(MoveError, match="notes_n_seq: a sequence the move's role cannot advance on the target"):
+        engine.prepare_target(move_plan(world, empty_silo, "offline"))
+    assert _publications(pool) == 0
 
 
 def test_the_refusal_spares_other_tenants_writes(world: World, empty_silo: Silo) -> None:
