@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = structlog.get_logger(__name__)
 
@@ -228,6 +229,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Only an exception raised outside UnexpectedErrors (in an outer middleware) gets here.
         log.exception("unhandled_error", error_type=type(exc).__name__)
         return error_response(500, "internal_error", "internal error")
 
@@ -235,3 +237,38 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+    # Added first, so the innermost middleware: the app's own middleware (metrics, access log) sees a plain 500.
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """Answer an unexpected exception with the §5 500 and stop it here.
+
+    Starlette's outermost middleware answers with the ``Exception`` handler
+    and then re-raises to the server, and uvicorn logs the exception with its
+    message: a database error's message quotes the row ("Failing row contains
+    (...)"), so tenant data reached the server's log. Here the exception is
+    logged once, through ``data_plane.logs`` (which logs names, not those
+    messages), and goes no further.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("unhandled_error", error_type=type(exc).__name__, response_started=started)
+            if not started:
+                await error_response(500, "internal_error", "internal error")(scope, receive, send)

@@ -5,7 +5,10 @@ import. Every event passes :func:`redact_secrets`, so a token, an
 ``Authorization`` header or a password can never reach a log line even if a
 caller passes one by mistake. Row contents are never passed to a logger: the
 access log carries method, route template, status, timings and the request's
-routing facts (request id, tenant id, tier, placement, route epoch) only.
+routing facts (request id, tenant id, tier, placement, route epoch) only; an
+exception is rendered by :func:`format_exc_info_safely`, which replaces the
+messages of database and validation errors (they quote row values) with their
+diagnostic names.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
@@ -54,6 +58,84 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
     return event_dict
 
 
+# Libraries whose exception messages quote the data they handled: a database
+# error's message and DETAIL ("Failing row contains (...)", "Key (name)=(...)
+# already exists", "invalid input for query argument $1: '...'"), SQLAlchemy's
+# the statement's parameters, a validation error's the offending input.
+_DATA_QUOTING_MODULES = ("asyncpg", "psycopg", "sqlalchemy", "pydantic", "pydantic_core", "fastapi.exceptions")
+# The diagnostic fields that name things without quoting values (asyncpg's
+# exception attributes; psycopg keeps the same names on ``exc.diag``).
+_DIAGNOSTICS = ("sqlstate", "schema_name", "table_name", "column_name", "data_type_name", "constraint_name")
+
+
+def describe_exception(exc: BaseException) -> str:
+    """What a log line may say about ``exc``: its message, unless the message may quote tenant data.
+
+    For an exception of a data-handling library, only names: the SQLSTATE and
+    the schema, table, column and constraint involved, or a validation
+    error's locations and error types. A 500 caused by a constraint used to
+    write the tenant's whole failing row into the log.
+    """
+    if not type(exc).__module__.startswith(_DATA_QUOTING_MODULES):
+        return str(exc)
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic's ValidationError, FastAPI's Request/ResponseValidationError
+        try:
+            listed = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('type', '?')}" for e in errors()]
+        except (TypeError, AttributeError, ValueError):
+            listed = []
+        return "[message not logged] " + "; ".join(listed)
+    source = getattr(exc, "diag", exc)
+    named = [
+        f"{field}={value}"
+        for field in _DIAGNOSTICS
+        if (value := getattr(source, field, None) or getattr(exc, field, None))
+    ]
+    return "[message not logged] " + " ".join(named)
+
+
+def format_exception_safely(exc: BaseException) -> str:
+    """The chained traceback as Python prints it (frames, source lines), messages by :func:`describe_exception`."""
+    chain: list[tuple[BaseException, str | None]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link: str | None = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "The above exception was the direct cause of the following exception:"
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, "During handling of the above exception, another exception occurred:"
+        else:
+            current = None
+    parts: list[str] = []
+    for error, joined_by in reversed(chain):
+        frames = "".join(traceback.format_tb(error.__traceback__))
+        if frames:
+            parts.append("Traceback (most recent call last):\n" + frames)
+        parts.append(f"{type(error).__module__}.{type(error).__qualname__}: {describe_exception(error)}\n")
+        if joined_by is not None:
+            parts.append(f"\n{joined_by}\n\n")
+    return "".join(parts).rstrip("\n")
+
+
+def format_exc_info_safely(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog's ``format_exc_info``, rendering the exception with :func:`format_exception_safely`."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if isinstance(exc_info, BaseException):
+        exc: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = sys.exc_info()[1]
+    if exc is not None:
+        event_dict["exception"] = format_exception_safely(exc)
+    return event_dict
+
+
 def _level_number(level: str) -> int:
     number = logging.getLevelName(level.upper())
     return number if isinstance(number, int) else logging.INFO
@@ -72,7 +154,7 @@ def configure_logging(settings: CommonSettings, *, stream: TextIO | None = None)
         add_request_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
+        format_exc_info_safely,
         redact_secrets,
         renderer,
     ]

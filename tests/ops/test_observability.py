@@ -11,11 +11,14 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+import asyncpg
 import httpx
+import psycopg
 import pytest
 import structlog
 
-from data_plane.logs import configure_logging
+from data_plane.dsn import libpq
+from data_plane.logs import configure_logging, describe_exception, format_exception_safely
 from data_plane.settings import DataPlaneSettings, LogFormat
 from tests.conftest import asgi_client
 from tests.data_plane.conftest import World
@@ -110,6 +113,65 @@ async def test_logs_carry_request_context_and_never_tokens_or_rows(
     # ...but never logged: no token, no header, no row content.
     assert a.token not in output and secret_name not in output and a.canary not in output
     assert "authorization" not in output.lower() and "bearer" not in output.lower()
+
+
+async def test_an_unexpected_database_error_is_a_500_whose_log_names_the_constraint_not_the_row(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """A constraint the service does not expect: a 500, and a log line that names it without the failing row."""
+    a, pool = world["A"], world.endpoints.pool_url
+    canary = f"row-canary-{secrets.token_hex(6)}"
+    add = "ALTER TABLE projects ADD CONSTRAINT no_canaries CHECK (name NOT LIKE 'row-canary-%') NOT VALID"
+    with psycopg.connect(libpq(pool), autocommit=True) as conn:
+        conn.execute(add)
+    try:
+        # Control: the database's own message quotes the row (so a plain traceback would log it).
+        conn_ = await asyncpg.connect(pool)
+        try:
+            with pytest.raises(asyncpg.CheckViolationError) as raw:
+                await conn_.execute(
+                    "INSERT INTO projects (tenant_id, id, name) VALUES ($1, gen_random_uuid(), $2)", a.id, canary
+                )
+        finally:
+            await conn_.close()
+        assert canary in str(raw.value) and canary not in format_exception_safely(raw.value)
+        app = dp_app(dp_settings, log_format=LogFormat.JSON)
+        stream = io.StringIO()
+        configure_logging(app.state.settings, stream=stream)
+        async for client in asgi_client(app):
+            refused = await client.post("/v1/projects", json={"name": canary}, headers=a.headers)
+            allowed = await client.post("/v1/projects", json={"name": "plain"}, headers=a.headers)
+    finally:
+        structlog.reset_defaults()
+        with psycopg.connect(libpq(pool), autocommit=True) as conn:
+            conn.execute("ALTER TABLE projects DROP CONSTRAINT no_canaries")
+    assert refused.status_code == 500
+    assert refused.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+    assert allowed.status_code == 201
+    output = stream.getvalue()
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    [error] = [line for line in lines if line["event"] == "unhandled_error"]
+    assert error["error_type"] == "CheckViolationError" and error["tenant_id"] == str(a.id)
+    rendered = error["exception"]
+    assert "Traceback (most recent call last)" in rendered and "data_plane/session.py" in rendered
+    for name in ("sqlstate=23514", "table_name=projects", "constraint_name=no_canaries"):
+        assert name in rendered
+    assert [line["status"] for line in lines if line["event"] == "request"] == [500, 201]
+    assert canary not in output
+
+
+def test_messages_are_kept_for_errors_that_do_not_quote_data() -> None:
+    try:
+        try:
+            raise KeyError("some_setting")
+        except KeyError as inner:
+            raise RuntimeError("configuration incomplete") from inner
+    except RuntimeError as exc:
+        rendered = format_exception_safely(exc)
+    assert "builtins.KeyError: 'some_setting'" in rendered
+    assert "The above exception was the direct cause of the following exception:" in rendered
+    assert rendered.endswith("builtins.RuntimeError: configuration incomplete")
+    assert describe_exception(ValueError("x")) == "x"
 
 
 async def test_a_task_a_request_starts_does_not_log_as_that_request(
