@@ -13,6 +13,7 @@ diagnostic names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -58,40 +59,57 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
     return event_dict
 
 
-# Libraries whose exception messages quote the data they handled: a database
-# error's message and DETAIL ("Failing row contains (...)", "Key (name)=(...)
-# already exists", "invalid input for query argument $1: '...'"), SQLAlchemy's
-# the statement's parameters, a validation error's the offending input.
-_DATA_QUOTING_MODULES = ("asyncpg", "psycopg", "sqlalchemy", "pydantic", "pydantic_core", "fastapi.exceptions")
-# The diagnostic fields that name things without quoting values (asyncpg's
-# exception attributes; psycopg keeps the same names on ``exc.diag``).
-_DIAGNOSTICS = ("sqlstate", "schema_name", "table_name", "column_name", "data_type_name", "constraint_name")
+# What stands in for a message that may quote row values.
+WITHHELD = "[message withheld]"
+# SQLSTATE classes whose messages and DETAIL quote the values involved: data
+# exceptions ('invalid input syntax for type uuid: "..."'), integrity
+# violations ("Failing row contains (...)", "Key (name)=(...) already
+# exists") and RAISE in a function (any text at all).
+_QUOTING_CLASSES = ("22", "23", "P0")
+# Diagnostic fields that name things without quoting values (asyncpg's
+# exception attributes; psycopg has the same names on ``exc.diag``).
+_DIAGNOSTICS = ("schema_name", "table_name", "column_name", "data_type_name", "constraint_name")
 
 
 def describe_exception(exc: BaseException) -> str:
-    """What a log line may say about ``exc``: its message, unless the message may quote tenant data.
+    """What a log line or a job's error may say about ``exc``: its message, unless that may quote tenant data.
 
-    For an exception of a data-handling library, only names: the SQLSTATE and
-    the schema, table, column and constraint involved, or a validation
-    error's locations and error types. A 500 caused by a constraint used to
-    write the tenant's whole failing row into the log.
+    A database error keeps its primary message (never its DETAIL) unless its
+    SQLSTATE class quotes values, and always gets its SQLSTATE and the names
+    of the schema, table, column and constraint involved; a client-side
+    argument error, a SQLAlchemy statement error (its text carries the
+    statement's parameters) and a validation error (the offending input) are
+    described by names only. A 500 caused by a constraint used to write the
+    tenant's failing row into the log.
     """
-    if not type(exc).__module__.startswith(_DATA_QUOTING_MODULES):
+    module = type(exc).__module__
+    if module.startswith("sqlalchemy"):
+        inner = getattr(exc, "orig", None) or exc.__cause__  # the driver's error, wrapped (maybe twice)
+        if isinstance(inner, BaseException) and inner is not exc:
+            return describe_exception(inner)
+        return WITHHELD if hasattr(exc, "statement") else str(exc)
+    if module.startswith(("pydantic", "pydantic_core", "fastapi.exceptions")):
+        return _describe_validation(exc)
+    if not module.startswith(("asyncpg", "psycopg")):
         return str(exc)
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not sqlstate:
+        # asyncpg's DataError: "invalid input for query argument $1: '<the value>'".
+        return WITHHELD if isinstance(exc, ValueError) else str(exc)
+    diag = getattr(exc, "diag", exc)
+    primary = getattr(diag, "message_primary", None) or getattr(exc, "message", None) or type(exc).__name__
+    names = [f"{field}={value}" for field in _DIAGNOSTICS if (value := getattr(diag, field, None))]
+    shown = WITHHELD if str(sqlstate)[:2] in _QUOTING_CLASSES else str(primary)
+    return " ".join([shown, f"(sqlstate={sqlstate}", *names]) + ")"
+
+
+def _describe_validation(exc: BaseException) -> str:
     errors = getattr(exc, "errors", None)
+    listed: list[str] = []
     if callable(errors):  # pydantic's ValidationError, FastAPI's Request/ResponseValidationError
-        try:
+        with contextlib.suppress(TypeError, AttributeError, ValueError):
             listed = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('type', '?')}" for e in errors()]
-        except (TypeError, AttributeError, ValueError):
-            listed = []
-        return "[message not logged] " + "; ".join(listed)
-    source = getattr(exc, "diag", exc)
-    named = [
-        f"{field}={value}"
-        for field in _DIAGNOSTICS
-        if (value := getattr(source, field, None) or getattr(exc, field, None))
-    ]
-    return "[message not logged] " + " ".join(named)
+    return f"{WITHHELD} " + "; ".join(listed) if listed else WITHHELD
 
 
 def format_exception_safely(exc: BaseException) -> str:

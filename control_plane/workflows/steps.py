@@ -17,6 +17,7 @@ from dbos import DBOS
 from control_plane.workflows import runtime
 from control_plane.workflows.jobs import JobRun, get_job
 from control_plane.workflows.kinds import JobKind, kind_of
+from data_plane.logs import describe_exception
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +115,8 @@ async def run_job(
                 return "cancelled"
     except Exception as exc:  # noqa: BLE001  # any step failure must end on the job row, not vanish
         log.warning("job_failed", job_id=job_id, kind=kind.name, step=step, error_type=type(exc).__name__)
-        error = f"{type(exc).__name__}: {exc}"
+        # describe_exception: a job's error is shown to operators, never the row a database error quotes.
+        error = f"{type(exc).__name__}: {describe_exception(exc)}"
         if cancelling:
             error = f"cancel requested, but its compensation failed: {error}"
         elif compensate_failures and kind.cancellable_at(step):
@@ -136,7 +138,8 @@ async def _compensate_failure(
         await compensate(job, outputs)
     except Exception as exc:  # noqa: BLE001  # both failures belong on the job row for the operator
         log.error("job_compensation_failed", job_id=job["id"], error_type=type(exc).__name__)
-        return f"{error}; compensation FAILED, resources left for an operator: {type(exc).__name__}: {exc}"
+        failure = f"{type(exc).__name__}: {describe_exception(exc)}"
+        return f"{error}; compensation FAILED, resources left for an operator: {failure}"
     return f"{error} (compensated: what the job had done was undone)"
 
 

@@ -239,6 +239,30 @@ class BrokenProvisioner:
         return {}
 
 
+class QuotingProvisioner(BrokenProvisioner):
+    """Fails with the database's own error, whose message quotes the value it refused."""
+
+    def __init__(self, dsn: str, value: str) -> None:
+        self.dsn, self.value = dsn, value
+
+    def provision(self, spec: Any) -> Any:
+        with psycopg.connect(libpq(self.dsn)) as conn:
+            conn.execute("SELECT %s::uuid", (self.value,))
+        raise AssertionError("the cast fails")
+
+
+async def test_a_job_error_names_a_database_error_without_the_value_it_quotes(
+    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints, tweak: Any
+) -> None:
+    canary = f"canary-{uuid.uuid4().hex[:8]}"
+    tweak(provisioner=QuotingProvisioner(wf_endpoints.catalog_url, canary))
+    created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Q", "tier": "enterprise"})
+    job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    assert job["status"] == "failed" and job["step"] == "provision"
+    assert job["error"].startswith("InvalidTextRepresentation: [message withheld] (sqlstate=22P02)"), job["error"]
+    assert canary not in json.dumps(job)
+
+
 async def test_a_failed_onboarding_is_recorded_and_the_tenant_can_be_offboarded(
     wf_admin: httpx.AsyncClient, tweak: Any
 ) -> None:

@@ -9,15 +9,19 @@ import re
 import secrets
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 
 import asyncpg
 import httpx
 import psycopg
 import pytest
+import sqlalchemy
 import structlog
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from data_plane.dsn import libpq
+from control_plane.stack import Endpoints
+from data_plane.dsn import async_url, libpq
 from data_plane.logs import configure_logging, describe_exception, format_exception_safely
 from data_plane.settings import DataPlaneSettings, LogFormat
 from tests.conftest import asgi_client
@@ -125,16 +129,14 @@ async def test_an_unexpected_database_error_is_a_500_whose_log_names_the_constra
     with psycopg.connect(libpq(pool), autocommit=True) as conn:
         conn.execute(add)
     try:
-        # Control: the database's own message quotes the row (so a plain traceback would log it).
-        conn_ = await asyncpg.connect(pool)
-        try:
-            with pytest.raises(asyncpg.CheckViolationError) as raw:
-                await conn_.execute(
-                    "INSERT INTO projects (tenant_id, id, name) VALUES ($1, gen_random_uuid(), $2)", a.id, canary
-                )
-        finally:
-            await conn_.close()
-        assert canary in str(raw.value) and canary not in format_exception_safely(raw.value)
+        # Control: each driver's own message quotes the row (so a plain traceback would log it).
+        for raw in await _driver_errors(pool, a.id, canary):
+            described = describe_exception(raw)
+            assert canary in str(raw) and canary not in format_exception_safely(raw), type(raw)
+            assert (
+                described.startswith("[message withheld] (sqlstate=23514")
+                and "constraint_name=no_canaries" in described
+            )
         app = dp_app(dp_settings, log_format=LogFormat.JSON)
         stream = io.StringIO()
         configure_logging(app.state.settings, stream=stream)
@@ -158,6 +160,41 @@ async def test_an_unexpected_database_error_is_a_500_whose_log_names_the_constra
         assert name in rendered
     assert [line["status"] for line in lines if line["event"] == "request"] == [500, 201]
     assert canary not in output
+
+
+async def _driver_errors(dsn: str, tenant: uuid.UUID, name: str) -> list[BaseException]:
+    """The same failing insert through asyncpg, psycopg and SQLAlchemy (asyncpg underneath)."""
+    insert = "INSERT INTO projects (tenant_id, id, name) VALUES ({}, gen_random_uuid(), {})"
+    errors: list[BaseException] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        with pytest.raises(asyncpg.CheckViolationError) as raw:
+            await conn.execute(insert.format("$1", "$2"), tenant, name)
+        errors.append(raw.value)
+    finally:
+        await conn.close()
+    with psycopg.connect(libpq(dsn)) as sync, pytest.raises(psycopg.errors.CheckViolation) as raised:
+        sync.execute(insert.format("%s", "%s"), (tenant, name))
+    errors.append(raised.value)
+    engine = create_async_engine(async_url(dsn))
+    try:
+        async with engine.connect() as session:
+            with pytest.raises(sqlalchemy.exc.IntegrityError) as wrapped:
+                await session.execute(sqlalchemy.text(insert.format(":t", ":n")), {"t": tenant, "n": name})
+        errors.append(wrapped.value)
+    finally:
+        await engine.dispose()
+    return errors
+
+
+async def test_a_database_error_that_quotes_nothing_keeps_its_message(endpoints: Endpoints) -> None:
+    conn = await asyncpg.connect(endpoints.pool_url)
+    try:
+        with pytest.raises(asyncpg.UndefinedTableError) as raw:
+            await conn.execute("SELECT * FROM no_such_table")
+    finally:
+        await conn.close()
+    assert describe_exception(raw.value) == 'relation "no_such_table" does not exist (sqlstate=42P01)'
 
 
 def test_messages_are_kept_for_errors_that_do_not_quote_data() -> None:
