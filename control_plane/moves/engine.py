@@ -37,7 +37,14 @@ from psycopg import sql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
-from control_plane.moves.tables import row_digest, sequences, tenant_tables, unmovable, unusable_sequences
+from control_plane.moves.tables import (
+    TENANT_BATCH_DELETE,
+    row_digest,
+    sequences,
+    tenant_tables,
+    unmovable,
+    unusable_sequences,
+)
 from data_plane.dsn import libpq
 
 log = structlog.get_logger(__name__)
@@ -167,13 +174,11 @@ def _delete_tenant_rows(dsn: str, tenant_id: uuid.UUID, *, batch: int) -> int:
         tables = tenant_tables(conn)
         conn.commit()
         for table in reversed(tables):
-            statement = sql.SQL(
-                "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE tenant_id = %s LIMIT %s))"
-            ).format(t=sql.SQL(table))
+            statement = sql.SQL(TENANT_BATCH_DELETE).format(t=sql.SQL(table))
             while True:
                 with conn.transaction():
                     _privileged(conn)
-                    count = conn.execute(statement, (tenant_id, batch)).rowcount
+                    count = conn.execute(statement, (tenant_id, tenant_id, batch)).rowcount
                 deleted += count
                 if count < batch:
                     break

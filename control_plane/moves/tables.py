@@ -63,6 +63,18 @@ SELECT ps.schemaname, ps.sequencename,
  ORDER BY 1, 2"""
 )
 
+# A ctid is unique within one table only: in a partitioned table every
+# partition has a row at (0,1), so a batch picked by ctid alone also deleted
+# other tenants' rows that sat at the same place in another partition. The
+# outer tenant_id condition makes the batch the tenant's rows only, whatever
+# the layout. Offboarding deleted this way from partitioned tables, and its
+# export also listed each partition as a table of its own, whose rows were
+# then exported and counted twice.
+TENANT_BATCH_DELETE = (
+    "DELETE FROM {t} WHERE tenant_id = %s AND ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE tenant_id = %s LIMIT %s))"
+)
+
+
 FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f' AND conrelid <> confrelid"
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from control_plane.moves.tables import TENANT_BATCH_DELETE
 from data_plane.dsn import libpq
 
 FORMAT = "tenantctl-export/1"
@@ -49,7 +50,7 @@ SELECT c.relname
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
- WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
+ WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
  ORDER BY c.relname
 """
 
@@ -202,12 +203,10 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
 
 def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:
     """Delete at most ``limit`` rows of the tenant from ``table``; one short transaction."""
-    statement = sql.SQL(
-        "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE tenant_id = %s LIMIT %s))"
-    ).format(t=sql.Identifier(table))
+    statement = sql.SQL(TENANT_BATCH_DELETE).format(t=sql.Identifier(table))
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
-        return conn.execute(statement, (tenant_id, limit)).rowcount
+        return conn.execute(statement, (tenant_id, tenant_id, limit)).rowcount
 
 
 def count_rows(dsn: str, tenant_id: uuid.UUID) -> dict[str, int]:

@@ -112,6 +112,39 @@ async def test_offboarding_a_pool_tenant_exports_deletes_and_tombstones(
         assert snapshot(target, leaving["id"]) == before
 
 
+def test_a_partitioned_table_is_exported_once_and_only_the_tenants_rows_are_deleted(
+    tmp_path: Path, pg_servers: PgServers
+) -> None:
+    """Every partition has a row at ctid (0,1): a batch picked by ctid alone deleted the other tenant's too."""
+    leaving, staying = uuid.uuid4(), uuid.uuid4()
+    with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_parts") as db:
+        dsn = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
+        with psycopg.connect(libpq(dsn), autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
+                f"PARTITION BY LIST (tenant_id); CREATE TABLE events_leaving PARTITION OF events FOR VALUES IN ('{leaving}'); "
+                "CREATE TABLE events_rest PARTITION OF events DEFAULT"
+            )
+            for tenant in (leaving, staying):
+                conn.execute("INSERT INTO events SELECT %s, g, 'e' FROM generate_series(1, 3) AS g", (tenant,))
+        manifest = export.export_tenant(dsn, leaving, tmp_path, slug="leaving", schema_revision=None)
+        exported = {t["name"]: t["rows"] for t in manifest["tables"]}
+        assert exported["events"] == 3 and "events_leaving" not in exported and "events_rest" not in exported
+        assert export.count_rows(dsn, leaving)["events"] == 3
+        while export.delete_batch(dsn, "events", leaving, 1):
+            pass
+        assert export.count_rows(dsn, leaving)["events"] == 0
+        assert export.count_rows(dsn, staying)["events"] == 3  # untouched
+    with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_parts") as db:
+        target = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
+        with psycopg.connect(libpq(target), autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
+                "PARTITION BY HASH (tenant_id); CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0)"
+            )
+        assert export.import_tenant(target, export.export_dir_for(tmp_path, leaving))["events"] == 3
+
+
 def test_import_refuses_a_tampered_export(tmp_path: Path) -> None:
     directory = tmp_path / "x"
     directory.mkdir()
