@@ -235,11 +235,15 @@ def start_replication(plan: MovePlan) -> None:
             ]
             # No TRUNCATE: row filters do not apply to it, so a truncate of a
             # table on the source (a silo being demoted) would empty that table
-            # on the target for every tenant of the pool.
+            # on the target for every tenant of the pool. Via the partition
+            # root: a partition's changes are published as its partitioned
+            # table's, under that table's row filter (the target's partitions
+            # may differ), and the initial copy reads the partitioned table.
             src.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert, update, delete')").format(
-                    name, sql.SQL(", ").join(members)
-                )
+                sql.SQL(
+                    "CREATE PUBLICATION {} FOR TABLE {} "
+                    "WITH (publish = 'insert, update, delete', publish_via_partition_root = true)"
+                ).format(name, sql.SQL(", ").join(members))
             )
     if not binary:
         log.warning(

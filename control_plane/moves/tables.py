@@ -16,16 +16,19 @@ _TENANT_RELATIONS = """
  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantctl') AND n.nspname !~ '^pg_'
 """
 
+# Plain and partitioned tables; not partitions, whose rows are their
+# partitioned table's (and whose layout the other database need not share).
 TENANT_TABLES = (
     "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
     + _TENANT_RELATIONS
-    + "   AND c.relkind = 'r' AND NOT c.relispartition"
+    + "   AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
 )
 
-# Every table with a tenant_id column, plain or not, with what decides whether a move can carry it.
+# Every table with a tenant_id column, partitions too (each has a replica identity of its own),
+# with what decides whether a move can carry it.
 MOVABILITY = (
     """
-SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p' OR c.relispartition,
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
        c.relreplident = 'f' OR EXISTS (
            SELECT 1 FROM pg_index i JOIN pg_attribute k ON k.attrelid = i.indrelid AND k.attnum = ANY(i.indkey)
@@ -81,6 +84,9 @@ FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f
 def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
     """Qualified names of every table with a ``tenant_id`` column, parents before children.
 
+    A partitioned table is listed, its partitions are not: the move copies,
+    replicates (``publish_via_partition_root``), verifies and deletes through it.
+
     Parents first is the order a copy must insert in (and cleanup must delete
     in reverse) so that composite foreign keys are satisfied at every step.
     """
@@ -116,9 +122,6 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str,
     Checked before a move touches anything, because each of these used to be
     found late or not at all:
 
-    * a partitioned table (or a partition) is not a plain table: the move's
-      copy, verification and cleanup would skip it, and the route would flip
-      to a store without those rows;
     * a sequence that fills a column and that the move's role cannot read
       and advance (``engine.carry_sequences``) would restart on the target
       and its next values collide with the copied rows;
@@ -128,9 +131,7 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str,
       verification needs a primary key.
     """
     problems = []
-    for table, partitioned, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
-        if partitioned:
-            problems.append((table, "partitioned; moves copy plain tables only"))
+    for table, has_pk, identity_has_tenant in conn.execute(MOVABILITY).fetchall():
         if online and not has_pk:
             problems.append((table, "no primary key"))
         elif online and not identity_has_tenant:

@@ -204,6 +204,16 @@ def _snapshot(conn: psycopg.Connection[Any]) -> str:
     return str(row[0])
 
 
+# The table a change belongs to: the trigger records the relation it fired on,
+# which for a row of a partitioned table is the partition (the trigger is
+# cloned onto each); the move knows the partitioned table. Named as
+# tables.tenant_tables names it. (pg_partition_root is NULL for a plain table.)
+_RECORDED_TABLE = """coalesce((
+    SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = pg_partition_root(to_regclass(tbl))), tbl)"""
+
+
 def _changes(conn: psycopg.Connection[Any], move_id: uuid.UUID, *, unseen_by: str | None = None) -> Changes:
     """The move's recorded changes on ``conn``'s side; with ``unseen_by``, only those it does not show.
 
@@ -214,7 +224,7 @@ def _changes(conn: psycopg.Connection[Any], move_id: uuid.UUID, *, unseen_by: st
     caller drops by id). The index on ``(move_id, xid)`` (migration
     ``tenant_0005``) limits the scan to transactions from the snapshot's xmin on.
     """
-    query = f"SELECT id, tbl, pk::text FROM {CHANGES} WHERE move_id = %s"
+    query = f"SELECT id, {_RECORDED_TABLE}, pk::text FROM {CHANGES} WHERE move_id = %s"
     params: tuple[Any, ...] = (move_id,)
     if unseen_by is not None:
         query += " AND xid >= pg_snapshot_xmin(%s::pg_snapshot) AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)"
