@@ -109,7 +109,7 @@ def _describe_validation(exc: BaseException) -> str:
     if callable(errors):  # pydantic's ValidationError, FastAPI's Request/ResponseValidationError
         with contextlib.suppress(TypeError, AttributeError, ValueError):
             listed = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('type', '?')}" for e in errors()]
-    return f"{WITHHELD} " + "; ".join(listed) if listed else WITHHELD
+    return f"{WITHHELD} {'; '.join(listed)}" if listed else WITHHELD
 
 
 def format_exception_safely(exc: BaseException) -> str:

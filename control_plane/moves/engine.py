@@ -41,6 +41,7 @@ from control_plane.moves.tables import (
     TENANT_BATCH_DELETE,
     row_digest,
     sequences,
+    stored_columns,
     tenant_tables,
     unmovable,
     unusable_sequences,
@@ -643,12 +644,7 @@ def verify(plan: MovePlan) -> dict[str, Any]:
 
 
 def _columns(conn: psycopg.Connection[Any], table: str) -> sql.Composable:
-    rows = conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
-        "AND attgenerated = '' ORDER BY attnum",
-        (table,),
-    ).fetchall()
-    return sql.SQL(", ").join(sql.Identifier(r[0]) for r in rows)
+    return sql.SQL(", ").join(sql.Identifier(c) for c in stored_columns(conn, table))
 
 
 def copy_offline(plan: MovePlan) -> dict[str, int]:

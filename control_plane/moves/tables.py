@@ -159,6 +159,38 @@ def unusable_sequences(conn: psycopg.Connection[Any]) -> list[str]:
     return [f"{schema}.{name}" for schema, name, usable in conn.execute(SEQUENCES).fetchall() if not usable]
 
 
+def stored_columns(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    """``table``'s columns that hold stored values (not generated ones), in order."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND attgenerated = '' ORDER BY attnum",
+        (table,),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+# Each column of a table filled from a sequence (identity, serial, or a
+# nextval() default), with that sequence.
+_SEQUENCE_COLUMNS = """
+SELECT a.attname, d.objid::regclass::text FROM pg_attribute a
+  JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+   AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i')
+  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+ WHERE a.attrelid = %(t)s::regclass
+UNION
+SELECT a.attname, d.refobjid::regclass::text FROM pg_attrdef ad
+  JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
+  JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+ WHERE ad.adrelid = %(t)s::regclass
+"""
+
+
+def sequence_columns(conn: psycopg.Connection[Any], table: str) -> list[tuple[str, str]]:
+    """(column, sequence) for each column of ``table`` filled from a sequence."""
+    return [(str(c), str(s)) for c, s in conn.execute(_SEQUENCE_COLUMNS, {"t": table}).fetchall()]
+
+
 # Whether a table has a column whose hash differs between two databases for
 # the same value: hash_record_extended hashes each column with its type's own
 # hash function, and an enum's hashes its label's OID, different in every

@@ -39,7 +39,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from control_plane.moves.tables import TENANT_BATCH_DELETE
+from control_plane.moves.tables import TENANT_BATCH_DELETE, sequence_columns, stored_columns
 from data_plane.dsn import libpq
 
 FORMAT = "tenantctl-export/1"
@@ -183,9 +183,13 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
         conn.execute("SELECT set_config('row_security', 'off', true)")
         for table in manifest["tables"]:
             name = sql.Identifier(table["name"])
-            statement = sql.SQL("INSERT INTO {} SELECT * FROM json_populate_recordset(NULL::{}, %s::json)").format(
-                name, name
-            )
+            # The stored values, identity columns' too (OVERRIDING: an identity
+            # GENERATED ALWAYS refused them); generated columns are computed again.
+            columns = sql.SQL(", ").join(sql.Identifier(c) for c in stored_columns(conn, table["name"]))
+            statement = sql.SQL(
+                "INSERT INTO {t} ({c}) OVERRIDING SYSTEM VALUE "
+                "SELECT {c} FROM json_populate_recordset(NULL::{t}, %s::json)"
+            ).format(t=name, c=columns)
             chunk: list[str] = []
             inserted = 0
             for line in _read_lines(directory / table["file"]):
@@ -198,7 +202,25 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
             if inserted != table["rows"]:
                 raise ValueError(f"{table['name']}: imported {inserted} rows, manifest says {table['rows']}")
             counts[table["name"]] = inserted
+            _advance_sequences_past_rows(conn, table["name"])
     return counts
+
+
+def _advance_sequences_past_rows(conn: psycopg.Connection[Any], table: str) -> None:
+    """Move each sequence of ``table`` past the largest value its column now holds (never back).
+
+    An import writes the stored ids; the sequences stayed where they were, and
+    the restored tenant's next insert collided with its own imported rows.
+    """
+    for column, sequence in sequence_columns(conn, table):
+        conn.execute(
+            sql.SQL(
+                "SELECT setval(%s::regclass, m::bigint) FROM (SELECT max({c}) AS m FROM {t}) AS x "
+                "WHERE m IS NOT NULL AND m > coalesce(pg_sequence_last_value(%s::regclass), 0) "
+                "AND (SELECT seqincrement > 0 FROM pg_sequence WHERE seqrelid = %s::regclass)"
+            ).format(c=sql.Identifier(column), t=sql.Identifier(table)),
+            (sequence, sequence, sequence),
+        )
 
 
 def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:

@@ -145,6 +145,41 @@ def test_a_partitioned_table_is_exported_once_and_only_the_tenants_rows_are_dele
         assert export.import_tenant(target, export.export_dir_for(tmp_path, leaving))["events"] == 3
 
 
+NOTES = (
+    "CREATE TABLE notes (tenant_id uuid NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY, n bigserial, "
+    "body text, length int GENERATED ALWAYS AS (length(body)) STORED, PRIMARY KEY (tenant_id, id))"
+)
+
+
+def test_an_import_restores_identity_and_generated_columns_and_moves_sequences_past_the_rows(
+    tmp_path: Path, pg_servers: PgServers
+) -> None:
+    """An identity GENERATED ALWAYS refused the stored ids; sequences stayed behind and the next insert collided."""
+    tenant = uuid.uuid4()
+    with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_seq") as db:
+        dsn = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
+        with psycopg.connect(libpq(dsn), autocommit=True) as conn:
+            conn.execute(NOTES)
+            conn.execute(
+                "INSERT INTO notes (tenant_id, body) SELECT %s, repeat('x', g) FROM generate_series(1, 3) g", (tenant,)
+            )
+        export.export_tenant(dsn, tenant, tmp_path, slug="seq", schema_revision=None)
+    with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_seq") as db:
+        target = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
+        with psycopg.connect(libpq(target), autocommit=True) as conn:
+            conn.execute(NOTES)
+            conn.execute("SELECT setval('notes_n_seq', 50)")  # already further: stays
+        assert export.import_tenant(target, export.export_dir_for(tmp_path, tenant))["notes"] == 3
+        with psycopg.connect(libpq(target), autocommit=True) as conn:
+            conn.execute("SET row_security = off")
+            rows = conn.execute("SELECT id, n, length FROM notes ORDER BY id").fetchall()
+            added = conn.execute(
+                "INSERT INTO notes (tenant_id, body) VALUES (%s, 'y') RETURNING id, n", (tenant,)
+            ).fetchone()
+    assert rows == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+    assert added == (4, 51)
+
+
 def test_import_refuses_a_tampered_export(tmp_path: Path) -> None:
     directory = tmp_path / "x"
     directory.mkdir()
