@@ -6,8 +6,8 @@ Format ``tenantctl-export/1`` -- a directory ``<state_dir>/exports/<tenant_id>/`
 
       {"format": "tenantctl-export/1", "tenant_id": "...", "slug": "...",
        "exported_at": "2026-11-23T19:50:00+00:00", "schema_revision": "tenant_0001",
-       "tables": [{"name": "projects", "file": "projects.jsonl", "rows": 2,
-                   "sha256": "..."}, ...]}
+       "tables": [{"name": "projects", "schema": "public", "file": "projects.jsonl",
+                   "rows": 2, "sha256": "..."}, ...]}
 
   ``tables`` is in foreign-key order (parents first): importing in that order
   satisfies every constraint.
@@ -16,18 +16,21 @@ Format ``tenantctl-export/1`` -- a directory ``<state_dir>/exports/<tenant_id>/`
   primary-key order. Values round-trip through ``json_populate_recordset``,
   so import restores exactly the stored types.
 
-Tenant tables are discovered (every ``public`` table with a ``tenant_id``
-column), so a table added by a later migration is exported without code
-changes. Export reads as the owner role (BYPASSRLS) with ``row_security``
-off, so anything that would filter rows raises instead (PITFALLS), in one
-REPEATABLE READ snapshot. The directory appears atomically (written as
-``<id>.partial`` then renamed): an existing manifest means a complete export.
+Tenant tables are discovered (every table with a ``tenant_id`` column, in
+any schema but the system's and tenantctl's; a table outside ``public`` is
+named ``schema.table`` and its manifest entry has a ``"schema"``), so a table
+added by a later migration is exported without code changes. Export reads
+as the owner role (BYPASSRLS) with ``row_security`` off, so anything that
+would filter rows raises instead (PITFALLS), in one REPEATABLE READ snapshot.
+The directory appears atomically (written as ``<id>.partial`` then renamed):
+an existing manifest means a complete export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -39,27 +42,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from control_plane.moves import tables
 from control_plane.moves.tables import TENANT_BATCH_DELETE, sequence_columns, stored_columns
 from data_plane.dsn import libpq
 
 FORMAT = "tenantctl-export/1"
 IMPORT_CHUNK_ROWS = 500
-
-TABLES_SQL = """
-SELECT c.relname
-  FROM pg_class c
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
- WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
- ORDER BY c.relname
-"""
-
-FKS_SQL = """
-SELECT c.conrelid::regclass::text, c.confrelid::regclass::text
-  FROM pg_constraint c
-  JOIN pg_namespace n ON n.oid = c.connamespace
- WHERE c.contype = 'f' AND n.nspname = 'public'
-"""
 
 PK_SQL = """
 SELECT a.attname
@@ -73,28 +61,40 @@ SELECT a.attname
 @dataclass(frozen=True)
 class TableExport:
     name: str
+    schema: str
     file: str
     rows: int
     sha256: str
 
 
 def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
-    """Tenant tables in foreign-key order, parents first (deterministic)."""
-    tables = [str(row[0]) for row in conn.execute(TABLES_SQL).fetchall()]
-    parents: dict[str, set[str]] = {table: set() for table in tables}
-    for child, parent in conn.execute(FKS_SQL).fetchall():
-        if child in parents and parent in parents and child != parent:
-            parents[child].add(parent)
-    ordered: list[str] = []
-    remaining = dict(parents)
-    while remaining:
-        ready = sorted(t for t, deps in remaining.items() if not deps - set(ordered))
-        if not ready:
-            raise RuntimeError(f"foreign-key cycle among tenant tables: {sorted(remaining)}")
-        ordered += ready
-        for table in ready:
-            del remaining[table]
-    return ordered
+    """Every tenant table (``schema.table``, quoted where needed), parents first.
+
+    The moves' discovery: every schema but the system's and tenantctl's, a
+    partitioned table once (not again per partition). Before, only ``public``
+    was searched, and offboarding left a tenant's rows in any other schema.
+    """
+    return tables.tenant_tables(conn)
+
+
+def _schema_and_name(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
+    row = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = %s::regclass",
+        (table,),
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])
+
+
+def _label(schema: str, name: str) -> str:
+    """A table as the manifest and the counts name it: bare in ``public`` (as format 1 always did)."""
+    return name if schema == "public" else f"{schema}.{name}"
+
+
+def _file_name(label: str) -> str:
+    # Any character can be in a quoted identifier; none of them may make a path.
+    return re.sub(r"[^\w.-]", "_", label) + ".jsonl"
 
 
 def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
@@ -127,22 +127,23 @@ def export_tenant(
         conn.read_only = True
         with conn.transaction():
             conn.execute("SELECT set_config('row_security', 'off', true)")
-            for table in tenant_tables(conn):
+            for number, table in enumerate(tenant_tables(conn)):
+                schema, name = _schema_and_name(conn, table)
                 order = sql.SQL(", ").join(sql.Identifier(col) for col in _primary_key(conn, table))
                 query = sql.SQL("SELECT row_to_json(t)::text FROM {} t WHERE t.tenant_id = %s ORDER BY {}").format(
-                    sql.Identifier(table), order
+                    sql.SQL(table), order
                 )
                 digest = hashlib.sha256()
                 rows = 0
-                path = partial / f"{table}.jsonl"
-                with path.open("w", encoding="utf-8") as handle, conn.cursor(name=f"export_{table}") as cur:
+                path = partial / _file_name(_label(schema, name))
+                with path.open("w", encoding="utf-8") as handle, conn.cursor(name=f"export_{number}") as cur:
                     cur.execute(query, (tenant_id,))
                     for (line,) in cur:
                         data = f"{line}\n"
                         handle.write(data)
                         digest.update(data.encode())
                         rows += 1
-                exported.append(TableExport(table, path.name, rows, digest.hexdigest()))
+                exported.append(TableExport(name, schema, path.name, rows, digest.hexdigest()))
     manifest = {
         "format": FORMAT,
         "tenant_id": str(tenant_id),
@@ -182,10 +183,13 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
         for table in manifest["tables"]:
-            name = sql.Identifier(table["name"])
+            schema = table.get("schema", "public")  # absent in exports made before other schemas were
+            label = _label(schema, table["name"])
+            name = sql.Identifier(schema, table["name"])
+            qualified = name.as_string(conn)
             # The stored values, identity columns' too (OVERRIDING: an identity
             # GENERATED ALWAYS refused them); generated columns are computed again.
-            columns = sql.SQL(", ").join(sql.Identifier(c) for c in stored_columns(conn, table["name"]))
+            columns = sql.SQL(", ").join(sql.Identifier(c) for c in stored_columns(conn, qualified))
             statement = sql.SQL(
                 "INSERT INTO {t} ({c}) OVERRIDING SYSTEM VALUE "
                 "SELECT {c} FROM json_populate_recordset(NULL::{t}, %s::json)"
@@ -200,9 +204,9 @@ def import_tenant(dsn: str, directory: Path) -> dict[str, int]:
             if chunk:
                 inserted += conn.execute(statement, (f"[{','.join(chunk)}]",)).rowcount
             if inserted != table["rows"]:
-                raise ValueError(f"{table['name']}: imported {inserted} rows, manifest says {table['rows']}")
-            counts[table["name"]] = inserted
-            _advance_sequences_past_rows(conn, table["name"])
+                raise ValueError(f"{label}: imported {inserted} rows, manifest says {table['rows']}")
+            counts[label] = inserted
+            _advance_sequences_past_rows(conn, qualified)
     return counts
 
 
@@ -218,26 +222,26 @@ def _advance_sequences_past_rows(conn: psycopg.Connection[Any], table: str) -> N
                 "SELECT setval(%s::regclass, m::bigint) FROM (SELECT max({c}) AS m FROM {t}) AS x "
                 "WHERE m IS NOT NULL AND m > coalesce(pg_sequence_last_value(%s::regclass), 0) "
                 "AND (SELECT seqincrement > 0 FROM pg_sequence WHERE seqrelid = %s::regclass)"
-            ).format(c=sql.Identifier(column), t=sql.Identifier(table)),
+            ).format(c=sql.Identifier(column), t=sql.SQL(table)),
             (sequence, sequence, sequence),
         )
 
 
 def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:
-    """Delete at most ``limit`` rows of the tenant from ``table``; one short transaction."""
-    statement = sql.SQL(TENANT_BATCH_DELETE).format(t=sql.Identifier(table))
+    """Delete at most ``limit`` rows of the tenant from ``table`` (named as by :func:`tenant_tables`)."""
+    statement = sql.SQL(TENANT_BATCH_DELETE).format(t=sql.SQL(table))
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
         return conn.execute(statement, (tenant_id, tenant_id, limit)).rowcount
 
 
 def count_rows(dsn: str, tenant_id: uuid.UUID) -> dict[str, int]:
-    """Rows of the tenant per tenant table (owner role)."""
+    """Rows of the tenant per tenant table (owner role), keyed as :func:`tenant_tables` names them."""
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
         counts = {}
         for table in tenant_tables(conn):
-            query = sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.Identifier(table))
+            query = sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.SQL(table))
             row = conn.execute(query, (tenant_id,)).fetchone()
             counts[table] = int(row[0]) if row else 0
         return counts

@@ -112,7 +112,15 @@ async def test_offboarding_a_pool_tenant_exports_deletes_and_tombstones(
         assert snapshot(target, leaving["id"]) == before
 
 
-def test_a_partitioned_table_is_exported_once_and_only_the_tenants_rows_are_deleted(
+# A partitioned table, and a table outside public (offboarding searched public only).
+PARTITIONED_AND_ELSEWHERE = (
+    "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
+    "PARTITION BY LIST (tenant_id); CREATE TABLE events_rest PARTITION OF events DEFAULT; "
+    "CREATE SCHEMA app; CREATE TABLE app.notes (tenant_id uuid NOT NULL, id int NOT NULL, PRIMARY KEY (tenant_id, id))"
+)
+
+
+def test_every_tenant_table_is_exported_once_and_only_the_tenants_rows_are_deleted(
     tmp_path: Path, pg_servers: PgServers
 ) -> None:
     """Every partition has a row at ctid (0,1): a batch picked by ctid alone deleted the other tenant's too."""
@@ -120,29 +128,30 @@ def test_a_partitioned_table_is_exported_once_and_only_the_tenants_rows_are_dele
     with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_parts") as db:
         dsn = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
         with psycopg.connect(libpq(dsn), autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
-                f"PARTITION BY LIST (tenant_id); CREATE TABLE events_leaving PARTITION OF events FOR VALUES IN ('{leaving}'); "
-                "CREATE TABLE events_rest PARTITION OF events DEFAULT"
-            )
+            conn.execute(PARTITIONED_AND_ELSEWHERE)
+            conn.execute(f"CREATE TABLE events_leaving PARTITION OF events FOR VALUES IN ('{leaving}')")
             for tenant in (leaving, staying):
                 conn.execute("INSERT INTO events SELECT %s, g, 'e' FROM generate_series(1, 3) AS g", (tenant,))
+                conn.execute("INSERT INTO app.notes SELECT %s, g FROM generate_series(1, 2) AS g", (tenant,))
         manifest = export.export_tenant(dsn, leaving, tmp_path, slug="leaving", schema_revision=None)
-        exported = {t["name"]: t["rows"] for t in manifest["tables"]}
-        assert exported["events"] == 3 and "events_leaving" not in exported and "events_rest" not in exported
-        assert export.count_rows(dsn, leaving)["events"] == 3
-        while export.delete_batch(dsn, "events", leaving, 1):
-            pass
-        assert export.count_rows(dsn, leaving)["events"] == 0
-        assert export.count_rows(dsn, staying)["events"] == 3  # untouched
+        exported = {(t["schema"], t["name"]): (t["file"], t["rows"]) for t in manifest["tables"]}
+        assert exported[("public", "events")] == ("events.jsonl", 3)
+        assert exported[("app", "notes")] == ("app.notes.jsonl", 2)
+        assert not {name for _, name in exported} & {"events_leaving", "events_rest"}
+        remaining = export.count_rows(dsn, leaving)
+        assert remaining["public.events"] == 3 and remaining["app.notes"] == 2
+        for table in remaining:
+            while export.delete_batch(dsn, table, leaving, 1):
+                pass
+        assert sum(export.count_rows(dsn, leaving).values()) == 0
+        kept = export.count_rows(dsn, staying)  # untouched
+        assert kept["public.events"] == 3 and kept["app.notes"] == 2
     with fresh_database(pg_servers.main_admin, pg_servers.roles, template=POOL_TEMPLATE, prefix="t_parts") as db:
         target = owner_dsn(pg_servers.main_admin, db, pg_servers.roles)
         with psycopg.connect(libpq(target), autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
-                "PARTITION BY HASH (tenant_id); CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0)"
-            )
-        assert export.import_tenant(target, export.export_dir_for(tmp_path, leaving))["events"] == 3
+            conn.execute(PARTITIONED_AND_ELSEWHERE)  # partitioned otherwise: a DEFAULT partition only
+        imported = export.import_tenant(target, export.export_dir_for(tmp_path, leaving))
+        assert imported["events"] == 3 and imported["app.notes"] == 2
 
 
 NOTES = (
