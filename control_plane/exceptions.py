@@ -16,6 +16,7 @@ TenantctlError
 │   ├── MoveNotReadyError           409 move_not_ready (lag or drain: retried later)
 │   ├── VerificationError           409 verification_failed (move aborted)
 │   └── SchemaRevisionMismatchError 409 schema_revision_mismatch (source ahead of the target's revision)
+├── StepFailedError                 500 step_failed (a job step's database error, described without its data)
 ├── ProvisioningError               500 provisioning_failed
 │   ├── ProvisionerUnavailableError 500 provisioner_unavailable (CLI/credentials missing)
 │   └── SiloOwnershipError          409 silo_not_owned (silo belongs to another tenant / unmarked)
@@ -56,6 +57,17 @@ class MigrationFailedError(TenantctlError):
     """A schema migration of one database failed; the database kept its previous revision."""
 
     code = "migration_failed"
+
+
+class StepFailedError(TenantctlError):
+    """A job step failed with an error whose message may quote tenant data; this one names it instead.
+
+    DBOS checkpoints a failed step's exception (pickled, message and all) in
+    its tables on the catalog database, where it outlives the tenant's
+    offboarding: a unique violation's "Key (name)=(...)" would stay there.
+    """
+
+    code = "step_failed"
 
 
 class ProvisioningError(TenantctlError):

@@ -76,7 +76,7 @@ from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation, Silo
 from control_plane.workflows import runtime
 from control_plane.workflows.jobs import JobRun
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
-from control_plane.workflows.steps import CANCEL_DUE, job_tenant, run_job
+from control_plane.workflows.steps import CANCEL_DUE, job_step, job_tenant, run_job
 from data_plane.dsn import database_of, password_of, server_user, with_database, with_password, without_password
 
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
@@ -94,7 +94,7 @@ def _move_step(name: str, **options: Any) -> Callable[[StepBody], StepBody]:
             await runtime.current().pause()  # test hook: room to cancel or kill while this step is current
             return result
 
-        step: StepBody = DBOS.step(name=name, **options)(body)
+        step: StepBody = job_step(name, **options)(body)
         return step
 
     return wrap
@@ -646,7 +646,7 @@ async def _flip_statements(
     return {"route_epoch": plan.new_epoch, "staged_at": time.monotonic()}
 
 
-@DBOS.step(name="tenantctl.move.cleanup", **FORWARD_RETRIES)
+@job_step("tenantctl.move.cleanup", **FORWARD_RETRIES)
 async def cleanup(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
     plan = plan_of(outputs)
@@ -679,7 +679,7 @@ async def deprovision_retired_silo(plan: MovePlan, old: dict[str, Any]) -> None:
 # -- cancel / failure before the point of no return -----------------------------------------------
 
 
-@DBOS.step(name="tenantctl.move.compensate", retries_allowed=True, interval_seconds=1.0, max_attempts=3)
+@job_step("tenantctl.move.compensate", retries_allowed=True, interval_seconds=1.0, max_attempts=3)
 async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     """Source authoritative and untouched; nothing of the move left behind; tenant active.
 

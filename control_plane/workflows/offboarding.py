@@ -36,7 +36,7 @@ from control_plane.provisioning import credentials
 from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation
 from control_plane.workflows import export, runtime, stores
 from control_plane.workflows.kinds import OFFBOARDING
-from control_plane.workflows.steps import job_tenant, report_progress, run_job
+from control_plane.workflows.steps import job_step, job_tenant, report_progress, run_job
 
 KIND = OFFBOARDING
 
@@ -69,7 +69,7 @@ async def _owner(store: dict[str, Any]) -> str:
     return str(store["dsn"])
 
 
-@DBOS.step(name="tenantctl.offboarding.fence")
+@job_step("tenantctl.offboarding.fence")
 async def fence(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     tenant_id = await job_tenant(job)
     store = await _store(tenant_id)
@@ -78,7 +78,7 @@ async def fence(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     return store
 
 
-@DBOS.step(name="tenantctl.offboarding.export")
+@job_step("tenantctl.offboarding.export")
 async def export_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
     tenant_id = await job_tenant(job)
@@ -124,7 +124,7 @@ async def _delete_pool_rows(job: dict[str, Any], dsn: str, tenant_id: uuid.UUID)
     return deleted
 
 
-@DBOS.step(name="tenantctl.offboarding.delete")
+@job_step("tenantctl.offboarding.delete")
 async def delete_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
     tenant_id = await job_tenant(job)
@@ -146,7 +146,7 @@ async def delete_rows(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str,
     return {}
 
 
-@DBOS.step(name="tenantctl.offboarding.tombstone")
+@job_step("tenantctl.offboarding.tombstone")
 async def tombstone(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     tenant_id = await job_tenant(job)
     async with runtime.current().sessions().begin() as session:
@@ -163,7 +163,7 @@ async def tombstone(job: dict[str, Any], outputs: dict[str, Any]) -> None:
         )
 
 
-@DBOS.step(name="tenantctl.offboarding.compensate")
+@job_step("tenantctl.offboarding.compensate")
 async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     """Undo fence and export; the tenant gets its previous status back."""
     ctx = runtime.current()

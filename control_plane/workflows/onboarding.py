@@ -35,7 +35,7 @@ from control_plane.provisioning import credentials
 from control_plane.provisioning.base import SiloLocation, SiloSpec
 from control_plane.workflows import runtime, stores
 from control_plane.workflows.kinds import ONBOARDING
-from control_plane.workflows.steps import job_tenant, report_progress, run_job
+from control_plane.workflows.steps import job_step, job_tenant, report_progress, run_job
 
 KIND = ONBOARDING
 # How long the migrate step waits for a running fleet migration before failing
@@ -45,7 +45,7 @@ FLEET_WAIT_S = 900.0
 log = structlog.get_logger(__name__)
 
 
-@DBOS.step(name="tenantctl.onboarding.provision")
+@job_step("tenantctl.onboarding.provision")
 async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     ctx = runtime.current()
     tenant_id = await job_tenant(job)
@@ -58,7 +58,7 @@ async def provision(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, A
     return {**location.values(), "route_epoch": tenant.route_epoch}
 
 
-@DBOS.step(name="tenantctl.onboarding.record_location")
+@job_step("tenantctl.onboarding.record_location")
 async def record_location(job: dict[str, Any], outputs: dict[str, Any]) -> str:
     tenant_id = await job_tenant(job)
     values = SiloLocation.from_values(tenant_id, outputs["provision"]).values()
@@ -66,7 +66,7 @@ async def record_location(job: dict[str, Any], outputs: dict[str, Any]) -> str:
         return await service.record_silo_location(session=session, tenant_id=tenant_id, values=values)
 
 
-@DBOS.step(name="tenantctl.onboarding.migrate")
+@job_step("tenantctl.onboarding.migrate")
 async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
     """Migrate the new silo to the pool's revision, with fleet runs locked out meanwhile.
 
@@ -108,14 +108,14 @@ async def migrate(job: dict[str, Any], outputs: dict[str, Any]) -> str | None:
     return revision
 
 
-@DBOS.step(name="tenantctl.onboarding.claim")
+@job_step("tenantctl.onboarding.claim")
 async def claim(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     loc = outputs["provision"]
     owner = await asyncio.to_thread(credentials.owner_dsn, loc)
     await stores.claim_tenant(owner, await job_tenant(job), int(loc["route_epoch"]))
 
 
-@DBOS.step(name="tenantctl.onboarding.activate")
+@job_step("tenantctl.onboarding.activate")
 async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     tenant_id = await job_tenant(job)
     location_id = uuid.UUID(outputs["record_location"])
@@ -136,7 +136,7 @@ async def activate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
         )
 
 
-@DBOS.step(name="tenantctl.onboarding.compensate")
+@job_step("tenantctl.onboarding.compensate")
 async def compensate(job: dict[str, Any], outputs: dict[str, Any]) -> None:
     """Drop what was provisioned; the never-active tenant is tombstoned."""
     ctx = runtime.current()

@@ -7,19 +7,24 @@ that completed.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 from dbos import DBOS
 
+from control_plane.exceptions import StepFailedError
 from control_plane.workflows import runtime
 from control_plane.workflows.jobs import JobRun, get_job
 from control_plane.workflows.kinds import JobKind, kind_of
 from data_plane.logs import describe_exception
 
 log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # What a step that enters itself (JobKind.enters_itself) returns when a cancel
 # is due at its entry: it has done nothing, and the job compensates.
@@ -31,11 +36,44 @@ StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
 Compensation = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 
 
+def job_step(name: str, **options: Any) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """``DBOS.step(name=name, **options)`` whose failure is checkpointed without the data it may quote.
+
+    An exception whose message :func:`describe_exception` rewrites (a
+    database or validation error) leaves the step as a
+    :class:`StepFailedError` carrying the description instead; its cause is
+    not chained (it would be logged). DBOS retries it like any other error.
+    """
+
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def scrubbed(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                described = describe_exception(exc)
+                if described == str(exc):
+                    raise
+                raise StepFailedError(f"{type(exc).__name__}: {described}") from None
+
+        step: Callable[P, Awaitable[R]] = DBOS.step(name=name, **options)(scrubbed)
+        return step
+
+    return decorate
+
+
+def job_error(exc: BaseException) -> str:
+    """How a job row names the exception that ended it."""
+    if isinstance(exc, StepFailedError):
+        return exc.message
+    return f"{type(exc).__name__}: {describe_exception(exc)}"
+
+
 def _run(job_id: str, kind: str) -> JobRun:
     return JobRun(runtime.current().sessions(), uuid.UUID(job_id), kind_of(kind))
 
 
-@DBOS.step(name="tenantctl.job.start")
+@job_step("tenantctl.job.start")
 async def start_job(job_id: str, kind: str) -> dict[str, Any] | None:
     """pending -> running; the job as a dict, or None when it must not run."""
     job = await _run(job_id, kind).start()
@@ -49,13 +87,13 @@ async def start_job(job_id: str, kind: str) -> dict[str, Any] | None:
     }
 
 
-@DBOS.step(name="tenantctl.job.enter")
+@job_step("tenantctl.job.enter")
 async def enter_step(job_id: str, kind: str, step: str) -> bool:
     """Record the step; True when a cancel is due instead."""
     return await _run(job_id, kind).enter(step)
 
 
-@DBOS.step(name="tenantctl.job.finish")
+@job_step("tenantctl.job.finish")
 async def finish_job(job_id: str, kind: str, status: str, error: str | None) -> None:
     run = _run(job_id, kind)
     if status == "succeeded":
@@ -115,8 +153,8 @@ async def run_job(
                 return "cancelled"
     except Exception as exc:  # noqa: BLE001  # any step failure must end on the job row, not vanish
         log.warning("job_failed", job_id=job_id, kind=kind.name, step=step, error_type=type(exc).__name__)
-        # describe_exception: a job's error is shown to operators, never the row a database error quotes.
-        error = f"{type(exc).__name__}: {describe_exception(exc)}"
+        # A job's error is shown to operators: never the row a database error quotes.
+        error = job_error(exc)
         if cancelling:
             error = f"cancel requested, but its compensation failed: {error}"
         elif compensate_failures and kind.cancellable_at(step):
@@ -138,8 +176,7 @@ async def _compensate_failure(
         await compensate(job, outputs)
     except Exception as exc:  # noqa: BLE001  # both failures belong on the job row for the operator
         log.error("job_compensation_failed", job_id=job["id"], error_type=type(exc).__name__)
-        failure = f"{type(exc).__name__}: {describe_exception(exc)}"
-        return f"{error}; compensation FAILED, resources left for an operator: {failure}"
+        return f"{error}; compensation FAILED, resources left for an operator: {job_error(exc)}"
     return f"{error} (compensated: what the job had done was undone)"
 
 

@@ -8,6 +8,8 @@ process on its own catalog.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import time
 import uuid
@@ -338,6 +340,24 @@ async def test_a_job_error_names_a_database_error_without_the_value_it_quotes(
     assert job["status"] == "failed" and job["step"] == "provision"
     assert job["error"].startswith("InvalidTextRepresentation: [message withheld] (sqlstate=22P02)"), job["error"]
     assert canary not in json.dumps(job)
+    # Nor in what DBOS checkpointed of the failed step (pickled, base64), which outlives an offboarding.
+    checkpointed = _dbos_texts(wf_endpoints.catalog_url)
+    assert any("StepFailedError" in text for text in checkpointed)  # control: the failure is there
+    assert not [text for text in checkpointed if canary in text]
+
+
+def _dbos_texts(catalog_url: str) -> list[str]:
+    """Every output and error DBOS stored in the catalog, decoded where it is base64 (pickles)."""
+    with psycopg.connect(libpq(catalog_url)) as conn:
+        rows = conn.execute(
+            "SELECT output, error FROM dbos.operation_outputs UNION ALL SELECT output, error FROM dbos.workflow_status"
+        ).fetchall()
+    texts = []
+    for value in (v for row in rows for v in row if v):
+        texts.append(value)
+        with contextlib.suppress(ValueError):
+            texts.append(base64.b64decode(value, validate=True).decode("utf-8", "replace"))
+    return texts
 
 
 async def test_a_failed_onboarding_is_recorded_and_the_tenant_can_be_offboarded(
