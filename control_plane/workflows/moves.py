@@ -76,7 +76,7 @@ from control_plane.provisioning.base import LOCATION_COLUMNS, SiloLocation, Silo
 from control_plane.workflows import runtime
 from control_plane.workflows.jobs import JobRun
 from control_plane.workflows.kinds import DEMOTION, PROMOTION
-from control_plane.workflows.steps import CANCEL_DUE, job_step, job_tenant, run_job
+from control_plane.workflows.steps import CANCEL_DUE, job_error, job_step, job_tenant, run_job
 from data_plane.dsn import database_of, password_of, server_user, with_database, with_password, without_password
 
 StepBody = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Any]]
@@ -242,7 +242,7 @@ async def _drop_unrecorded_silo(provisioner: SiloProvisioner, spec: SiloSpec) ->
     try:
         await asyncio.to_thread(provisioner.deprovision, location_for_cleanup(spec, provider=provisioner.kind))
     except Exception as exc:  # noqa: BLE001  # the provisioning error is the one the job must report
-        log.warning("move_provision_cleanup_failed", tenant_id=str(spec.tenant_id), error=str(exc))
+        log.warning("move_provision_cleanup_failed", tenant_id=str(spec.tenant_id), error=job_error(exc))
 
 
 @_move_step("tenantctl.promotion.provision")
@@ -511,7 +511,7 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
         flipped = await _flip_route(job, outputs, verified=verified(), due=flip_due(), staged=staged.set)
     except Exception as exc:  # noqa: BLE001  # the flip step finishes it with forward retries, never a compensation
         result: dict[str, Any] = await work
-        log.warning("move_flip_deferred", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
+        log.warning("move_flip_deferred", job_id=job["id"], error=job_error(exc))
         return result
     flipped_at = time.monotonic()
     if flipped == CANCEL_DUE:
@@ -519,7 +519,7 @@ async def cutover(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any
     try:
         result = await work
     except Exception as exc:  # noqa: BLE001  # the flip committed: what failed is closing the verification's reads
-        log.warning("move_cutover_cleanup_failed", job_id=job["id"], error=f"{type(exc).__name__}: {exc}")
+        log.warning("move_cutover_cleanup_failed", job_id=job["id"], error=job_error(exc))
         result = {"activated": True}
     # time.monotonic() instants of this host, like fenced_at: where benchmarks
     # place the pause, and when the flip's statements were in, waiting to commit.
