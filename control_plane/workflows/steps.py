@@ -41,8 +41,10 @@ def job_step(name: str, **options: Any) -> Callable[[Callable[P, Awaitable[R]]],
 
     An exception whose message :func:`describe_exception` rewrites (a
     database or validation error) leaves the step as a
-    :class:`StepFailedError` carrying the description instead; its cause is
-    not chained (it would be logged). DBOS retries it like any other error.
+    :class:`StepFailedError` carrying the description instead. Its cause is
+    not chained (any logger printing the traceback would print the cause's
+    message) but logged here, through the safe rendering. DBOS retries it
+    like any other error.
     """
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -54,6 +56,8 @@ def job_step(name: str, **options: Any) -> Callable[[Callable[P, Awaitable[R]]],
                 described = describe_exception(exc)
                 if described == str(exc):
                     raise
+                # The frames stay findable: logged here, rendered without the quoted data.
+                log.warning("job_step_failed", step=name, error_type=type(exc).__name__, exc_info=exc)
                 raise StepFailedError(f"{type(exc).__name__}: {described}") from None
 
         step: Callable[P, Awaitable[R]] = DBOS.step(name=name, **options)(scrubbed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import time
 import uuid
@@ -19,12 +20,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import structlog
 
 from control_plane import schema
 from control_plane.settings import ControlPlaneSettings
 from control_plane.stack import Endpoints
 from control_plane.workflows import export
 from data_plane.dsn import libpq
+from data_plane.logs import configure_logging
+from data_plane.settings import LogFormat
 from tests.control_plane.conftest import audit_entries, ownership
 from tests.harness import POOL_TEMPLATE, SILO_TEMPLATE, PgServers, fresh_database, owner_dsn
 
@@ -331,12 +335,17 @@ class QuotingProvisioner(BrokenProvisioner):
 
 
 async def test_a_job_error_names_a_database_error_without_the_value_it_quotes(
-    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints, tweak: Any
+    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints, wf_settings: ControlPlaneSettings, tweak: Any
 ) -> None:
     canary = f"canary-{uuid.uuid4().hex[:8]}"
     tweak(provisioner=QuotingProvisioner(wf_endpoints.catalog_url, canary))
-    created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Q", "tier": "enterprise"})
-    job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    stream = io.StringIO()
+    configure_logging(wf_settings.model_copy(update={"log_format": LogFormat.JSON}), stream=stream)
+    try:
+        created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "Q", "tier": "enterprise"})
+        job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    finally:
+        structlog.reset_defaults()
     assert job["status"] == "failed" and job["step"] == "provision"
     assert job["error"].startswith("InvalidTextRepresentation: [message withheld] (sqlstate=22P02)"), job["error"]
     assert canary not in json.dumps(job)
@@ -344,6 +353,9 @@ async def test_a_job_error_names_a_database_error_without_the_value_it_quotes(
     checkpointed = _dbos_texts(wf_endpoints.catalog_url)
     assert any("StepFailedError" in text for text in checkpointed)  # control: the failure is there
     assert not [text for text in checkpointed if canary in text]
+    logged = stream.getvalue()
+    assert '"event": "job_step_failed"' in logged and "sqlstate=22P02" in logged  # the frames are logged...
+    assert canary not in logged  # ...without the value
 
 
 def _dbos_texts(catalog_url: str) -> list[str]:
