@@ -164,6 +164,24 @@ def test_missing_tenant_leading_index_is_reported(endpoints: Endpoints) -> None:
     assert _checks(endpoints) == set()  # control: the same table with a tenant_id-leading index
 
 
+def _rls(name: str) -> list[str]:
+    return _tenant_table(name)[1:]
+
+
+def test_a_partition_is_audited_as_a_table_of_its_own(endpoints: Endpoints) -> None:
+    """Querying a partition directly skips its partitioned table's policies: each needs its own."""
+    _ddl(
+        endpoints,
+        "CREATE TABLE events (tenant_id uuid NOT NULL, id uuid NOT NULL, PRIMARY KEY (tenant_id, id)) "
+        "PARTITION BY HASH (tenant_id)",
+        "CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0)",
+        *_rls("events"),
+    )
+    assert _checks(endpoints) == {(check, "public.events_0") for check in ("rls_forced", "policy_coverage")}
+    _ddl(endpoints, *_rls("events_0"))
+    assert _checks(endpoints) == set()  # control: the partition with its own policy
+
+
 def test_foreign_key_not_leading_with_tenant_id_is_reported(endpoints: Endpoints) -> None:
     _ddl(
         endpoints,
