@@ -129,7 +129,10 @@ def export_tenant(
             conn.execute("SELECT set_config('row_security', 'off', true)")
             for number, table in enumerate(tenant_tables(conn)):
                 schema, name = _schema_and_name(conn, table)
-                order = sql.SQL(", ").join(sql.Identifier(col) for col in _primary_key(conn, table))
+                # Primary-key order; a table without one (which only an offline
+                # move accepts) used to fail the export with an empty ORDER BY.
+                key = _primary_key(conn, table) or ["tenant_id"]
+                order = sql.SQL(", ").join(sql.Identifier(col) for col in key)
                 query = sql.SQL("SELECT row_to_json(t)::text FROM {} t WHERE t.tenant_id = %s ORDER BY {}").format(
                     sql.SQL(table), order
                 )

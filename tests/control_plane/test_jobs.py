@@ -122,7 +122,8 @@ async def test_offboarding_a_pool_tenant_exports_deletes_and_tombstones(
 PARTITIONED_AND_ELSEWHERE = (
     "CREATE TABLE events (tenant_id uuid NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id)) "
     "PARTITION BY LIST (tenant_id); CREATE TABLE events_rest PARTITION OF events DEFAULT; "
-    "CREATE SCHEMA app; CREATE TABLE app.notes (tenant_id uuid NOT NULL, id int NOT NULL, PRIMARY KEY (tenant_id, id))"
+    "CREATE SCHEMA app; CREATE TABLE app.notes (tenant_id uuid NOT NULL, id int NOT NULL, PRIMARY KEY (tenant_id, id)); "
+    "CREATE TABLE app.marks (tenant_id uuid NOT NULL, at int)"  # no primary key
 )
 
 
@@ -139,10 +140,12 @@ def test_every_tenant_table_is_exported_once_and_only_the_tenants_rows_are_delet
             for tenant in (leaving, staying):
                 conn.execute("INSERT INTO events SELECT %s, g, 'e' FROM generate_series(1, 3) AS g", (tenant,))
                 conn.execute("INSERT INTO app.notes SELECT %s, g FROM generate_series(1, 2) AS g", (tenant,))
+                conn.execute("INSERT INTO app.marks VALUES (%s, 1)", (tenant,))
         manifest = export.export_tenant(dsn, leaving, tmp_path, slug="leaving", schema_revision=None)
         exported = {(t["schema"], t["name"]): (t["file"], t["rows"]) for t in manifest["tables"]}
         assert exported[("public", "events")] == ("events.jsonl", 3)
         assert exported[("app", "notes")] == ("app.notes.jsonl", 2)
+        assert exported[("app", "marks")] == ("app.marks.jsonl", 1)
         assert not {name for _, name in exported} & {"events_leaving", "events_rest"}
         remaining = export.count_rows(dsn, leaving)
         assert remaining["public.events"] == 3 and remaining["app.notes"] == 2
