@@ -6,7 +6,7 @@ import. Every event passes :func:`redact_secrets`, so a token, an
 caller passes one by mistake. Row contents are never passed to a logger: the
 access log carries method, route template, status, timings and the request's
 routing facts (request id, tenant id, tier, placement, route epoch) only; an
-exception is rendered by :func:`format_exc_info_safely`, which replaces the
+exception is rendered by ``format_exc_info_safely``, which replaces the
 messages of database and validation errors (they quote row values) with their
 diagnostic names.
 """
@@ -138,20 +138,8 @@ def format_exception_safely(exc: BaseException) -> str:
     return "".join(parts).rstrip("\n")
 
 
-def format_exc_info_safely(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog's ``format_exc_info``, rendering the exception with :func:`format_exception_safely`."""
-    exc_info = event_dict.pop("exc_info", None)
-    if not exc_info:
-        return event_dict
-    if isinstance(exc_info, BaseException):
-        exc: BaseException | None = exc_info
-    elif isinstance(exc_info, tuple):
-        exc = exc_info[1]
-    else:
-        exc = sys.exc_info()[1]
-    if exc is not None:
-        event_dict["exception"] = format_exception_safely(exc)
-    return event_dict
+# structlog's format_exc_info, with the exception rendered by format_exception_safely.
+format_exc_info_safely = structlog.processors.ExceptionRenderer(lambda exc_info: format_exception_safely(exc_info[1]))
 
 
 def _level_number(level: str) -> int:

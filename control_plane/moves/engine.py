@@ -39,12 +39,12 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from control_plane.exceptions import MoveError, MoveNotReadyError, VerificationError
 from control_plane.moves.tables import (
     TENANT_BATCH_DELETE,
+    TenantSequence,
     row_digest,
     sequences,
     stored_columns,
     tenant_tables,
     unmovable,
-    unusable_sequences,
 )
 from data_plane.dsn import libpq
 
@@ -204,11 +204,16 @@ def prepare_target(plan: MovePlan, *, batch: int = 5000) -> int:
         owned = _ownership(conn, plan.tenant_id)
         # The cutover advances these on the target (carry_sequences): found
         # missing or read-only there, it would fail inside the write pause.
-        present = set(sequences(conn))
-        missing = [f"{schema}.{name}" for schema, name in needed if (schema, name) not in present]
-        problems += [(name, "a sequence of a tenant table, missing on the target") for name in missing]
+        there = {seq.qualified: seq for seq in sequences(conn)}
         problems += [
-            (name, "a sequence the move's role cannot advance on the target") for name in unusable_sequences(conn)
+            (seq.qualified, "a sequence of a tenant table, missing on the target")
+            for seq in needed
+            if seq.qualified not in there
+        ]
+        problems += [
+            (seq.qualified, "a sequence the move's role cannot advance on the target")
+            for seq in there.values()
+            if not seq.usable
         ]
     if problems:
         raise MoveError("the tenant schema cannot be moved: " + "; ".join(f"{t}: {why}" for t, why in problems))
@@ -698,9 +703,9 @@ SELECT x.nsp || '.' || x.name, ps.sequencename IS NOT NULL,
 
 
 def carry_sequences(
-    src: psycopg.Connection[Any], dst: psycopg.Connection[Any], names: Sequence[tuple[str, str]]
+    src: psycopg.Connection[Any], dst: psycopg.Connection[Any], names: Sequence[TenantSequence]
 ) -> dict[str, int]:
-    """Advance the target's ``names`` (schema, sequence) to the source's positions; return those advanced.
+    """Advance the target's sequences ``names`` to the source's positions; return those advanced.
 
     Logical replication and COPY carry rows, not sequence positions: without
     this, a serial or identity column started again from 1 on the target, and
@@ -716,7 +721,7 @@ def carry_sequences(
     positions = src.execute(
         "SELECT schemaname, sequencename, last_value FROM pg_catalog.pg_sequences "
         "WHERE (schemaname, sequencename) IN (SELECT * FROM unnest(%s::text[], %s::text[])) AND last_value IS NOT NULL",
-        ([n[0] for n in names], [n[1] for n in names]),
+        ([n.schema for n in names], [n.name for n in names]),
     ).fetchall()
     if not positions:
         return {}  # none drawn from yet: the target's start is right
@@ -734,7 +739,7 @@ def activate_target(
     *,
     conn: psycopg.Connection[Any] | None = None,
     source: psycopg.Connection[Any] | None = None,
-    sequence_names: Sequence[tuple[str, str]] | None = None,
+    sequence_names: Sequence[TenantSequence] | None = None,
 ) -> None:
     """The target starts serving the tenant at the new epoch (before the route flips), its sequences carried.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -38,32 +38,28 @@ SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
     + "   AND c.relkind IN ('r', 'p') ORDER BY 1"
 )
 
-# The sequences that fill a column of a tenant table: identity and serial
-# columns' own ("internal" and "auto" dependencies of the sequence on the
-# table) and any other a column default calls nextval() on (the default
-# depends on the sequence). Only sequences: indexes and TOAST tables depend on
-# their table the same way.
-SEQUENCES = (
-    """
-SELECT ps.schemaname, ps.sequencename,
-       has_sequence_privilege(s.oid, 'SELECT') AND has_sequence_privilege(s.oid, 'UPDATE')
-  FROM pg_sequences ps
-  JOIN pg_namespace sn ON sn.nspname = ps.schemaname
-  JOIN pg_class s ON s.relnamespace = sn.oid AND s.relname = ps.sequencename
- WHERE s.oid IN (
-       SELECT d.objid FROM pg_depend d
+# (relation, column, sequence) for each column a sequence fills: identity
+# and serial columns' own (the sequence's "internal" or "auto" dependency on
+# the column) and any other a column default calls nextval() on (the
+# default's dependency on the sequence). Only sequences: indexes and TOAST
+# tables depend on their table's columns the same way.
+_COLUMN_SEQUENCES = """
+SELECT f.relid, f.attnum, s.oid AS seqid, s.relname, sn.nspname FROM (
+       SELECT d.refobjid AS relid, d.refobjsubid AS attnum, d.objid AS seqid FROM pg_depend d
         WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-          AND d.refobjid IN (SELECT c.oid"""
-    + _TENANT_RELATIONS
-    + """)
        UNION
-       SELECT d.refobjid FROM pg_attrdef ad
+       SELECT ad.adrelid, ad.adnum, d.refobjid FROM pg_attrdef ad
          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
-          AND d.refclassid = 'pg_class'::regclass
-        WHERE ad.adrelid IN (SELECT c.oid"""
-    + _TENANT_RELATIONS
-    + """))
- ORDER BY 1, 2"""
+          AND d.refclassid = 'pg_class'::regclass) AS f
+  JOIN pg_class s ON s.oid = f.seqid AND s.relkind = 'S'
+  JOIN pg_namespace sn ON sn.oid = s.relnamespace
+"""
+
+# The sequences that fill a column of a tenant table.
+SEQUENCES = (
+    "SELECT DISTINCT cs.nspname, cs.relname,"
+    " has_sequence_privilege(cs.seqid, 'SELECT') AND has_sequence_privilege(cs.seqid, 'UPDATE')"
+    f" FROM ({_COLUMN_SEQUENCES}) AS cs WHERE cs.relid IN (SELECT c.oid" + _TENANT_RELATIONS + ") ORDER BY 1, 2"
 )
 
 # A ctid is unique within one table only: in a partitioned table every
@@ -142,21 +138,28 @@ def unmovable(conn: psycopg.Connection[Any], *, online: bool) -> list[tuple[str,
                     "publication needs for every tenant's UPDATE and DELETE",
                 )
             )
-    problems += [(name, UNUSABLE_SEQUENCE) for name in unusable_sequences(conn)]
+    problems += [(seq.qualified, UNUSABLE_SEQUENCE) for seq in sequences(conn) if not seq.usable]
     return problems
 
 
 UNUSABLE_SEQUENCE = "a sequence of a tenant table that the move's role cannot read and advance"
 
 
-def sequences(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
-    """(schema, name) of every sequence that fills a column of a tenant table."""
-    return [(str(schema), str(name)) for schema, name, _ in conn.execute(SEQUENCES).fetchall()]
+class TenantSequence(NamedTuple):
+    """A sequence that fills a column of a tenant table."""
+
+    schema: str
+    name: str
+    usable: bool  # this connection's role can read and advance it
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
 
 
-def unusable_sequences(conn: psycopg.Connection[Any]) -> list[str]:
-    """Those of :func:`sequences` that this connection's role cannot read and advance (``schema.name``)."""
-    return [f"{schema}.{name}" for schema, name, usable in conn.execute(SEQUENCES).fetchall() if not usable]
+def sequences(conn: psycopg.Connection[Any]) -> list[TenantSequence]:
+    """Every sequence that fills a column of a tenant table."""
+    return [TenantSequence(str(schema), str(name), bool(usable)) for schema, name, usable in conn.execute(SEQUENCES)]
 
 
 def stored_columns(conn: psycopg.Connection[Any], table: str) -> list[str]:
@@ -169,21 +172,11 @@ def stored_columns(conn: psycopg.Connection[Any], table: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-# Each column of a table filled from a sequence (identity, serial, or a
-# nextval() default), with that sequence.
-_SEQUENCE_COLUMNS = """
-SELECT a.attname, d.objid::regclass::text FROM pg_attribute a
-  JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-   AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i')
-  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
- WHERE a.attrelid = %(t)s::regclass
-UNION
-SELECT a.attname, d.refobjid::regclass::text FROM pg_attrdef ad
-  JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass
-  JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
- WHERE ad.adrelid = %(t)s::regclass
-"""
+_SEQUENCE_COLUMNS = (
+    "SELECT a.attname, cs.seqid::regclass::text"
+    f" FROM ({_COLUMN_SEQUENCES}) AS cs JOIN pg_attribute a ON a.attrelid = cs.relid AND a.attnum = cs.attnum"
+    " WHERE cs.relid = %(t)s::regclass"
+)
 
 
 def sequence_columns(conn: psycopg.Connection[Any], table: str) -> list[tuple[str, str]]:

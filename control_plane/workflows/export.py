@@ -16,8 +16,10 @@ Format ``tenantctl-export/1`` -- a directory ``<state_dir>/exports/<tenant_id>/`
   primary-key order. Values round-trip through ``json_populate_recordset``,
   so import restores exactly the stored types.
 
-Tenant tables are discovered (every table with a ``tenant_id`` column, in
-any schema but the system's and tenantctl's; a table outside ``public`` is
+Tenant tables are discovered as moves discover them (every table with a
+``tenant_id`` column, in any schema but the system's and tenantctl's, a
+partitioned table once; offboarding used to search ``public`` only and left
+a tenant's rows in any other schema; a table outside ``public`` is
 named ``schema.table`` and its manifest entry has a ``"schema"``), so a table
 added by a later migration is exported without code changes. Export reads
 as the owner role (BYPASSRLS) with ``row_security`` off, so anything that
@@ -65,16 +67,6 @@ class TableExport:
     file: str
     rows: int
     sha256: str
-
-
-def tenant_tables(conn: psycopg.Connection[Any]) -> list[str]:
-    """Every tenant table (``schema.table``, quoted where needed), parents first.
-
-    The moves' discovery: every schema but the system's and tenantctl's, a
-    partitioned table once (not again per partition). Before, only ``public``
-    was searched, and offboarding left a tenant's rows in any other schema.
-    """
-    return tables.tenant_tables(conn)
 
 
 def _schema_and_name(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
@@ -127,7 +119,7 @@ def export_tenant(
         conn.read_only = True
         with conn.transaction():
             conn.execute("SELECT set_config('row_security', 'off', true)")
-            for number, table in enumerate(tenant_tables(conn)):
+            for number, table in enumerate(tables.tenant_tables(conn)):
                 schema, name = _schema_and_name(conn, table)
                 # Primary-key order; a table without one (which only an offline
                 # move accepts) used to fail the export with an empty ORDER BY.
@@ -231,7 +223,7 @@ def _advance_sequences_past_rows(conn: psycopg.Connection[Any], table: str) -> N
 
 
 def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:
-    """Delete at most ``limit`` rows of the tenant from ``table`` (named as by :func:`tenant_tables`)."""
+    """Delete at most ``limit`` rows of the tenant from ``table`` (named as ``tables.tenant_tables`` names it)."""
     statement = sql.SQL(TENANT_BATCH_DELETE).format(t=sql.SQL(table))
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
@@ -239,11 +231,11 @@ def delete_batch(dsn: str, table: str, tenant_id: uuid.UUID, limit: int) -> int:
 
 
 def count_rows(dsn: str, tenant_id: uuid.UUID) -> dict[str, int]:
-    """Rows of the tenant per tenant table (owner role), keyed as :func:`tenant_tables` names them."""
+    """Rows of the tenant per tenant table (owner role), keyed as ``tables.tenant_tables`` names them."""
     with psycopg.connect(libpq(dsn)) as conn, conn.transaction():
         conn.execute("SELECT set_config('row_security', 'off', true)")
         counts = {}
-        for table in tenant_tables(conn):
+        for table in tables.tenant_tables(conn):
             query = sql.SQL("SELECT count(*) FROM {} WHERE tenant_id = %s").format(sql.SQL(table))
             row = conn.execute(query, (tenant_id,)).fetchone()
             counts[table] = int(row[0]) if row else 0
