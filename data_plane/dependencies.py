@@ -9,8 +9,12 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.models import Dependant
-from fastapi.routing import APIRoute
+from fastapi.dependencies.utils import request_params_to_args
+from fastapi.routing import APIRoute, _extract_endpoint_context, serialize_response
+from fastapi.telemetry import get_telemetry_data
+from fastapi.utils import is_body_allowed_for_status_code
 from starlette.types import Scope
 
 from data_plane.auth import TokenVerifier, bearer_token
@@ -109,7 +113,22 @@ class TenantRoute(APIRoute):
       one rate-limit hit;
     * ``app.dependency_overrides[tenant_context]`` is honoured: with an
       override the request takes FastAPI's own path.
+
+    A *simple* endpoint -- path and query parameters, ``Tenant``, a response
+    model and nothing else (the reads and deletes of every resource) -- gets a
+    lean handler (:attr:`lean` is true). FastAPI's request handler prepares,
+    on every request, for all that such an endpoint does not have: a body,
+    headers, cookies, sub-dependencies, a sub-response, background tasks,
+    telemetry, streaming: ~105,000 of the ~752,000 instructions of
+    ``GET /v1/projects/{id}`` (``bench api_instructions``). The lean handler
+    validates the parameters and serializes the response with FastAPI's own
+    functions (``request_params_to_args``, ``serialize_response``), so values,
+    errors and bytes are FastAPI's; a request whose parameters are invalid,
+    and any request while FastAPI's telemetry records it, is handed to
+    FastAPI's handler whole.
     """
+
+    lean: bool = False
 
     def get_route_handler(self) -> Handler:
         full = super().get_route_handler()
@@ -123,14 +142,79 @@ class TenantRoute(APIRoute):
         finally:
             self.dependant = served
         provider = self.dependency_overrides_provider
+        simple = self._simple_handler(lean, handler)
+        self.lean = simple is not None
 
         async def handle(request: Request) -> Response:
             if provider is not None and tenant_context in getattr(provider, "dependency_overrides", {}):
                 return await full(request)
             request.scope[_PRESOLVED] = await tenant_context(request)
+            if simple is not None and get_telemetry_data() is None:
+                return await simple(request)
             return await handler(request)
 
         return handle
+
+    def _simple_handler(self, lean: Dependant, handler: Handler) -> Handler | None:
+        """The lean handler of a simple endpoint (see the class), or None: FastAPI's handler it is."""
+        if (
+            lean.dependencies
+            or lean.header_params
+            or lean.cookie_params
+            or lean.body_params
+            or self.body_field is not None
+            or lean.websocket_param_name
+            or lean.http_connection_param_name
+            or lean.response_param_name
+            or lean.background_tasks_param_name
+            or lean.security_scopes_param_name
+            or self.response_field is None
+            or not isinstance(self.response_class, DefaultPlaceholder)
+            or lean.call is None
+        ):
+            return None
+        call = lean.call
+        path_params, query_params = lean.path_params, lean.query_params
+        field = self.response_field
+        status_code = self.status_code or 200  # as FastAPI: the route's, else the response's default
+        endpoint_ctx = _extract_endpoint_context(self.endpoint)
+        include, exclude = self.response_model_include, self.response_model_exclude
+        by_alias = self.response_model_by_alias
+        exclude_unset, exclude_defaults = self.response_model_exclude_unset, self.response_model_exclude_defaults
+        exclude_none = self.response_model_exclude_none
+
+        async def simple(request: Request) -> Response:
+            values, errors = request_params_to_args(path_params, request.path_params)
+            if query_params and not errors:
+                more, errors = request_params_to_args(query_params, request.query_params)
+                values.update(more)
+            if errors:
+                # FastAPI's handler solves them again and raises its own
+                # RequestValidationError (with the endpoint's context): the
+                # same 422 body, and no error path of our own to keep in step.
+                return await handler(request)
+            values[_REQUEST] = request
+            raw = await call(**values)
+            if isinstance(raw, Response):
+                return raw
+            content = await serialize_response(
+                field=field,
+                response_content=raw,
+                include=include,
+                exclude=exclude,
+                by_alias=by_alias,
+                exclude_unset=exclude_unset,
+                exclude_defaults=exclude_defaults,
+                exclude_none=exclude_none,
+                endpoint_ctx=endpoint_ctx,
+                dump_json=True,
+            )
+            response = Response(content=content, status_code=status_code, media_type="application/json")
+            if not is_body_allowed_for_status_code(response.status_code):
+                response.body = b""
+            return response
+
+        return simple
 
 
 def _without_tenant(dependant: Dependant) -> Dependant | None:

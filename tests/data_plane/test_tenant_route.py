@@ -141,3 +141,81 @@ async def test_a_tenant_route_included_with_include_router_verifies_once(
         assert [r.status_code for r in responses] == [200, 200, 200, 429]
         assert responses[0].json() == {"tenant_id": str(a.id)}
         assert (await client.get("/v1/_included")).status_code == 401
+
+
+def _answer(response: httpx.Response) -> tuple[int, bytes, str | None, str | None]:
+    return (
+        response.status_code,
+        response.content,
+        response.headers.get("content-type"),
+        response.headers.get("content-length"),
+    )
+
+
+async def test_the_lean_handler_answers_byte_for_byte_as_fastapis_own(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """Each request is sent twice: to the lean handler, and to FastAPI's handler.
+
+    An override of ``tenant_context`` with itself sends a request down FastAPI's
+    own path (the override is honoured), with the same tenant: the control.
+    """
+    app = create_app(dp_settings)
+    lean = {route.path for route in app.routes if isinstance(route, TenantRoute) and route.lean}
+    assert lean >= {
+        "/v1/me",
+        "/v1/projects",
+        "/v1/projects/{project_id}",
+        "/v1/projects/{project_id}/tasks",
+        "/v1/tasks/{task_id}",
+    }
+    # A route with a body is FastAPI's: POST and PATCH share their paths with lean GETs.
+    assert all(not route.lean for route in app.routes if isinstance(route, TenantRoute) and route.body_field)
+    a, b = world["A"], world["B"]
+    paths = [
+        f"/v1/projects/{a.project_id}",
+        f"/v1/projects/{b.project_id}",  # another tenant's: 404
+        "/v1/projects/not-a-uuid",
+        "/v1/projects?limit=1",
+        "/v1/projects?limit=0",
+        "/v1/projects?limit=abc",
+        "/v1/projects?cursor=not-a-cursor",
+        f"/v1/projects/{a.project_id}/tasks?limit=1",
+        f"/v1/projects/{a.project_id}/tasks?limit=-1",
+        f"/v1/tasks/{a.task_id}",
+        f"/v1/tasks/{b.task_id}",
+        "/v1/me",
+    ]
+
+    async def both(client: httpx.AsyncClient, method: str, path: str) -> tuple[httpx.Response, httpx.Response]:
+        lean_answer = await client.request(method, path, headers=a.headers)
+        app.dependency_overrides[tenant_context] = tenant_context
+        try:
+            fastapi_answer = await client.request(method, path, headers=a.headers)
+        finally:
+            app.dependency_overrides.clear()
+        return lean_answer, fastapi_answer
+
+    async for client in asgi_client(app):
+        statuses = set()
+        for path in paths:
+            lean_answer, fastapi_answer = await both(client, "GET", path)
+            assert _answer(lean_answer) == _answer(fastapi_answer), path
+            statuses.add(lean_answer.status_code)
+            assert b.canary not in lean_answer.text
+        assert statuses == {200, 404, 422}
+        # A delete, once each way, of a project made for it.
+        made = [
+            (await client.post("/v1/projects", headers=a.headers, json={"name": f"doomed-{n}"})).json()["id"]
+            for n in range(2)
+        ]
+        lean_delete = await client.delete(f"/v1/projects/{made[0]}", headers=a.headers)
+        app.dependency_overrides[tenant_context] = tenant_context
+        try:
+            fastapi_delete = await client.delete(f"/v1/projects/{made[1]}", headers=a.headers)
+        finally:
+            app.dependency_overrides.clear()
+        assert _answer(lean_delete) == _answer(fastapi_delete)
+        assert lean_delete.status_code == 204
+        for project_id in made:
+            assert (await client.get(f"/v1/projects/{project_id}", headers=a.headers)).status_code == 404
