@@ -15,7 +15,8 @@ from fastapi.dependencies.utils import request_params_to_args
 from fastapi.routing import APIRoute, _extract_endpoint_context, serialize_response
 from fastapi.telemetry import get_telemetry_data
 from fastapi.utils import is_body_allowed_for_status_code
-from starlette.types import Scope
+from starlette._exception_handler import wrap_app_handling_exceptions
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from data_plane.auth import TokenVerifier, bearer_token
 from data_plane.limits import Quotas, TenantRateLimiter
@@ -84,6 +85,7 @@ async def tenant_context(request: Request) -> TenantContext:
 Tenant = Annotated[TenantContext, Depends(tenant_context)]
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+SimpleHandler = Callable[[Request], Coroutine[Any, Any, Response | None]]
 
 
 class TenantRoute(APIRoute):
@@ -116,19 +118,27 @@ class TenantRoute(APIRoute):
 
     A *simple* endpoint -- path and query parameters, ``Tenant``, a response
     model and nothing else (the reads and deletes of every resource) -- gets a
-    lean handler (:attr:`lean` is true). FastAPI's request handler prepares,
-    on every request, for all that such an endpoint does not have: a body,
-    headers, cookies, sub-dependencies, a sub-response, background tasks,
-    telemetry, streaming: ~105,000 of the ~752,000 instructions of
-    ``GET /v1/projects/{id}`` (``bench api_instructions``). The lean handler
-    validates the parameters and serializes the response with FastAPI's own
-    functions (``request_params_to_args``, ``serialize_response``), so values,
-    errors and bytes are FastAPI's; a request whose parameters are invalid,
-    and any request while FastAPI's telemetry records it, is handed to
-    FastAPI's handler whole.
+    lean ASGI app (:attr:`lean` is true). FastAPI's app prepares, on every
+    request, for all that such an endpoint does not have: two exit stacks for
+    dependencies with ``yield``, a body, headers, cookies, sub-dependencies, a
+    sub-response, background tasks, telemetry, streaming: ~130,000 of the
+    ~752,000 instructions of ``GET /v1/projects/{id}`` (``bench
+    api_instructions``). The lean app validates the parameters and serializes
+    the response with FastAPI's own functions (``request_params_to_args``,
+    ``serialize_response``), so values and bytes are FastAPI's. FastAPI's app
+    takes the request whole while ``tenant_context`` is overridden or FastAPI's
+    telemetry records the request, and takes over a request whose parameters
+    are invalid (its 422 is FastAPI's own).
     """
 
     lean: bool = False
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        self._simple: SimpleHandler | None = None
+        super().__init__(path, endpoint, **kwargs)  # builds the handler: get_route_handler
+        if self._simple is not None and self.max_body_size is None:
+            self.app = self._lean_app(self.app, self._simple)
+            self.lean = True
 
     def get_route_handler(self) -> Handler:
         full = super().get_route_handler()
@@ -142,21 +152,53 @@ class TenantRoute(APIRoute):
         finally:
             self.dependant = served
         provider = self.dependency_overrides_provider
-        simple = self._simple_handler(lean, handler)
-        self.lean = simple is not None
+        self._simple = self._simple_handler(lean)
 
         async def handle(request: Request) -> Response:
-            if provider is not None and tenant_context in getattr(provider, "dependency_overrides", {}):
+            if _overridden(provider):
                 return await full(request)
             request.scope[_PRESOLVED] = await tenant_context(request)
-            if simple is not None and get_telemetry_data() is None:
-                return await simple(request)
             return await handler(request)
 
         return handle
 
-    def _simple_handler(self, lean: Dependant, handler: Handler) -> Handler | None:
-        """The lean handler of a simple endpoint (see the class), or None: FastAPI's handler it is."""
+    def _lean_app(self, fastapi_app: ASGIApp, simple: SimpleHandler) -> ASGIApp:
+        """The route's ASGI app: the lean handler, or FastAPI's app whenever it is not enough.
+
+        FastAPI's app opens two ``AsyncExitStack`` per request for dependencies
+        with ``yield``, which a simple endpoint does not have. Errors raised
+        here reach the app's exception handlers as they would from FastAPI's
+        app (``wrap_app_handling_exceptions``, what FastAPI's own wrapper calls).
+        """
+        provider = self.dependency_overrides_provider
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if _overridden(provider) or get_telemetry_data() is not None:
+                await fastapi_app(scope, receive, send)
+                return
+            request = Request(scope, receive, send)
+
+            async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+                scope[_PRESOLVED] = await tenant_context(request)
+                response = await simple(request)
+                if response is None:
+                    # Invalid parameters: FastAPI's handler solves them again and
+                    # raises its own RequestValidationError (the endpoint's
+                    # context included), so the 422 is FastAPI's byte for byte.
+                    # The tenant stays solved: one verification, one rate-limit hit.
+                    await fastapi_app(scope, receive, send)
+                    return
+                await response(scope, receive, send)
+
+            await wrap_app_handling_exceptions(respond, request)(scope, receive, send)
+
+        return app
+
+    def _simple_handler(self, lean: Dependant) -> SimpleHandler | None:
+        """The lean handler of a simple endpoint (see the class), or None: FastAPI's handler it is.
+
+        The handler answers None when the parameters are invalid.
+        """
         if (
             lean.dependencies
             or lean.header_params
@@ -183,16 +225,13 @@ class TenantRoute(APIRoute):
         exclude_unset, exclude_defaults = self.response_model_exclude_unset, self.response_model_exclude_defaults
         exclude_none = self.response_model_exclude_none
 
-        async def simple(request: Request) -> Response:
+        async def simple(request: Request) -> Response | None:
             values, errors = request_params_to_args(path_params, request.path_params)
             if query_params and not errors:
                 more, errors = request_params_to_args(query_params, request.query_params)
                 values.update(more)
             if errors:
-                # FastAPI's handler solves them again and raises its own
-                # RequestValidationError (with the endpoint's context): the
-                # same 422 body, and no error path of our own to keep in step.
-                return await handler(request)
+                return None
             values[_REQUEST] = request
             raw = await call(**values)
             if isinstance(raw, Response):
@@ -215,6 +254,11 @@ class TenantRoute(APIRoute):
             return response
 
         return simple
+
+
+def _overridden(provider: Any) -> bool:
+    """Whether the app overrides ``tenant_context`` (then FastAPI solves the request, override and all)."""
+    return provider is not None and tenant_context in getattr(provider, "dependency_overrides", {})
 
 
 def _without_tenant(dependant: Dependant) -> Dependant | None:

@@ -155,7 +155,7 @@ def _answer(response: httpx.Response) -> tuple[int, bytes, str | None, str | Non
 async def test_the_lean_handler_answers_byte_for_byte_as_fastapis_own(
     dp_settings: DataPlaneSettings, world: World
 ) -> None:
-    """Each request is sent twice: to the lean handler, and to FastAPI's handler.
+    """Each request is sent twice: to the lean app of simple routes, and to FastAPI's app.
 
     An override of ``tenant_context`` with itself sends a request down FastAPI's
     own path (the override is honoured), with the same tenant: the control.
@@ -219,3 +219,15 @@ async def test_the_lean_handler_answers_byte_for_byte_as_fastapis_own(
         assert lean_delete.status_code == 204
         for project_id in made:
             assert (await client.get(f"/v1/projects/{project_id}", headers=a.headers)).status_code == 404
+
+
+async def test_a_request_with_invalid_parameters_handed_to_fastapi_is_counted_once(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """The lean app hands an invalid request to FastAPI's app with the tenant already solved."""
+    a = world["A"]
+    app = create_app(dp_settings.model_copy(update={"rate_limits": {"standard": "3/minute"}}))
+    async for client in asgi_client(app):
+        paths = [f"/v1/projects/{a.project_id}", "/v1/projects/not-a-uuid", f"/v1/projects/{a.project_id}"] * 2
+        statuses = [(await client.get(path, headers=a.headers)).status_code for path in paths]
+        assert statuses == [200, 422, 200, 429, 429, 429]
