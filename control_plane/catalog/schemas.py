@@ -6,9 +6,34 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+
+
+def parse_tenant_id(ref: str) -> uuid.UUID | None:
+    """``ref`` as a tenant id, or None when it is not one (then it can only be a slug).
+
+    The one rule for telling ids from slugs in a ``{id or slug}`` reference: any
+    string :class:`uuid.UUID` accepts -- 32 hex digits with or without dashes,
+    wherever they are -- is an id.
+    """
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+def _not_an_id(slug: str) -> str:
+    # A slug that read as an id would be resolved as one: tenant A's slug spelling
+    # tenant B's id would send every action on A to B, and otherwise A could not
+    # be found by its slug at all.
+    if parse_tenant_id(slug) is not None:
+        raise ValueError("a slug must not have the form of a UUID (32 hex digits, dashes or not): that is an id")
+    return slug
+
+
+Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN), AfterValidator(_not_an_id)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 Tier = Annotated[str, StringConstraints(min_length=1, max_length=50)]
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.lifecycle import Action, Status, check_editable, next_status
 from control_plane.catalog.models import audit_log, jobs, locations, tenants
+from control_plane.catalog.schemas import parse_tenant_id
 from control_plane.exceptions import SiloOwnershipError, VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
@@ -96,12 +97,11 @@ async def write_audit(
 
 
 def _ref_condition(ref: str | uuid.UUID) -> sa.ColumnElement[bool]:
-    if isinstance(ref, uuid.UUID):
-        return tenants.c.id == ref
-    try:
-        return tenants.c.id == uuid.UUID(ref)
-    except ValueError:
-        return tenants.c.slug == ref
+    """An id matches only an id, a slug only a slug: no slug can have an id's form (schemas.Slug)."""
+    tenant_id = ref if isinstance(ref, uuid.UUID) else parse_tenant_id(ref)
+    if tenant_id is not None:
+        return tenants.c.id == tenant_id
+    return tenants.c.slug == ref
 
 
 async def resolve_tenant(session: AsyncSession, ref: str | uuid.UUID, *, lock: bool = False) -> TenantView:

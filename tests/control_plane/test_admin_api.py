@@ -563,3 +563,31 @@ def test_the_database_refuses_to_rewrite_or_erase_the_audit_log(endpoints: Endpo
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             conn.execute("TRUNCATE audit_log")
         assert conn.execute("SELECT actor FROM audit_log WHERE id = %s", (row[0],)).fetchone() == ("test",)
+
+
+async def test_a_slug_in_the_form_of_an_id_is_refused_so_a_reference_names_one_tenant(
+    admin: httpx.AsyncClient,
+) -> None:
+    """``{id or slug}`` reads any UUID-parsable string as an id; a slug of that form would
+    address the tenant whose id it spells (or nobody), so create refuses it."""
+    victim = (await create(admin, "victim")).json()
+    for slug in (
+        victim["id"].replace("-", ""),  # another tenant's id without dashes
+        victim["id"],  # ... and with them
+        "0123456789abcdef0123456789abcdef",  # an id of no tenant
+        "0123456789abcdef-0123456789abcdef",  # uuid.UUID ignores dashes wherever they are
+    ):
+        refused = await admin.post("/v1/tenants", json={"slug": slug, "name": "Hex", "tier": "free"})
+        assert refused.status_code == 422, slug
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_input" and "UUID" in error["message"], error
+    assert [t["slug"] for t in (await admin.get("/v1/tenants")).json()["data"]] == ["victim"]
+    assert (await admin.get(f"/v1/tenants/{victim['id'].replace('-', '')}")).json()["id"] == victim["id"]
+    assert (await admin.get("/v1/tenants/0123456789abcdef0123456789abcdef")).status_code == 404
+
+    # Control: hex digits in a slug are fine when it cannot be read as an id.
+    for slug in ("0123456789abcdef0123456789abcde", "cafe-1234", "0123456789abcdef0123456789abcdefa"):
+        made = await admin.post("/v1/tenants", json={"slug": slug, "name": "Hex", "tier": "free"})
+        assert made.status_code == 201, made.text
+        assert (await admin.get(f"/v1/tenants/{slug}")).json()["id"] == made.json()["id"]
+    assert (await admin.get(f"/v1/tenants/{victim['id']}")).json()["status"] == "active"
