@@ -8,8 +8,11 @@ its response (status, body, chosen headers). Then, for the same key:
 * same request still running -> 409 ``idempotency_in_flight``;
 * a different request -> 422 ``idempotency_key_reused``.
 
-A 5xx is not stored (the key is released so a retry runs again); an
-``in_flight`` row older than ``STALE_AFTER`` (its process died) is taken over.
+A 5xx is not stored (the key is released so a retry runs again), nor is a
+refusal about a passing state (:data:`PASSING_STATE`: a fleet migration or
+another job holds the tenant, rate limited, fenced): "retry then" must not be
+answered with the same refusal once then has come. An ``in_flight`` row older
+than ``STALE_AFTER`` (its process died) is taken over.
 """
 
 from __future__ import annotations
@@ -25,11 +28,33 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.models import idempotency_keys
-from control_plane.exceptions import IdempotencyInFlightError, IdempotencyKeyReusedError
-from data_plane.exceptions import InvalidInputError
+from control_plane.exceptions import (
+    IdempotencyInFlightError,
+    IdempotencyKeyReusedError,
+    JobInProgressError,
+    OperationLockedError,
+)
+from data_plane.exceptions import InvalidInputError, RateLimitedError, ServiceUnavailableError, TenantctlError
 
 STALE_AFTER = timedelta(minutes=5)
 MAX_KEY_LENGTH = 255
+
+# Refusals that say "not now" rather than "no": the request did not run, and a
+# retry once the state has passed (migration over, job finished, window
+# elapsed, cutover done) must run. OperationLockedError covers
+# migration_in_progress; ServiceUnavailableError every 503 (tenant_fenced too).
+PASSING_STATE: tuple[type[TenantctlError], ...] = (
+    OperationLockedError,
+    JobInProgressError,
+    IdempotencyInFlightError,
+    RateLimitedError,
+    ServiceUnavailableError,
+)
+
+
+def is_stored(exc: TenantctlError) -> bool:
+    """Whether a refusal is an answer to replay (the same retry gets the same refusal)."""
+    return exc.status_code < 500 and not isinstance(exc, PASSING_STATE)
 
 
 @dataclass(frozen=True)

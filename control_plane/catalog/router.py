@@ -81,7 +81,8 @@ async def _idempotent(
     try:
         result = await call()
     except TenantctlError as exc:
-        if exc.status_code >= 500:
+        if not idempotency.is_stored(exc):
+            # A failure, or a refusal about a state that passes: the retry runs again.
             await idempotency.release(session, actor=principal.subject, key=key)
             raise
         # A refused request is an answer too: the same retry gets the same refusal.

@@ -591,3 +591,66 @@ async def test_a_slug_in_the_form_of_an_id_is_refused_so_a_reference_names_one_t
         assert made.status_code == 201, made.text
         assert (await admin.get(f"/v1/tenants/{slug}")).json()["id"] == made.json()["id"]
     assert (await admin.get(f"/v1/tenants/{victim['id']}")).json()["status"] == "active"
+
+
+async def test_a_refusal_to_retry_later_is_not_replayed_to_the_retry(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    """``migration_in_progress`` says "retry when it is over": the retry with the same
+    Idempotency-Key then runs, instead of getting the stored 409 forever."""
+    import psycopg
+
+    from control_plane.interlock import FLEET_MIGRATION_KEY, INTERLOCK_NAMESPACE
+    from data_plane.dsn import libpq
+
+    tenant_id = (await create(admin, "acme")).json()["id"]
+    key = {"Idempotency-Key": "promote-acme-1"}
+    with psycopg.connect(libpq(endpoints.catalog_url), autocommit=True) as fleet:
+        fleet.execute("SELECT pg_advisory_lock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
+        refused = await admin.post(f"/v1/tenants/{tenant_id}/promote", headers=key)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "migration_in_progress"
+        again = await admin.post(f"/v1/tenants/{tenant_id}/promote", headers=key)
+        assert again.json()["error"]["code"] == "migration_in_progress"
+        assert "Idempotent-Replayed" not in again.headers  # asked again, not replayed
+        fleet.execute("SELECT pg_advisory_unlock(%s, %s)", (INTERLOCK_NAMESPACE, FLEET_MIGRATION_KEY))
+    retried = await admin.post(f"/v1/tenants/{tenant_id}/promote", headers=key)
+    assert retried.status_code == 202, retried.text
+    assert "Idempotent-Replayed" not in retried.headers
+    # What ran is stored as before: the next retry replays the 202, starting no second move.
+    replayed = await admin.post(f"/v1/tenants/{tenant_id}/promote", headers=key)
+    assert replayed.status_code == 202 and replayed.headers["Idempotent-Replayed"] == "true"
+    assert replayed.json() == retried.json()
+
+
+def test_only_refusals_of_requests_that_ran_are_stored_for_replay() -> None:
+    from control_plane.catalog.idempotency import is_stored
+    from control_plane.exceptions import (
+        IllegalTransitionError,
+        JobInProgressError,
+        MigrationInProgressError,
+        OperationLockedError,
+        VersionConflictError,
+    )
+    from data_plane.exceptions import (
+        InvalidInputError,
+        NotFoundError,
+        RateLimitedError,
+        ServiceUnavailableError,
+        TenantctlError,
+        TenantFencedError,
+    )
+
+    passing = (
+        MigrationInProgressError(),
+        OperationLockedError(),
+        JobInProgressError(),
+        RateLimitedError(),
+        TenantFencedError(),
+        ServiceUnavailableError(),
+        TenantctlError(),
+    )
+    assert not any(is_stored(exc) for exc in passing)
+    assert all(
+        is_stored(exc)
+        for exc in (IllegalTransitionError(), VersionConflictError(), NotFoundError(), InvalidInputError())
+    )
