@@ -7,14 +7,18 @@ run them. Its catalog access is SQLAlchemy async on asyncpg.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from control_plane.catalog import idempotency
 from control_plane.catalog.dependencies import CatalogState
 from control_plane.catalog.router import router as catalog_router
 from control_plane.moves.router import router as moves_router
@@ -31,6 +35,25 @@ from data_plane.logs import access_log, configure_logging, current_request
 from data_plane.middleware import request_id_of
 
 MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few fields; anything larger is refused
+PURGE_INTERVAL_SECONDS = 3600.0  # expired Idempotency-Keys are never replayed; this only bounds the table
+
+log = structlog.get_logger(__name__)
+
+
+async def purge_idempotency_keys(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """Delete expired Idempotency-Keys now and every ``PURGE_INTERVAL_SECONDS``.
+
+    Every replica does it: deleting what another replica deleted is a no-op.
+    """
+    while True:
+        try:
+            async with sessions() as session:
+                purged = await idempotency.purge_expired(session)
+            if purged:
+                log.info("idempotency_keys_purged", count=purged)
+        except Exception as exc:  # noqa: BLE001  # catalog away: the next round tries again; requests are unaffected
+            log.warning("idempotency_keys_purge_failed", error_type=type(exc).__name__)
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
 
 
 def system_database_url(catalog_url: str) -> str:
@@ -61,17 +84,22 @@ def create_app(settings: ControlPlaneSettings, endpoints: Endpoints) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_async_engine(async_url(endpoints.catalog_url), pool_size=5, max_overflow=5, pool_pre_ping=True)
         enqueuer = DBOSJobEnqueuer(system_database_url(endpoints.catalog_url))
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
         app.state.catalog = CatalogState(
             settings=settings,
             endpoints=endpoints,
-            sessions=async_sessionmaker(engine, expire_on_commit=False),
+            sessions=sessions,
             policy=PlacementPolicy.from_settings(settings),
             enqueuer=enqueuer,
             verifier=TokenVerifier(settings, audience=settings.jwt_admin_audience, require_tenant=False),
         )
+        purger = asyncio.create_task(purge_idempotency_keys(sessions), name="purge-idempotency-keys")
         try:
             yield
         finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             enqueuer.close()
             await engine.dispose()
 

@@ -9,19 +9,23 @@ API call (the audit actor is ``tenantctl-cli``). Human tables by default;
 ``{"error": {"code": ..., "message": ...}}`` (the admin API's code when it
 refused) and the exit code is 1.
 
-``create`` sends an ``Idempotency-Key`` derived from what it creates (slug,
-name, tier) unless ``--idempotency-key`` names one: re-running the same
-command after a timeout or a crash replays the first answer (the same tenant,
-the same onboarding job) instead of failing with "slug taken".
+``create`` sends an ``Idempotency-Key`` of its own, random per invocation,
+unless ``--idempotency-key`` names one, and retries with it when the request
+got no answer (timeout, connection lost, 5xx, still in flight): a retry gets
+the first attempt's answer instead of "slug taken". A key derived from what is
+created (slug, name, tier) would be shared by every later invocation: after an
+offboarding, creating the same slug again replayed the stored 201 "active" of
+the deleted tenant. To make two invocations one request, pass the same
+``--idempotency-key`` (the API keeps a key 24 h).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -97,10 +101,24 @@ def _exit(code: str, message: str, as_json: bool) -> typer.Exit:
     return typer.Exit(1)
 
 
-def create_idempotency_key(slug: str, name: str, tier: str) -> str:
-    """The same tenant requested again gets the same key (so the same answer)."""
-    digest = hashlib.sha256(json.dumps([slug, name, tier]).encode()).hexdigest()
-    return f"tenantctl-cli-create-{digest[:40]}"
+def new_idempotency_key() -> str:
+    """A key for one invocation: its retries share it, no other invocation does."""
+    return f"tenantctl-cli-create-{uuid.uuid4().hex}"
+
+
+RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+
+
+def _unanswered(response: httpx.Response) -> bool:
+    """No answer to the request yet: it failed before its result, or is still running."""
+    if response.status_code >= 500:
+        return True
+    if response.status_code != 409:
+        return False
+    try:
+        return bool(response.json()["error"]["code"] == "idempotency_in_flight")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _admin_url(settings: ControlPlaneSettings) -> str:
@@ -127,6 +145,18 @@ def _send(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
         return client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach the admin API at {client.base_url}: {exc}", "admin_api_unreachable") from None
+
+
+def _send_idempotent(client: httpx.Client, method: str, path: str, *, key: str, **kwargs: Any) -> httpx.Response:
+    """``_send`` with ``Idempotency-Key: key``, retried (same key) while there is no answer."""
+    headers = {**kwargs.pop("headers", {}), "Idempotency-Key": key}
+    for delay in RETRY_DELAYS_S:
+        with contextlib.suppress(CliFailure):
+            response = _send(client, method, path, headers=headers, **kwargs)
+            if not _unanswered(response):
+                return response
+        time.sleep(delay)
+    return _send(client, method, path, headers=headers, **kwargs)
 
 
 def _checked(response: httpx.Response) -> Any:
@@ -241,19 +271,22 @@ def create(
     wait: WaitFlag = False,
     idempotency_key: Annotated[
         str | None,
-        typer.Option("--idempotency-key", help="Key of this request (default: derived from slug, name and tier)."),
+        typer.Option(
+            "--idempotency-key",
+            help="Key of this request; reuse it to make a re-run the same request (default: random).",
+        ),
     ] = None,
     state_dir: StateDir = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Onboard a tenant (a silo tenant's onboarding job runs in the background; --wait waits).
 
-    Safe to re-run: the same command replays the first answer (see the module doc).
+    Retried with one key while unanswered; across re-runs only with --idempotency-key (see the module doc).
     """
     body = {"slug": slug, "name": name or slug, "tier": tier}
-    key = idempotency_key or create_idempotency_key(body["slug"], body["name"], body["tier"])
+    key = idempotency_key or new_idempotency_key()
     with _reported(as_json), _client(state_dir) as client:
-        response = _send(client, "POST", "/v1/tenants", json=body, headers={"Idempotency-Key": key})
+        response = _send_idempotent(client, "POST", "/v1/tenants", key=key, json=body)
         document = _checked(response)
         job_id = response.headers.get("X-Tenantctl-Job")
         if wait and job_id:

@@ -13,6 +13,12 @@ refusal about a passing state (:data:`PASSING_STATE`: a fleet migration or
 another job holds the tenant, rate limited, fenced): "retry then" must not be
 answered with the same refusal once then has come. An ``in_flight`` row older
 than ``STALE_AFTER`` (its process died) is taken over.
+
+A key lives ``KEY_TTL`` (24 h) from its first request: after that it is free
+again -- the next request with it runs, whatever it is -- and
+:func:`purge_expired` deletes it. A key is for retrying one request, not a
+name for the result forever: a stored 201 replayed months later would
+describe a tenant that may long be gone.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from control_plane.exceptions import (
 from data_plane.exceptions import InvalidInputError, RateLimitedError, ServiceUnavailableError, TenantctlError
 
 STALE_AFTER = timedelta(minutes=5)
+KEY_TTL = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 
 # Refusals that say "not now" rather than "no": the request did not run, and a
@@ -83,15 +90,34 @@ def validate_key(key: str) -> str:
     return key
 
 
-async def begin(session: AsyncSession, *, actor: str, key: str, fingerprint: str) -> StoredResponse | None:
-    """Claim ``key`` (None: go ahead) or return the stored response to replay."""
+def _expired(ttl: timedelta) -> sa.ColumnElement[bool]:
+    return idempotency_keys.c.created_at < sa.func.now() - sa.cast(ttl, sa.Interval)
+
+
+async def begin(
+    session: AsyncSession, *, actor: str, key: str, fingerprint: str, ttl: timedelta = KEY_TTL
+) -> StoredResponse | None:
+    """Claim ``key`` (None: go ahead) or return the stored response to replay.
+
+    A key older than ``ttl`` is claimed as if it were new (its stored answer dropped).
+    """
     table = idempotency_keys
     async with session.begin():
+        statement = insert(table).values(actor=actor, key=key, request_hash=fingerprint, state="in_flight")
         claimed = await session.scalar(
-            insert(table)
-            .values(actor=actor, key=key, request_hash=fingerprint, state="in_flight")
-            .on_conflict_do_nothing()
-            .returning(table.c.key)
+            statement.on_conflict_do_update(
+                index_elements=[table.c.actor, table.c.key],
+                set_={
+                    "request_hash": statement.excluded.request_hash,
+                    "state": "in_flight",
+                    "response_status": None,
+                    "response_body": None,
+                    "response_headers": sa.text("'{}'::jsonb"),
+                    "created_at": sa.func.now(),
+                    "updated_at": sa.func.now(),
+                },
+                where=_expired(ttl),
+            ).returning(table.c.key)
         )
         if claimed is not None:
             return None
@@ -141,3 +167,10 @@ async def release(session: AsyncSession, *, actor: str, key: str) -> None:
         await session.execute(
             sa.delete(table).where(table.c.actor == actor, table.c.key == key, table.c.state == "in_flight")
         )
+
+
+async def purge_expired(session: AsyncSession, *, ttl: timedelta = KEY_TTL) -> int:
+    """Delete keys older than ``ttl`` (never replayed again anyway); how many."""
+    async with session.begin():
+        result = await session.execute(sa.delete(idempotency_keys).where(_expired(ttl)))
+    return int(getattr(result, "rowcount", 0) or 0)

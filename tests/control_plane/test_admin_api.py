@@ -654,3 +654,62 @@ def test_only_refusals_of_requests_that_ran_are_stored_for_replay() -> None:
         is_stored(exc)
         for exc in (IllegalTransitionError(), VersionConflictError(), NotFoundError(), InvalidInputError())
     )
+
+
+def _age_idempotency_keys(catalog_url: str, hours: float) -> None:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    with psycopg.connect(libpq(catalog_url)) as conn:
+        conn.execute("UPDATE idempotency_keys SET created_at = now() - make_interval(secs => %s)", (hours * 3600,))
+
+
+async def test_an_idempotency_key_expires_after_a_day_and_is_then_purged(
+    admin: httpx.AsyncClient, endpoints: Endpoints
+) -> None:
+    """A stored answer is for retries of one request, not forever: a day on, the key runs
+    its request again (here: refused, the slug is taken) instead of replaying the old 201."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from control_plane.catalog import idempotency
+    from data_plane.dsn import async_url
+
+    first = await create(admin, "acme", **{"Idempotency-Key": "k1"})
+    assert first.status_code == 201
+    _age_idempotency_keys(endpoints.catalog_url, hours=23)
+    replayed = await create(admin, "acme", **{"Idempotency-Key": "k1"})  # control: still within the day
+    assert replayed.status_code == 201 and replayed.headers["Idempotent-Replayed"] == "true"
+
+    _age_idempotency_keys(endpoints.catalog_url, hours=25)
+    ran = await create(admin, "acme", **{"Idempotency-Key": "k1"})
+    assert ran.status_code == 409 and ran.json()["error"]["code"] == "slug_taken"
+    assert "Idempotent-Replayed" not in ran.headers
+    # The key now holds that answer, for a day from this request.
+    assert (await create(admin, "acme", **{"Idempotency-Key": "k1"})).headers["Idempotent-Replayed"] == "true"
+    # An expired key may even be reused for another request.
+    _age_idempotency_keys(endpoints.catalog_url, hours=25)
+    assert (await create(admin, "other", **{"Idempotency-Key": "k1"})).status_code == 201
+
+    assert (await create(admin, "fresh", **{"Idempotency-Key": "k2"})).status_code == 201
+    engine = create_async_engine(async_url(endpoints.catalog_url))
+    try:
+        _age_idempotency_keys(endpoints.catalog_url, hours=0)
+        async with async_sessionmaker(engine)() as session:
+            assert await idempotency.purge_expired(session) == 0
+        with psycopg_conn(endpoints.catalog_url) as conn:
+            conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'k1'")
+        async with async_sessionmaker(engine)() as session:
+            assert await idempotency.purge_expired(session) == 1
+    finally:
+        await engine.dispose()
+    with psycopg_conn(endpoints.catalog_url) as conn:
+        assert conn.execute("SELECT key FROM idempotency_keys").fetchall() == [("k2",)]
+
+
+def psycopg_conn(catalog_url: str) -> Any:
+    import psycopg
+
+    from data_plane.dsn import libpq
+
+    return psycopg.connect(libpq(catalog_url))

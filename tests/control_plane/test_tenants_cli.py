@@ -86,9 +86,13 @@ def test_tenants_cli_round_trip(admin_url: str, wf_settings: ControlPlaneSetting
     job = doc(run("offboard", slug, "--yes", "--wait", "--json"))["job"]
     assert job["status"] == "succeeded"
     assert doc(run("show", slug, "--json"))["status"] == "deleted"
+    # The same create again is a new request: refused, not the first create's 201 "active" replayed.
+    again = runner.invoke(cli_app, ["tenants", "create", slug, "--name", "Cli Co", "--tier", "standard"], env=env)
+    assert again.exit_code == 1 and "slug_taken" in again.output, again.output
+    assert doc(run("show", slug, "--json"))["status"] == "deleted"
 
 
-def test_create_is_idempotent_across_reruns_and_failures_print_a_json_error(
+def test_create_is_idempotent_across_reruns_with_a_key_and_failures_print_a_json_error(
     admin_url: str, wf_settings: ControlPlaneSettings, tmp_path: Any
 ) -> None:
     runner = CliRunner()
@@ -105,14 +109,18 @@ def test_create_is_idempotent_across_reruns_and_failures_print_a_json_error(
         return result.exit_code, json.JSONDecoder().raw_decode(text[start:])[0]
 
     slug = f"rerun-{uuid.uuid4().hex[:8]}"
-    code, first = invoke("create", slug, "--tier", "enterprise", "--json")
+    rerun = ("create", slug, "--tier", "enterprise", "--idempotency-key", f"rerun-{slug}", "--json")
+    code, first = invoke(*rerun)
     assert code == 0 and first["status"] == "provisioning" and first["job_id"]
-    # The operator's terminal died; the same command again is the same request.
-    code, again = invoke("create", slug, "--tier", "enterprise", "--json")
+    # The operator's terminal died; the same command with the same key is the same request.
+    code, again = invoke(*rerun)
     assert code == 0, again
     assert (again["id"], again["job_id"]) == (first["id"], first["job_id"])
     code, listed = invoke("list", "--json")
     assert [t["slug"] for t in listed["data"]].count(slug) == 1
+    # Without a key each invocation is a request of its own: this one is refused.
+    code, unkeyed = invoke("create", slug, "--tier", "enterprise", "--json")
+    assert code == 1 and unkeyed["error"]["code"] == "slug_taken"
 
     # Control: a different request under the same slug is still refused, as JSON.
     code, other = invoke("create", slug, "--name", "Someone Else", "--json")
