@@ -8,7 +8,6 @@ writes one ``audit_log`` row in the same transaction as its effect.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from control_plane.workflows import jobs as jobs_mod
 from control_plane.workflows.jobs import JobEnqueuer, JobRecord
 from control_plane.workflows.kinds import DEMOTION, OFFBOARDING, ONBOARDING, PROMOTION, JobKind
 from control_plane.workflows.stores import claim_tenant
-from data_plane.exceptions import ConflictError, InvalidInputError, NotFoundError
+from data_plane import pagination
+from data_plane.exceptions import ConflictError, NotFoundError
 
 POOL_LOCATION = "pool"
 MAX_PAGE = 200
@@ -190,12 +190,15 @@ def encode_cursor(view: TenantView) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, tenant_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), uuid.UUID(tenant_id)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise InvalidInputError("invalid cursor") from exc
+    """The position a cursor names, in UTC; 422 ``invalid_cursor`` for anything we did not write.
+
+    The tenant API's decoder, whose checks matter here too: a crafted time
+    that is naive, or exists only with its offset (0001-01-01T00:00+01:00),
+    is refused here -- the driver converting it to UTC inside the query was a 500.
+    """
+    decoded = pagination.decode_cursor(cursor)
+    assert decoded is not None  # only None for no cursor
+    return decoded
 
 
 async def list_tenants(

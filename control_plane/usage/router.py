@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -14,8 +14,6 @@ from data_plane.exceptions import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
-DEFAULT_RANGE = timedelta(days=1)
-
 
 @router.get("/tenants/{tenant}/usage", tags=["usage"])
 async def get_usage(
@@ -26,6 +24,4 @@ async def get_usage(
     end: Annotated[datetime | None, Query(alias="to", description="End (exclusive); default now.")] = None,
 ) -> TenantUsage:
     """A tenant's (id or slug) metered usage per hour in ``[from, to)``; default the last 24 hours."""
-    end = end or datetime.now(UTC)
-    start = start or end - DEFAULT_RANGE
     return await service.tenant_usage(session, ref=tenant, start=start, end=end)

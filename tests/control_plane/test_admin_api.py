@@ -713,3 +713,54 @@ def psycopg_conn(catalog_url: str) -> Any:
     from data_plane.dsn import libpq
 
     return psycopg.connect(libpq(catalog_url))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"to": "0001-01-01T00:00:00Z"},  # the default from, a day earlier, is before year 1
+        {"from": "0001-01-01T00:00:00+01:00", "to": "2026-01-01T00:00:00Z"},  # year 0 in UTC
+        {"from": "2026-01-01T00:00:00Z", "to": "9999-12-31T23:59:59-01:00"},  # year 10000 in UTC
+        {"from": "2026-01-01T00:00:00", "to": "2026-01-02T00:00:00Z"},  # no time zone
+    ],
+)
+async def test_a_usage_range_outside_what_the_database_holds_is_422(
+    admin: httpx.AsyncClient, query: dict[str, str]
+) -> None:
+    await create(admin, "acme")
+    response = await admin.get("/v1/tenants/acme/usage", params=query)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_input"
+    # Control: the extreme instants themselves are fine.
+    edges = {"from": "0001-01-01T00:00:00Z", "to": "9999-12-31T23:59:59Z"}
+    whole = await admin.get("/v1/tenants/acme/usage", params=edges)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["totals"]["requests"] == 0
+
+
+def _cursor(created_at: str, ident: str = "00000000-0000-0000-0000-000000000000") -> str:
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps([created_at, ident]).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("path", ["/v1/tenants", "/v1/jobs"])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _cursor("0001-01-01T00:00:00+01:00"),  # year 0 in UTC
+        _cursor("9999-12-31T23:59:59-01:00"),  # year 10000 in UTC
+        _cursor("2026-01-01T00:00:00"),  # naive: never written by the API
+        _cursor("2026-01-01T00:00:00Z", ident="5"),
+        "WzEsIDJd",  # [1, 2]
+    ],
+)
+async def test_a_crafted_list_cursor_is_422_invalid_cursor(admin: httpx.AsyncClient, path: str, cursor: str) -> None:
+    await create(admin, "acme")
+    response = await admin.get(path, params={"cursor": cursor})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_cursor"
+    # Control: a cursor from a time zone other than UTC is still a position.
+    fine = await admin.get(path, params={"cursor": _cursor("2026-01-01T01:00:00+01:00")})
+    assert fine.status_code == 200, fine.text
