@@ -15,6 +15,7 @@ from control_plane.catalog import idempotency, service
 from control_plane.catalog.dependencies import AdminPrincipal, CatalogSession, State
 from control_plane.catalog.schemas import (
     JobEnvelope,
+    JobKindName,
     JobOut,
     JobPage,
     JobStatus,
@@ -24,6 +25,7 @@ from control_plane.catalog.schemas import (
     TenantPage,
     TenantStatus,
     TenantUpdate,
+    Tier,
 )
 from control_plane.workflows.jobs import JobRecord
 from data_plane.auth import Principal
@@ -138,7 +140,7 @@ async def list_tenants(
     session: CatalogSession,
     _: AdminPrincipal,
     status: TenantStatus | None = None,
-    tier: str | None = None,
+    tier: Tier | None = None,
     placement: PlacementKind | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 50,
     cursor: str | None = None,
@@ -263,7 +265,7 @@ async def list_jobs(
     session: CatalogSession,
     _: AdminPrincipal,
     tenant_id: uuid.UUID | None = None,
-    kind: str | None = None,
+    kind: JobKindName | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 50,
     cursor: str | None = None,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from data_plane.resources.projects.schemas import no_nul
+
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+_SLUG = re.compile(SLUG_PATTERN)
 
 
 def parse_tenant_id(ref: str) -> uuid.UUID | None:
@@ -33,9 +37,20 @@ def _not_an_id(slug: str) -> str:
     return slug
 
 
+def could_name_a_tenant(ref: str) -> bool:
+    """Whether ``ref`` is an id or a possible slug: anything else names no tenant, unasked.
+
+    Checked before a path's ``{id or slug}`` reaches a query: PostgreSQL text
+    cannot hold NUL, so ``/v1/tenants/a%00b`` failed in the driver (a 500).
+    """
+    return parse_tenant_id(ref) is not None or _SLUG.fullmatch(ref) is not None
+
+
 Slug = Annotated[str, StringConstraints(pattern=SLUG_PATTERN), AfterValidator(_not_an_id)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-Tier = Annotated[str, StringConstraints(min_length=1, max_length=50)]
+# Strings stored as PostgreSQL text refuse NUL (422), as the tenant API's do.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True), AfterValidator(no_nul)]
+Tier = Annotated[str, StringConstraints(min_length=1, max_length=50), AfterValidator(no_nul)]
+JobKindName = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(no_nul)]
 
 TenantStatus = Literal["provisioning", "active", "suspended", "moving", "offboarding", "deleted"]
 PlacementKind = Literal["pool", "silo"]

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.lifecycle import Action, Status, check_editable, next_status
 from control_plane.catalog.models import audit_log, jobs, locations, tenants
-from control_plane.catalog.schemas import parse_tenant_id
+from control_plane.catalog.schemas import could_name_a_tenant, parse_tenant_id
 from control_plane.exceptions import SiloOwnershipError, VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
@@ -106,6 +106,8 @@ def _ref_condition(ref: str | uuid.UUID) -> sa.ColumnElement[bool]:
 
 async def resolve_tenant(session: AsyncSession, ref: str | uuid.UUID, *, lock: bool = False) -> TenantView:
     """A tenant by id or slug; ``lock`` takes its row lock (FOR UPDATE OF tenants)."""
+    if isinstance(ref, str) and not could_name_a_tenant(ref):
+        raise NotFoundError("tenant not found")
     query = _tenant_select().where(_ref_condition(ref))
     if lock:
         query = query.with_for_update(of=tenants)

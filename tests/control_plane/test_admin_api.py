@@ -764,3 +764,46 @@ async def test_a_crafted_list_cursor_is_422_invalid_cursor(admin: httpx.AsyncCli
     # Control: a cursor from a time zone other than UTC is still a position.
     fine = await admin.get(path, params={"cursor": _cursor("2026-01-01T01:00:00+01:00")})
     assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status",
+    [
+        ("GET", "/v1/tenants/a%00b", None, 404),
+        ("GET", "/v1/tenants/a%00b/usage", None, 404),
+        ("POST", "/v1/tenants/a%00b/suspend", None, 404),
+        ("POST", "/v1/tenants/a%00b/promote", None, 404),
+        ("PATCH", "/v1/tenants/a%00b", {"name": "x"}, 404),
+        ("DELETE", "/v1/tenants/a%00b", None, 404),
+        ("GET", "/v1/tenants?tier=a%00b", None, 422),
+        ("GET", "/v1/jobs?kind=a%00b", None, 422),
+        ("POST", "/v1/tenants", {"slug": "nul", "name": "a\u0000b", "tier": "free"}, 422),
+        ("POST", "/v1/tenants", {"slug": "nul", "name": "Nul", "tier": "fr\u0000ee"}, 422),
+        ("PATCH", "/v1/tenants/acme", {"name": "a\u0000b"}, 422),
+        ("PATCH", "/v1/tenants/acme", {"tier": "a\u0000b"}, 422),
+    ],
+)
+async def test_a_nul_character_anywhere_in_a_request_is_refused_in_the_error_shape(
+    admin: httpx.AsyncClient, method: str, path: str, body: dict[str, str] | None, status: int
+) -> None:
+    """PostgreSQL text cannot hold NUL: a reference with one names no tenant (404), a value
+    with one is invalid (422) -- never a 500 from the driver."""
+    await create(admin, "acme")
+    response = await admin.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == {404: "not_found", 422: "invalid_input"}[status]
+    assert (await admin.get("/v1/tenants/acme")).json()["name"] == "Acme"  # control: nothing changed
+
+
+async def test_a_reference_that_is_neither_id_nor_slug_is_404_and_a_real_one_resolves(
+    admin: httpx.AsyncClient,
+) -> None:
+    tenant = (await create(admin, "acme")).json()
+    for ref in ("ACME", "acme%0A", "a", "acme%20", "-acme"):
+        response = await admin.get(f"/v1/tenants/{ref}")
+        assert response.status_code == 404, ref
+        assert response.json()["error"]["code"] == "not_found"
+    for ref in ("acme", tenant["id"], tenant["id"].upper(), tenant["id"].replace("-", "")):
+        assert (await admin.get(f"/v1/tenants/{ref}")).json()["id"] == tenant["id"], ref
+    assert [t["slug"] for t in (await admin.get("/v1/tenants", params={"tier": "free"})).json()["data"]] == ["acme"]
+    assert (await admin.get("/v1/jobs", params={"kind": "offboarding"})).json()["data"] == []
