@@ -84,6 +84,9 @@ class UsageMeter:
         self._pool: asyncpg.Pool | None = None
         self.flushes = 0
         self.flush_failures = 0
+        # Set while the periodic task is inside a flush, and once closing.
+        self._flushing = False
+        self._closing = False
 
     def record(self, tenant_id: uuid.UUID, rows_written: int) -> None:
         """Count one request of ``tenant_id`` (the hot path: no I/O, no await)."""
@@ -99,8 +102,14 @@ class UsageMeter:
         self._task = asyncio.create_task(self._flush_forever(), name="usage-flush")
 
     async def close(self) -> None:
+        self._closing = True  # the flush in progress samples no more tenants, and is the loop's last
         if self._task is not None:
-            self._task.cancel()
+            # A flush in progress is awaited, never cancelled: it has taken
+            # the counts out of memory before sampling rows stored (seconds),
+            # and cancelling it there lost them (the final flush below found
+            # nothing); cancelled in its INSERT, it could count them twice.
+            if not self._flushing:
+                self._task.cancel()  # asleep between flushes: it holds nothing
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         # The last counts, without sampling rows stored: at shutdown the
@@ -112,9 +121,15 @@ class UsageMeter:
             self._pool = None
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._interval)
-            await self.flush()
+            # No await between waking and this flag: close() sees either a
+            # sleeping task (cancelled) or a flushing one (awaited).
+            self._flushing = True
+            try:
+                await self.flush()
+            finally:
+                self._flushing = False
 
     async def flush(self, *, sample: bool = True) -> bool:
         """Write the counts gathered since the last flush; True if it was written (or nothing to write)."""
@@ -165,7 +180,7 @@ class UsageMeter:
         del bucket
 
     async def _rows_stored(self, tenant_id: uuid.UUID) -> int | None:
-        if self._routes is None or self._engines is None:
+        if self._routes is None or self._engines is None or self._closing:
             return None
         try:
             route = (await self._routes.lookup(tenant_id)).require_servable()

@@ -154,6 +154,40 @@ async def test_usage_api_validates_and_requires_admin(admin: httpx.AsyncClient, 
     assert tenant_token.status_code == 401
 
 
+async def test_a_shutdown_during_a_flush_loses_no_count(dp_settings: DataPlaneSettings, world: World) -> None:
+    """The replica stops while a periodic flush is sampling rows stored: the counts are still written.
+
+    The flush takes the counts out of memory before it samples (a count that
+    may take seconds), so cancelling it there lost them.
+    """
+    a = world["A"]
+    app = dp_app(dp_settings, usage_flush_seconds=0.2)
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as locker:
+        # The sample counts tasks too; a lock on them holds it up to its timeout.
+        locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        async for client in asgi_client(app):
+            meter: UsageMeter = app.state.meter
+            for name in ("x", "y"):
+                assert (await client.post("/v1/projects", json={"name": name}, headers=a.headers)).status_code == 201
+            assert (await client.get("/v1/projects", headers=a.headers)).status_code == 200
+            for _ in range(250):  # until the periodic flush's sample waits for the lock
+                if _waiting_for_a_lock(world):
+                    break
+                await asyncio.sleep(0.02)
+            assert _waiting_for_a_lock(world), "the periodic flush did not start sampling"
+            assert meter.pending() == []  # the counts are in the flush's hands
+        # Shut down mid-flush (the sample gave up at its timeout).
+    assert _usage_rows(world, a.id) == [(3, 2, None)]
+
+
+def _waiting_for_a_lock(world: World) -> bool:
+    with psycopg.connect(libpq(world.endpoints.pool_url)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'tasks'::regclass"
+        ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
 async def test_failed_flush_keeps_counts(dp_settings: DataPlaneSettings, world: World) -> None:
     a = world["A"]
     meter = UsageMeter("postgresql://nobody@127.0.0.1:1/none", interval=3600)
