@@ -42,7 +42,11 @@ KIND = OFFBOARDING
 
 
 async def _store(tenant_id: uuid.UUID) -> dict[str, Any]:
-    """Where the tenant's rows are: {"kind": pool|silo|none, "dsn", "location": {...}}."""
+    """Where the tenant's rows are: {"kind": pool|silo|none, "dsn", "location": {...}}.
+
+    ``dsn`` is None when there are no rows to fence or export: a silo whose
+    onboarding failed (its location is still dropped), or none at all.
+    """
     ctx = runtime.current()
     async with ctx.sessions().begin() as session:
         row = (
@@ -52,14 +56,29 @@ async def _store(tenant_id: uuid.UUID) -> dict[str, Any]:
                 .where(tenants.c.id == tenant_id)
             )
         ).one()
-    base = {"slug": row.slug, "route_epoch": int(row.route_epoch)}
-    if row.placement == "pool":
-        return {**base, "kind": "pool", "dsn": ctx.endpoints.pool_url}
-    if row.id is None or row.dsn is None:
-        # A silo onboarding that failed before recording its location: no rows anywhere.
+        base = {"slug": row.slug, "route_epoch": int(row.route_epoch)}
+        if row.placement == "pool":
+            return {**base, "kind": "pool", "dsn": ctx.endpoints.pool_url}
+        if row.id is not None and row.dsn is not None:
+            location = {"id": str(row.id), **{name: getattr(row, name) for name in LOCATION_COLUMNS}}
+            return {**base, "kind": "silo", "dsn": row.dsn, "location": location}
+        # Never activated (onboarding's last step sets tenants.location_id): a
+        # failed silo onboarding, which served nothing, so there is nothing to
+        # fence or export (its silo may not even be migrated). But a silo it
+        # recorded is dropped: looked up through the tenant's id, it used to be
+        # left behind, "provisioning" forever (on AWS, an RDS instance billing on).
+        recorded = (
+            await session.execute(
+                sa.select(locations)
+                .where(locations.c.tenant_id == tenant_id, locations.c.kind == "silo", locations.c.status != "deleted")
+                .order_by(locations.c.created_at.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+    if recorded is None:
         return {**base, "kind": "none", "dsn": None}
-    location = {"id": str(row.id), **{name: getattr(row, name) for name in LOCATION_COLUMNS}}
-    return {**base, "kind": "silo", "dsn": row.dsn, "location": location}
+    location = {"id": str(recorded.id), **{name: getattr(recorded, name) for name in LOCATION_COLUMNS}}
+    return {**base, "kind": "silo", "dsn": None, "location": location}
 
 
 async def _owner(store: dict[str, Any]) -> str:

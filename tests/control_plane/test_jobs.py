@@ -392,6 +392,45 @@ async def test_a_failed_onboarding_is_recorded_and_the_tenant_can_be_offboarded(
     assert (await wf_admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "deleted"
 
 
+async def test_offboarding_a_tenant_whose_onboarding_failed_after_provisioning_drops_its_silo(
+    wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The silo was provisioned and recorded, then the migrate step failed: offboarding drops it.
+
+    The tenant was never activated, so its catalog row names no location: the
+    offboarding used to find "no store", succeed, and leave the silo running.
+    """
+    from control_plane.workflows import onboarding
+
+    def broken_migrate(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("migration failed")
+
+    monkeypatch.setattr(onboarding, "migrate_new_silo", broken_migrate)
+    created = await wf_admin.post("/v1/tenants", json={"slug": slug(), "name": "F", "tier": "enterprise"})
+    assert created.status_code == 201, created.text
+    job = await wait_job(wf_admin, created.headers["X-Tenantctl-Job"])
+    assert (job["status"], job["step"]) == ("failed", "migrate"), job
+    tenant_id = created.json()["id"]
+    with psycopg.connect(libpq(wf_endpoints.catalog_url)) as conn:
+        recorded = conn.execute("SELECT name, dsn, status FROM locations WHERE tenant_id = %s", (tenant_id,)).fetchone()
+    assert recorded is not None
+    name, dsn, status = recorded
+    assert status == "provisioning"
+    psycopg.connect(libpq(dsn)).close()  # the control: the silo database exists
+    monkeypatch.undo()
+
+    gone = await wf_admin.delete(f"/v1/tenants/{tenant_id}")
+    assert gone.status_code == 202, gone.text
+    cleanup = await wait_job(wf_admin, gone.json()["job"]["id"])
+    assert cleanup["status"] == "succeeded", cleanup
+    assert (await wf_admin.get(f"/v1/tenants/{tenant_id}")).json()["status"] == "deleted"
+    with psycopg.connect(libpq(wf_endpoints.catalog_url)) as conn:
+        after = conn.execute("SELECT status FROM locations WHERE name = %s", (name,)).fetchone()
+    assert after == ("deleted",)
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        psycopg.connect(libpq(dsn)).close()
+
+
 async def test_onboarding_migrates_its_silo_only_while_no_fleet_migration_runs(
     wf_admin: httpx.AsyncClient, wf_endpoints: Endpoints
 ) -> None:
