@@ -55,6 +55,9 @@ def detached_task(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]
 
 
 CHANNEL = "tenant_routes"
+# The route listener's liveness probe, every second: longer than any healthy
+# catalog takes to answer SELECT 1, short next to the route cache's TTL.
+LISTENER_PROBE_TIMEOUT_SECONDS = 5.0
 # Catalog reads per lookup while invalidations keep arriving mid-read; the last
 # read is returned uncached (it is at least as fresh as the request).
 LOOKUP_READS = 3
@@ -320,8 +323,10 @@ class RouteDirectory:
                 while not conn.is_closed():
                     await asyncio.sleep(1.0)
                     # A cheap liveness probe: a half-open socket would
-                    # otherwise keep us "listening" to nothing.
-                    await conn.execute("SELECT 1")
+                    # otherwise keep us "listening" to nothing. Bounded: on
+                    # such a socket the probe itself never returns, and the
+                    # listener stayed "up", hearing no NOTIFY, for good.
+                    await conn.execute("SELECT 1", timeout=LISTENER_PROBE_TIMEOUT_SECONDS)
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -12,13 +12,14 @@ import asyncpg
 import httpx
 import psycopg
 import pytest
+from sqlalchemy.engine import url as sa_url
 
 from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
 from data_plane.exceptions import TenantFencedError, TenantUnknownError
 from data_plane.ownership import BEGIN_TENANT, FUSED_STATEMENTS
 from data_plane.resources.projects.service import LIST_FIRST, TENANT
-from data_plane.routing import EngineRegistry, RouteDirectory
+from data_plane.routing import LISTENER_PROBE_TIMEOUT_SECONDS, EngineRegistry, RouteDirectory
 from data_plane.session import TENANT_GUARD, TenantContext, fused
 from data_plane.settings import DataPlaneSettings
 from tests.conftest import asgi_client
@@ -254,6 +255,82 @@ async def test_change_made_while_the_listener_was_down_is_seen_after_reconnect(
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{catalog_db}" CONNECTION LIMIT -1')
         await directory.close()
+
+
+class _FreezableProxy:
+    """A TCP proxy to a PostgreSQL server that can stop forwarding, sockets left open: a half-open connection."""
+
+    def __init__(self, dsn: str) -> None:
+        url = sa_url.make_url(dsn)
+        host, port = str(url.query.get("host") or url.host), int(url.query.get("port") or url.port or 5432)  # type: ignore[arg-type]
+        self._upstream = (host, port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self._upstream
+        if host.startswith("/"):
+            up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        else:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+        for w in (writer, up_writer):
+            w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            await self._flowing.wait()
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_half_open_listener_connection_is_noticed_and_replaced(world: World) -> None:
+    """The catalog stops answering on the listener's open socket: the listener goes down and comes back.
+
+    Its liveness probe waited for ever on such a socket, so the directory kept
+    "listening" (and caching) while no NOTIFY could arrive.
+    """
+    proxy = _FreezableProxy(world.endpoints.app_catalog_url)
+    await proxy.start()
+    url = sa_url.make_url(world.endpoints.app_catalog_url)
+    through_proxy = libpq(url.set(host="127.0.0.1", port=proxy.port, query={}))
+    directory = RouteDirectory(through_proxy, ttl=3600)
+    try:
+        await directory.start()
+        assert directory.listening
+
+        async def down() -> bool:
+            return not directory.listening
+
+        async def up() -> bool:
+            return directory.listening
+
+        proxy.freeze()
+        await _eventually(down, timeout=LISTENER_PROBE_TIMEOUT_SECONDS + 10)
+        proxy.thaw()
+        await _eventually(up, timeout=15)
+        assert (await directory.lookup(world["A"].id)).status == "active"  # the control: it reads again
+    finally:
+        proxy.thaw()
+        await directory.close()
+        await proxy.close()
 
 
 class _HookedDirectory(RouteDirectory):
