@@ -1,7 +1,9 @@
 """``tenantctl migrate status|upgrade [REV]|downgrade REV`` (DESIGN §5).
 
-Exit codes: ``upgrade``/``downgrade`` exit 0 when no target failed, 1 when any
-target failed (or the run was refused or interrupted: 130 on Ctrl-C).
+Exit codes: ``upgrade``/``downgrade`` exit 0 only when every target was
+migrated or already up to date; 1 when any target failed or was not run (the
+run stopped early: pool or canary failure, lost interlock) or the run was
+refused; 130 on Ctrl-C.
 ``status`` exits 0 when every target is at head, 3 when some target drifted
 (behind, ahead, unversioned, unknown revision) and 1 when some target is
 unreachable. With ``--json`` exactly one JSON document is printed on stdout --

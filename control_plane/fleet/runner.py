@@ -95,7 +95,15 @@ class FleetReport:
 
     @property
     def failed(self) -> bool:
-        return self.interrupted or any(r.status is TargetStatus.FAILED for r in self.results)
+        """True unless every target was migrated or already up to date.
+
+        A run that stopped early (pool or canary failure, a lost interlock,
+        Ctrl-C) leaves targets ``not-run``: it did not complete, so ``ok``, the
+        exit code and ``tenantctl_fleet_migration_failed`` must say so even
+        when no target itself failed -- a stopped run once reported ok/exit 0.
+        """
+        incomplete = (TargetStatus.FAILED, TargetStatus.NOT_RUN)
+        return self.interrupted or self.stopped_reason is not None or any(r.status in incomplete for r in self.results)
 
     def counts(self) -> dict[str, int]:
         counts = {status.value: 0 for status in TargetStatus}

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
+from control_plane import interlock
 from control_plane.cli import app
+from control_plane.interlock import mark_tenant_moving
+from data_plane.dsn import libpq, sync_url
 from tests.fleet.conftest import BASE, REV2, Fleet, revision_of, set_allow_connections
 
 
@@ -131,3 +138,45 @@ def test_an_unreachable_catalog_is_a_clear_error_not_a_traceback(fleet: Fleet, s
         assert document["error"]["code"] == "database_unavailable"
         assert "catalog database error" in document["error"]["message"]
         assert "catalog database error" in result.stderr
+
+
+def test_a_run_stopped_by_a_move_is_not_ok_exits_1_and_sets_the_failed_metric(
+    fleet: Fleet, scripts: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that lost its interlock to a move migrated only the pool: scripts and alerts must see a failure."""
+    silos = fleet.add_silos(3)
+    checks = {"n": 0}
+    original = interlock.FleetLock.lost
+
+    def failover_then_a_move(self: interlock.FleetLock) -> str | None:
+        checks["n"] += 1
+        if checks["n"] == 2:  # the pool is done, no silo started: the session drops, a move marks its tenant
+            with psycopg.connect(libpq(fleet.catalog), autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s, 5000)", (self.conn.info.backend_pid,))
+                row = conn.execute("SELECT id FROM tenants WHERE slug = %s", (silos[0].slug,)).fetchone()
+            assert row is not None
+            engine = create_engine(sync_url(fleet.catalog), poolclass=NullPool)
+            with engine.begin() as conn_:
+                mark_tenant_moving(conn_, uuid.UUID(str(row[0])))
+            engine.dispose()
+        return original(self)
+
+    monkeypatch.setattr(interlock.FleetLock, "lost", failover_then_a_move)
+    metrics = tmp_path / "tenantctl.prom"
+    env = {
+        "TENANTCTL_CATALOG_URL": fleet.catalog,
+        "TENANTCTL_POOL_URL": fleet.pool,
+        "TENANTCTL_SILO_SERVER_URL": fleet.servers.silo_admin,
+        "TENANTCTL_STATE_DIR": str(tmp_path / "state"),
+        "TENANTCTL_METRICS_TEXTFILE": str(metrics),
+    }
+    args = ["migrate", "upgrade", "--json", "--concurrency", "1", "--script-location", scripts]
+    result = CliRunner().invoke(app, args, env=env)
+
+    doc = json.loads(result.stdout)
+    assert revision_of(fleet.pool) == REV2 and all(revision_of(s.dsn) == BASE for s in silos)
+    assert doc["summary"] == {"succeeded": 1, "failed": 0, "skipped-up-to-date": 0, "not-run": 3}
+    assert "interlock was lost" in doc["stopped_reason"]
+    assert doc["ok"] is False
+    assert result.exit_code == 1
+    assert "tenantctl_fleet_migration_failed 1.0" in metrics.read_text()

@@ -222,6 +222,8 @@ def test_a_runner_that_lost_its_interlock_to_a_move_starts_no_more_targets(
     assert {r.status for name, r in by_target.items() if name != "pool"} == {TargetStatus.NOT_RUN}
     assert report.stopped_reason is not None
     assert "interlock was lost" in report.stopped_reason and silos[2].slug in report.stopped_reason
+    # Only the pool was migrated: the run is a failure (ok false, exit 1), not a success.
+    assert report.failed and report.to_json()["ok"] is False
     assert progress.holders_later == [None, None, None]
     # The runner let go: its check did not keep the lock from the move's side.
     assert _interlock_holder(fleet) is None
