@@ -11,6 +11,16 @@ Order and failure semantics (issue 7):
 4. then the remaining silos with at most ``concurrency`` migrations at once. A
    failed silo does not stop the others.
 
+A worker process that dies (OOM kill, SIGKILL, a crash in a C extension) is a
+failure of the target it was migrating, not of the run: ``concurrent.futures``
+then breaks the whole process pool and terminates its other workers, so every
+target in flight in that pool is recorded ``failed`` ("worker process died";
+its one transaction rolled back unless it had already committed, a re-run
+finishes or skips it), a fresh pool replaces the broken one, and the run goes
+on by the rules above (a death in the pool or canary wave stops the run, one
+among the remaining silos does not) -- as one failing tenant's migration does
+not stop a django-tenants run over the others.
+
 When the run stops (pool or canary failure, or Ctrl-C) migrations already in
 flight finish (their worker processes ignore SIGINT) and every target not
 started is reported ``not-run``. Migrations execute in worker processes, one
@@ -205,16 +215,45 @@ class _Run:
     def start_workers(self, jobs: int) -> None:
         """One process pool for the whole run, sized for all of its jobs (not the first wave's)."""
         self.workers = max(1, min(self.options.concurrency, jobs))
-        self.executor = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=mp_context(), initializer=worker.init_worker
-        )
+        self.executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=mp_context(), initializer=worker.init_worker)
+
+    def replace_workers(self, running: dict[Future[Outcome], Target]) -> None:
+        """Record every target of a broken pool's in-flight futures, then start a fresh pool.
+
+        Once one worker dies, the pool fails all its pending futures and
+        terminates its other workers, and every later ``submit`` raises
+        ``BrokenProcessPool`` -- which used to abort the run with a traceback
+        and no report. Shutting the broken pool down waits for its manager
+        thread, so by then each of its futures has its outcome.
+        """
+        assert self.executor is not None
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for future, target in list(running.items()):
+            self.record(TargetResult.of(target, _outcome(future)))
+        running.clear()
+        self.executor = self._new_executor()
+
+    def submit(self, job: Job, running: dict[Future[Outcome], Target]) -> Future[Outcome]:
+        """Submit ``job``; on a pool that broke since the last completion, on a fresh pool."""
+        assert self.executor is not None, "start_workers() first"
+        try:
+            return self.executor.submit(worker.migrate_one, job)
+        except BrokenProcessPool:
+            self.replace_workers(running)  # this job never started: it goes to the new pool
+        try:
+            return self.executor.submit(worker.migrate_one, job)
+        except BrokenProcessPool as exc:  # a brand-new pool refusing work: fail this target, not the run
+            failed: Future[Outcome] = Future()
+            failed.set_result(Outcome(TargetStatus.FAILED, None, None, 0.0, _worker_died(exc)))
+            return failed
 
     def wave(self, jobs: Sequence[tuple[Target, Job]]) -> bool:
         """Run ``jobs`` concurrently; return True if all succeeded (or were skipped)."""
         if not jobs:
             return True
-        executor = self.executor
-        assert executor is not None, "start_workers() first"
         waiting = list(reversed(jobs))
         running: dict[Future[Outcome], Target] = {}
         try:
@@ -225,12 +264,16 @@ class _Run:
                     self.halted = self.may_start() if self.may_start is not None else None
                     if self.halted is None:
                         target, job = waiting.pop()
-                        running[executor.submit(worker.migrate_one, job)] = target
+                        running[self.submit(job, running)] = target
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = False
                 for future in done:
+                    broken = broken or (not future.cancelled() and isinstance(future.exception(), BrokenProcessPool))
                     self.record(TargetResult.of(running.pop(future), _outcome(future)))
+                if broken:
+                    self.replace_workers(running)
         except KeyboardInterrupt:
             # Unstarted jobs are never submitted; running ones finish (workers
             # ignore SIGINT) and are recorded, so the report says where each target is.
@@ -247,9 +290,16 @@ def _outcome(future: Future[Outcome]) -> Outcome:
     try:
         return future.result()
     except BrokenProcessPool as exc:
-        return Outcome(TargetStatus.FAILED, None, None, 0.0, f"worker process died: {exc}")
+        return Outcome(TargetStatus.FAILED, None, None, 0.0, _worker_died(exc))
     except CancelledError:
         return Outcome(TargetStatus.NOT_RUN, None, None, 0.0, "cancelled")
+
+
+def _worker_died(exc: BrokenProcessPool) -> str:
+    return (
+        "worker process died (killed, out of memory or crashed) while this target or one beside it "
+        f"was migrating ({exc}); its migration rolled back unless it had committed: re-run to finish it"
+    )
 
 
 def _result(

@@ -88,13 +88,43 @@ def downgrade() -> None:
     op.execute("DROP TABLE fleet_half")
 '''
 
+# Kills its own worker process (as the OOM killer would) in every database whose
+# name contains "fail": a worker death, not a migration error.
+REVISION_3_KILLS = f'''
+"""Test-only: SIGKILLs the worker process in databases named *fail*.
 
-def make_scripts(root: Path, *, failing: bool = False, sleep_s: float = 0.0) -> str:
-    """A copy of the tenant script directory with REV2 (and the failing REV3) on top of the real head.
+Revision ID: {REV3}
+Revises: {REV2}
+"""
+import os
+import signal
+
+from alembic import op
+
+revision = "{REV3}"
+down_revision = "{REV2}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE fleet_killed (id int)")
+    if "fail" in op.get_bind().exec_driver_sql("SELECT current_database()").scalar():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE fleet_killed")
+'''
+
+
+def make_scripts(root: Path, *, failing: bool = False, killing: bool = False, sleep_s: float = 0.0) -> str:
+    """A copy of the tenant script directory with REV2 (and a failing or killing REV3) on top of the real head.
 
     ``sleep_s`` makes REV2 hold its transaction that long (to observe concurrency).
     """
-    dest = root / f"tenant_{int(failing)}_{sleep_s:g}"
+    assert not (failing and killing), "one REV3 at a time"
+    dest = root / f"tenant_{int(failing)}{int(killing)}_{sleep_s:g}"
     shutil.copytree(schema.MIGRATIONS_DIR / "tenant", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     rev2 = REVISION_2
     if sleep_s:
@@ -104,6 +134,8 @@ def make_scripts(root: Path, *, failing: bool = False, sleep_s: float = 0.0) -> 
     (dest / "versions" / "fleet_test_rev2_fleet_note.py").write_text(textwrap.dedent(rev2))
     if failing:
         (dest / "versions" / "fleet_test_rev3_fleet_half.py").write_text(textwrap.dedent(REVISION_3))
+    if killing:
+        (dest / "versions" / "fleet_test_rev3_fleet_killed.py").write_text(textwrap.dedent(REVISION_3_KILLS))
     return str(dest)
 
 

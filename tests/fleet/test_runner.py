@@ -111,6 +111,42 @@ def test_canary_failure_stops_the_wave(fleet: Fleet, failing_scripts: str) -> No
     assert report.stopped_reason is not None and "canary" in report.stopped_reason
 
 
+def test_a_killed_worker_fails_its_silo_and_the_run_goes_on_with_fresh_workers(fleet: Fleet, tmp_path: Path) -> None:
+    """An OOM-killed worker once aborted the run with a BrokenProcessPool traceback and no report."""
+    silos = fleet.add_silos(4, failing={1})  # silo-001's worker is SIGKILLed mid-migration
+    killing = make_scripts(tmp_path, killing=True)
+
+    report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(concurrency=1, script_location=killing))
+
+    by_target = {r.target: r for r in report.results}
+    assert len(by_target) == 5
+    dead = by_target[silos[1].location]
+    assert dead.status is TargetStatus.FAILED and dead.error is not None and "worker process died" in dead.error
+    assert revision_of(silos[1].dsn) == BASE  # its one transaction rolled back
+    # The silos after it ran in a fresh pool of workers.
+    assert [by_target[s.location].status for s in silos if s is not silos[1]] == [TargetStatus.SUCCEEDED] * 3
+    assert all(revision_of(s.dsn) == REV3 for s in silos if s is not silos[1])
+    assert report.failed and report.stopped_reason is None
+    with fleet_migration_lock(fleet.catalog, timeout_s=0):  # released
+        pass
+
+
+def test_a_killed_worker_in_the_canary_wave_stops_the_run_with_a_report(fleet: Fleet, tmp_path: Path) -> None:
+    silos = fleet.add_silos(4, failing={0})
+    killing = make_scripts(tmp_path, killing=True)
+
+    report = run_fleet(fleet.catalog, fleet.pool, FleetOptions(concurrency=2, canary=2, script_location=killing))
+
+    statuses = _statuses(report.results)
+    assert statuses["pool"] == "succeeded"
+    assert statuses[silos[0].location] == "failed"
+    # Beside it, silo-001 either finished first or was terminated with the broken pool: failed, never lost.
+    assert statuses[silos[1].location] in {"succeeded", "failed"}
+    assert [statuses[s.location] for s in silos[2:]] == ["not-run"] * 2
+    assert report.stopped_reason is not None and "canary" in report.stopped_reason
+    assert report.failed
+
+
 def test_pool_failure_stops_everything_and_a_locked_database_is_reported(fleet: Fleet, scripts: str) -> None:
     fleet.add_silos(3)
     # Another runner "migrating" the pool: it holds the per-database migration lock.
