@@ -127,7 +127,7 @@ def up(
             else:
                 endpoints = stack_mod.external_endpoints(settings)
             console.print("migrating catalog and pool ...")
-            stack_mod.migrate_all(endpoints, app_role=settings.app_role)
+            stack_mod.migrate_all(endpoints, app_role=settings.app_role, replication_role=settings.replication_role)
             if not settings.is_production:
                 keys.ensure_dev_key(settings)
             api_url = f"http://{settings.host}:{api_port}"

@@ -5,7 +5,10 @@
 * ``python -m control_plane.deploy bootstrap`` -- a one-shot job run before
   anything else: the project's roles (with passwords from the environment) on
   both servers, the catalog and pool databases, and the catalog and pool
-  migrations. Idempotent, so it runs on every ``docker compose up``.
+  migrations. Idempotent, so it runs on every ``docker compose up``. The pool
+  is migrated under the migration/move interlock: while a tenant is moving and
+  the pool needs a migration, it exits 1 with the reason (retry when the move
+  has finished).
 
 Data-plane replicas need no entry point of their own:
 ``uvicorn --factory data_plane.api:create_app``.
@@ -20,6 +23,7 @@ from fastapi import FastAPI
 
 from control_plane import bootstrap, stack
 from control_plane.settings import ControlPlaneSettings
+from data_plane.exceptions import TenantctlError
 
 
 def admin_app() -> FastAPI:
@@ -54,14 +58,20 @@ def run_bootstrap() -> None:
     endpoints = stack.external_endpoints(settings)
     # The owner URLs carry the owner's password; the app URLs derived from them
     # do not (the data plane reads PGPASSWORD), and migrations need only owners.
-    stack.migrate_all(endpoints, app_role=roles.app)
+    stack.migrate_all(endpoints, app_role=roles.app, replication_role=roles.replication)
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] != ["bootstrap"]:
         sys.stderr.write("usage: python -m control_plane.deploy bootstrap\n")
         return 2
-    run_bootstrap()
+    try:
+        run_bootstrap()
+    except TenantctlError as exc:
+        # A refusal (a move in progress) or a failed pool migration: one line for
+        # the job's log and a non-zero exit so the deployment retries, no traceback.
+        sys.stderr.write(f"bootstrap: {exc.message}\n")
+        return 1
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from control_plane import bootstrap, schema
 from control_plane.dev import EmbeddedStack, StackInfo
-from control_plane.exceptions import EmbeddedStackError
+from control_plane.exceptions import EmbeddedStackError, MigrationFailedError, OperationLockedError
 from control_plane.settings import ControlPlaneSettings
 from data_plane.dsn import with_database, with_user
 
@@ -80,10 +80,48 @@ def external_endpoints(settings: ControlPlaneSettings) -> Endpoints:
     )
 
 
-def migrate_all(endpoints: Endpoints, *, app_role: str) -> None:
-    """Shared catalog first, then the pool's tenant schema (django-tenants order)."""
+def migrate_all(
+    endpoints: Endpoints,
+    *,
+    app_role: str,
+    replication_role: str = "tenantctl_replicator",
+    lock_timeout_s: float = 10.0,
+) -> None:
+    """Shared catalog first, then the pool's tenant schema (django-tenants order).
+
+    The pool is migrated by the fleet runner (``--target pool``), so under the
+    same catalog interlock and per-database lock as ``tenantctl migrate``. A
+    plain upgrade here once changed the pool's revision during a move, whose
+    new silo had been migrated to the pool's *old* revision: the move then
+    copied between two schema revisions. While a tenant is moving (or a fleet
+    run holds the interlock past ``lock_timeout_s``) this raises
+    :class:`~control_plane.exceptions.OperationLockedError` instead; a failed
+    pool migration raises :class:`~control_plane.exceptions.MigrationFailedError`.
+    A pool already at head takes no lock, so restarting a stack while a move
+    is pending still works when no tenant-schema migration is waiting.
+    """
+    # Imported here: the fleet runner starts worker processes whose fork server
+    # imports the CLI, which imports this module.
+    from control_plane.fleet.runner import FleetOptions, pool_revision, run_fleet
+    from control_plane.fleet.targets import POOL
+
     schema.upgrade(schema.Stream.CATALOG, endpoints.catalog_url, app_role=app_role)
-    schema.upgrade(schema.Stream.TENANT, endpoints.pool_url, app_role=app_role)
+    if pool_revision(endpoints.pool_url) == schema.head(schema.Stream.TENANT):
+        return
+    options = FleetOptions(app_role=app_role, replication_role=replication_role, lock_timeout_s=lock_timeout_s)
+    try:
+        report = run_fleet(endpoints.catalog_url, endpoints.pool_url, options, selector=POOL)
+    except OperationLockedError as exc:
+        raise OperationLockedError(
+            f"the pool's tenant schema needs migrating to this release's head, which cannot happen now: "
+            f"{exc.message}. Let the move(s) finish (or cancel them) with the release that started them, "
+            "then start again"
+        ) from None
+    (pool,) = report.results
+    if report.failed:
+        raise MigrationFailedError(
+            f"migrating the pool's tenant schema {pool.from_revision or 'base'} -> head failed: {pool.error}"
+        )
 
 
 def running_endpoints(settings: ControlPlaneSettings) -> Endpoints:
