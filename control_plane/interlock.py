@@ -7,7 +7,8 @@ FLEET_MIGRATION_KEY)`` = ``(7302, 1)``, arbitrates between the two:
   whole run (:func:`fleet_migration_lock`) and, once it holds it, refuses to
   start while any tenant has status ``'moving'``; before each target it checks
   that its session still holds it (:meth:`FleetLock.lost`: a session ended by a
-  catalog failover releases the lock);
+  catalog failover releases the lock; after taking it back the runner re-reads
+  its targets, since an onboarding may have added a silo in the gap);
 * :func:`fleet_migration_excluded` holds it shared for a block of work that
   no ``'moving'`` tenant covers (a new tenant's silo being migrated);
 * a move marks its tenant ``'moving'`` inside a catalog transaction that first
@@ -84,6 +85,10 @@ class FleetLock:
     conn: psycopg.Connection[tuple[object, ...]]
     waited_s: float
     catalog_dsn: str
+    # How often :meth:`lost` took the lock back on a new session. While the
+    # lock was down an onboarding may have added a silo the run never loaded,
+    # so the runner re-reads its targets whenever this changes.
+    retakes: int = 0
 
     def lost(self) -> str | None:
         """None while the runner holds the interlock; else why it must start no more targets.
@@ -116,6 +121,7 @@ class FleetLock:
             conn.close()  # releases the lock
             return f"its catalog session ended and meanwhile a move started: {', '.join(moving)}"
         self.conn = conn
+        self.retakes += 1
         return None
 
     def release(self) -> None:

@@ -51,7 +51,8 @@ from control_plane.fleet.models import Action, Job, Outcome, Target, TargetResul
 from control_plane.fleet.probe import Probe, probe_all, read_revision
 from control_plane.fleet.scripts import RevisionError, ScriptInfo
 from control_plane.fleet.targets import ALL, load_targets
-from control_plane.interlock import fleet_migration_excluded, fleet_migration_lock
+from control_plane.interlock import FleetLock, fleet_migration_excluded, fleet_migration_lock
+from data_plane.exceptions import TenantctlError
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_LOCK_TIMEOUT_S = 10.0
@@ -407,6 +408,63 @@ def migrate_targets(
     )
 
 
+@dataclass
+class _Exclusion:
+    """Before each target (and once at the end): does the run still exclude moves and new silos?
+
+    :meth:`FleetLock.lost` takes a dropped interlock back when no move started,
+    but an onboarding may have provisioned and migrated a silo in that gap --
+    to the pool's revision *before* this run's pool migration committed. The
+    run's targets were loaded once at its start, so such a silo used to be
+    neither migrated nor reported while the run said ok. So after every
+    re-take the targets are re-read, and any new one stops the run and is
+    reported ``not-run``.
+    """
+
+    lock: FleetLock
+    catalog_dsn: str
+    pool_dsn: str
+    selector: str
+    known: set[str]
+    seen_retakes: int = 0
+    added: list[Target] = field(default_factory=list)
+
+    def may_start(self) -> str | None:
+        reason = self.lock.lost()
+        if reason is not None or self.lock.retakes == self.seen_retakes:
+            return reason
+        self.seen_retakes = self.lock.retakes
+        try:
+            current = load_targets(self.catalog_dsn, self.pool_dsn, self.selector)
+        except (psycopg.Error, TenantctlError) as exc:
+            return f"its catalog session ended and the targets could not be re-read ({exc})"
+        new = [t for t in current if t.name not in self.known]
+        if not new:
+            return None
+        self.known.update(t.name for t in new)
+        self.added.extend(new)
+        names = ", ".join(t.name for t in new)
+        return f"its catalog session ended and meanwhile {len(new)} target(s) were added ({names})"
+
+    def finish(self, report: FleetReport, progress: Progress) -> None:
+        """The last check: a drop during the final migrations would otherwise go unseen."""
+        if report.stopped_reason is None:
+            reason = self.may_start()
+            if reason is not None:
+                report.stopped_reason = f"the migration/move interlock was lost: {reason}; re-run the migration"
+        for target in self.added:
+            result = _result(
+                target,
+                TargetStatus.NOT_RUN,
+                None,
+                None,
+                0.0,
+                "added while the run's interlock session was down; not migrated by this run, re-run",
+            )
+            report.results.append(result)
+            progress.finished(result)
+
+
 def run_fleet(
     catalog_dsn: str,
     pool_dsn: str,
@@ -419,11 +477,15 @@ def run_fleet(
 
     Raises :class:`~control_plane.exceptions.OperationLockedError` when another
     runner or a move holds the interlock past ``options.lock_timeout_s`` or a
-    tenant is ``'moving'``.
+    tenant is ``'moving'``. A target that appeared while the interlock's
+    session was down stops the run and is reported ``not-run`` (see :class:`_Exclusion`).
     """
+    shown = progress or _NoProgress()
     with fleet_migration_lock(catalog_dsn, timeout_s=options.lock_timeout_s) as lock:
         targets = load_targets(catalog_dsn, pool_dsn, selector)
-        report = migrate_targets(targets, options, progress=progress, may_start=lock.lost)
+        exclusion = _Exclusion(lock, catalog_dsn, pool_dsn, selector, known={t.name for t in targets})
+        report = migrate_targets(targets, options, progress=shown, may_start=exclusion.may_start)
+        exclusion.finish(report, shown)
     report.lock_waited_s = lock.waited_s
     return report
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from control_plane.exceptions import IllegalTransitionError, MigrationInProgressError, OperationLockedError
-from control_plane.fleet import FleetOptions, TargetStatus, run_fleet
+from control_plane.fleet import FleetOptions, FleetReport, TargetStatus, migrate_new_silo, run_fleet
 from control_plane.fleet.models import TargetResult
 from control_plane.interlock import (
     fleet_migration_excluded,
@@ -22,7 +24,7 @@ from control_plane.interlock import (
     mark_tenant_moving_async,
 )
 from data_plane.dsn import async_url, libpq, sync_url
-from tests.fleet.conftest import BASE, REV2, Fleet, revision_of
+from tests.fleet.conftest import BASE, REV2, Fleet, make_scripts, revision_of
 
 
 @pytest.fixture
@@ -243,3 +245,51 @@ def test_a_block_whose_shared_interlock_session_drops_fails_for_a_retry(fleet: F
     # Nothing left held: a fleet run can take the interlock.
     with fleet_migration_lock(fleet.catalog, timeout_s=0):
         pass
+
+
+def test_a_silo_onboarded_while_the_runners_session_was_down_is_reported_and_fails_the_run(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Such a silo lands on the pool's old revision; a run that took its lock back once said ok without it."""
+    silos = fleet.add_silos(2)
+    slow = make_scripts(tmp_path, sleep_s=3.0)
+    reports: list[FleetReport] = []
+    runner = threading.Thread(
+        target=lambda: reports.append(
+            run_fleet(fleet.catalog, fleet.pool, FleetOptions(concurrency=4, script_location=slow))
+        )
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _pool_migration_in_flight(fleet):
+            assert time.monotonic() < deadline, "the pool's migration should start"
+            time.sleep(0.05)
+        holder = _interlock_holder(fleet)
+        assert holder is not None
+        with psycopg.connect(libpq(fleet.catalog), autocommit=True) as conn:  # a catalog failover
+            conn.execute("SELECT pg_terminate_backend(%s, 5000)", (holder,))
+        # An onboarding's migrate step runs in the gap: the pool's new revision is not committed yet.
+        new = fleet.add_silos(1)[0]
+        assert (
+            migrate_new_silo(new.dsn, fleet.pool, catalog_dsn=fleet.catalog, script_location=slow).to_revision == BASE
+        )
+    finally:
+        runner.join(60)
+    (report,) = reports
+
+    assert revision_of(fleet.pool) == REV2 and revision_of(new.dsn) == BASE
+    by_target = {r.target: r for r in report.results}
+    assert by_target[new.location].status is TargetStatus.NOT_RUN
+    assert {by_target[s.location].status for s in silos} == {TargetStatus.NOT_RUN}
+    assert report.failed and report.stopped_reason is not None and new.location in report.stopped_reason
+    assert _interlock_holder(fleet) is None
+
+
+def _pool_migration_in_flight(fleet: Fleet) -> bool:
+    with psycopg.connect(libpq(fleet.pool), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'tenantctl migrate' AND query LIKE '%%pg_sleep%%'"
+        ).fetchone()
+    return row is not None
