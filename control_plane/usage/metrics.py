@@ -112,9 +112,11 @@ def write_fleet_metrics(report: FleetReport, path: Path) -> None:
     )
     for result in report.results:
         targets.labels(report.action, result.kind, result.status.value).inc()
-    Gauge("tenantctl_fleet_migration_failed", "1 if the last run failed, stopped early or was interrupted", registry=registry).set(
-        int(report.failed)
-    )
+    Gauge(
+        "tenantctl_fleet_migration_failed",
+        "1 if the last run failed, stopped early or was interrupted",
+        registry=registry,
+    ).set(int(report.failed))
     Gauge("tenantctl_fleet_migration_duration_seconds", "Duration of the last run", registry=registry).set(
         report.duration_s
     )
