@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
+import random
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
@@ -32,8 +32,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # In HTTP/1.x a body is framed by Content-Length or Transfer-Encoding,
+        # or there is none (RFC 9112 6.3); HTTP/2 frames bodies without either.
+        framed = scope.get("http_version", "1.1") not in ("1.0", "1.1")
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
+                framed = True
                 try:
                     declared = int(value)
                 except ValueError:
@@ -41,6 +45,12 @@ class BodySizeLimit:
                 if declared > self.max_bytes:
                     await _send_413(send, self.max_bytes)
                     return
+            elif name == b"transfer-encoding":
+                framed = True
+        if not framed:
+            # No body (every GET of the API): nothing to count, no wrapper per request.
+            await self.app(scope, receive, send)
+            return
         seen = 0
 
         async def limited_receive() -> Message:
@@ -243,4 +253,7 @@ def request_id_of(scope: Scope) -> str:
             if 0 < len(text) <= _MAX_REQUEST_ID and text.isascii() and text.isprintable():
                 return text
             break
-    return secrets.token_hex(8)
+    # Unique, not secret: it is echoed to the caller and logged. The module's
+    # generator (seeded from the OS, re-seeded in a forked child) costs no
+    # system call; secrets.token_hex made a getrandom(2) on every request.
+    return f"{random.getrandbits(64):016x}"

@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+from starlette.types import Message
 
 from data_plane.api import create_app
 from data_plane.dsn import database_of, libpq, with_database
@@ -211,6 +212,48 @@ async def test_oversized_body_is_413(client: httpx.AsyncClient, world: World) ->
     assert streamed.status_code == 413
     small = await client.post("/v1/projects", headers=world["A"].headers, json={"name": "ok"})
     assert small.status_code == 201
+
+
+async def test_an_http2_body_without_length_headers_is_counted_too(
+    dp_settings: DataPlaneSettings, world: World
+) -> None:
+    """HTTP/1.x frames every body with Content-Length or Transfer-Encoding; HTTP/2 needs neither.
+
+    The limit skips counting only a request that, by its protocol, has no body.
+    """
+    app = create_app(dp_settings)
+    token = world["A"].headers["Authorization"].encode()
+
+    async def status_of(http_version: str, body: bytes) -> int:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": http_version,
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/projects",
+            "raw_path": b"/v1/projects",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"test"), (b"authorization", token), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+        parts = [body]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": parts.pop() if parts else b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async for _ in asgi_client(app):  # the app started (lifespan)
+        assert await status_of("2", b'{"name": "' + b"x" * 100_000 + b'"}') == 413
+        assert await status_of("2", b'{"name": "ok"}') == 201  # the control: a small body is served
 
 
 async def test_openapi_documents_error_responses(client: httpx.AsyncClient) -> None:
