@@ -35,6 +35,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from tenacity import Retrying, retry_if_exception_type, retry_if_result, stop_after_attempt, wait_exponential
+from tenacity.wait import wait_base
 
 from control_plane import keys
 from control_plane.dev import StackInfo
@@ -106,7 +108,9 @@ def new_idempotency_key() -> str:
     return f"tenantctl-cli-create-{uuid.uuid4().hex}"
 
 
-RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+# A create without an answer is retried with its key: 4 attempts, 0.5, 1 and 2 s apart.
+RETRY_ATTEMPTS = 4
+RETRY_WAIT: wait_base = wait_exponential(multiplier=0.5, max=2.0)
 
 
 def _unanswered(response: httpx.Response) -> bool:
@@ -150,13 +154,15 @@ def _send(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
 def _send_idempotent(client: httpx.Client, method: str, path: str, *, key: str, **kwargs: Any) -> httpx.Response:
     """``_send`` with ``Idempotency-Key: key``, retried (same key) while there is no answer."""
     headers = {**kwargs.pop("headers", {}), "Idempotency-Key": key}
-    for delay in RETRY_DELAYS_S:
-        with contextlib.suppress(CliFailure):
-            response = _send(client, method, path, headers=headers, **kwargs)
-            if not _unanswered(response):
-                return response
-        time.sleep(delay)
-    return _send(client, method, path, headers=headers, **kwargs)
+    retrying = Retrying(
+        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        wait=RETRY_WAIT,
+        retry=retry_if_exception_type(CliFailure) | retry_if_result(_unanswered),
+        # The last attempt's answer (or its failure) as it is, not a RetryError.
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
+    )
+    response: httpx.Response = retrying(_send, client, method, path, headers=headers, **kwargs)
+    return response
 
 
 def _checked(response: httpx.Response) -> Any:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.catalog.lifecycle import Action, Status, check_editable, next_status
 from control_plane.catalog.models import audit_log, jobs, locations, tenants
-from control_plane.catalog.schemas import could_name_a_tenant, parse_tenant_id
+from control_plane.catalog.schemas import SLUG, parse_tenant_id
 from control_plane.exceptions import SiloOwnershipError, VersionConflictError
 from control_plane.placement import Placement, PlacementPolicy
 from control_plane.workflows import jobs as jobs_mod
@@ -96,19 +96,29 @@ async def write_audit(
     )
 
 
-def _ref_condition(ref: str | uuid.UUID) -> sa.ColumnElement[bool]:
-    """An id matches only an id, a slug only a slug: no slug can have an id's form (schemas.Slug)."""
-    tenant_id = ref if isinstance(ref, uuid.UUID) else parse_tenant_id(ref)
+def _ref_condition(ref: str | uuid.UUID) -> sa.ColumnElement[bool] | None:
+    """An id matches only an id, a slug only a slug (no slug can have an id's form: schemas.Slug).
+
+    None for a reference that can name no tenant (neither form), which is not
+    asked at all: PostgreSQL text cannot hold NUL, so ``/v1/tenants/a%00b``
+    failed in the driver (a 500).
+    """
+    if isinstance(ref, uuid.UUID):
+        return tenants.c.id == ref
+    tenant_id = parse_tenant_id(ref)
     if tenant_id is not None:
         return tenants.c.id == tenant_id
+    if SLUG.fullmatch(ref) is None:
+        return None
     return tenants.c.slug == ref
 
 
 async def resolve_tenant(session: AsyncSession, ref: str | uuid.UUID, *, lock: bool = False) -> TenantView:
     """A tenant by id or slug; ``lock`` takes its row lock (FOR UPDATE OF tenants)."""
-    if isinstance(ref, str) and not could_name_a_tenant(ref):
+    condition = _ref_condition(ref)
+    if condition is None:
         raise NotFoundError("tenant not found")
-    query = _tenant_select().where(_ref_condition(ref))
+    query = _tenant_select().where(condition)
     if lock:
         query = query.with_for_update(of=tenants)
     row = (await session.execute(query)).one_or_none()

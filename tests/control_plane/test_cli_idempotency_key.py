@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from tenacity import wait_none
 
 from control_plane.catalog import cli
 
@@ -15,7 +16,7 @@ def test_each_create_invocation_has_a_key_of_its_own() -> None:
 
 
 def test_a_create_is_retried_with_the_same_key_until_it_has_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(cli, "RETRY_WAIT", wait_none())
     seen: list[str | None] = []
     answers = [
         httpx.ConnectError("connection reset"),
